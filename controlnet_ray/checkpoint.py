@@ -1,0 +1,592 @@
+"""Checkpoint files in ``--save_dir``, named and shaped as the original script leaves them.
+
+Users of the original script load ``checkpoint_epoch_{N}.pth``, ``best_model.pth`` and
+``final_model.pth`` with plain ``torch.load`` and read ``model_state_dict``, ``epoch``, ``args``
+and friends, so those keys keep their names and meaning.  On top of them each file carries what an
+*exact* resume needs (scaler, RNG streams, full config, model signature, trainable set).
+
+Everything stored is safe for ``torch.load(weights_only=True)`` (tensors, numbers, strings,
+containers) so files can be opened without trusting their source and by torch >= 2.6's default.
+Writes are atomic: a crash mid-save leaves the previous file intact, never a truncated one.
+
+Nothing here imports ray: the pure-PyTorch path uses this module too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from controlnet_ray.config import TrainConfig
+
+FORMAT_VERSION = 1
+LEGACY_FORMAT_VERSION = 0  # files without ``format_version``: written by the original script
+BEST_MODEL_NAME = "best_model.pth"
+FINAL_MODEL_NAME = "final_model.pth"
+FRESH_START_EPOCH = 0  # the loop is ``for epoch in range(start_epoch, epochs)``, as the original
+
+# Keys the original script's readers rely on; ``model_state_dict`` alone marks a file as ours.
+LEGACY_KEYS = (
+    "epoch",
+    "model_state_dict",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "best_val_loss",
+    "best_val_psnr",
+    "train_metrics_history",
+    "val_metrics_history",
+    "args",
+)
+_MAX_LISTED = 5  # mismatches named per category in error messages
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit this run; the message names the file."""
+
+
+# --------------------------------------------------------------------------- file names
+
+
+def epoch_checkpoint_path(save_dir: str | os.PathLike[str], epoch: int) -> Path:
+    """``<save_dir>/checkpoint_epoch_{epoch}.pth`` (the caller picks the number, as the original)."""
+    return Path(save_dir) / f"checkpoint_epoch_{epoch}.pth"
+
+
+def best_model_path(save_dir: str | os.PathLike[str]) -> Path:
+    return Path(save_dir) / BEST_MODEL_NAME
+
+
+def final_model_path(save_dir: str | os.PathLike[str]) -> Path:
+    return Path(save_dir) / FINAL_MODEL_NAME
+
+
+# --------------------------------------------------------------------------- contents
+
+
+def legacy_args(cfg: TrainConfig) -> dict[str, Any]:
+    """The original script's flags as the flat dict it stored under ``args``."""
+    d, m, o, out = cfg.data, cfg.model, cfg.optim, cfg.output
+    return {
+        "data_dir": d.data_dir,
+        "image_dir": d.image_dir,
+        "batch_size": d.batch_size,
+        "num_workers": d.num_workers,
+        "image_size": d.image_size,
+        "feature_dim": m.feature_dim,
+        "pose_dim": m.pose_dim,
+        "num_control_layers": m.num_control_layers,
+        "freeze_generator": m.freeze_generator,
+        "epochs": o.epochs,
+        "lr": o.lr,
+        "weight_decay": o.weight_decay,
+        "pose_loss_weight": o.pose_loss_weight,
+        "loss_type": o.loss_type,
+        "use_amp": o.use_amp,
+        "gradient_accumulation_steps": o.gradient_accumulation_steps,
+        "resume": out.resume,
+        "save_dir": out.save_dir,
+        "log_dir": out.log_dir,
+        "save_interval": out.save_interval,
+    }
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / DataParallel / torch.compile, so keys carry no prefixes."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Sorted names of parameters with ``requires_grad`` (what the optimiser holds)."""
+    return sorted(n for n, p in unwrap_model(model).named_parameters() if p.requires_grad)
+
+
+@dataclass
+class CheckpointState:
+    """Everything one ``.pth`` holds; ``to_dict`` gives the weights_only-safe dict saved."""
+
+    epoch: int
+    model_state_dict: dict[str, torch.Tensor]
+    optimizer_state_dict: dict[str, Any]
+    scheduler_state_dict: dict[str, Any]
+    best_val_loss: float
+    best_val_psnr: float
+    best_metric: str
+    train_metrics_history: list[dict[str, float]]
+    val_metrics_history: list[dict[str, float]]
+    args: dict[str, Any]
+    config: dict[str, Any]
+    model_signature: dict[str, Any]
+    trainable: list[str]
+    engine_state: dict[str, Any] = field(default_factory=dict)
+    rng_state: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        # Shallow on purpose: asdict() would deep-copy every tensor of the state dicts.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def build_checkpoint(
+    *,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainConfig,
+    model_signature: Mapping[str, Any],
+    best_val_loss: float,
+    best_val_psnr: float,
+    train_history: Sequence[Mapping[str, float]],
+    val_history: Sequence[Mapping[str, float]],
+    engine_state: Mapping[str, Any] | None = None,
+    rng_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the dict saved as a ``.pth``; RNG is captured now unless given.
+
+    Histories and scalars are converted to plain Python so the file stays weights_only-safe
+    even when a caller hands in numpy or 0-d tensor values.
+    """
+    state = CheckpointState(
+        epoch=int(epoch),
+        model_state_dict=unwrap_model(model).state_dict(),
+        optimizer_state_dict=optimizer.state_dict(),
+        scheduler_state_dict=scheduler.state_dict() if scheduler is not None else {},
+        best_val_loss=float(best_val_loss),
+        best_val_psnr=float(best_val_psnr),
+        best_metric=cfg.output.best_metric,
+        train_metrics_history=[_plain_metrics(m) for m in train_history],
+        val_metrics_history=[_plain_metrics(m) for m in val_history],
+        args=legacy_args(cfg),
+        config=cfg.to_dict(),
+        model_signature=_to_plain(dict(model_signature)),
+        trainable=trainable_names(model),
+        engine_state=_to_plain(dict(engine_state or {})),
+        rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
+    )
+    return state.to_dict()
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float(_to_plain(v)) for k, v in metrics.items()}
+
+
+def _to_plain(value: Any) -> Any:
+    """numpy / 0-d tensor scalars -> Python numbers, recursively; tensors otherwise kept."""
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, argparse.Namespace):
+        return _to_plain(vars(value))
+    return value
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Run ``write(f)`` on a temp file beside ``path``, fsync, then rename over ``path``.
+
+    Readers (and a crash) see either the old file or the complete new one.  The temp file is
+    created with the usual umask-derived permissions (not mkstemp's 0600) so shared save dirs
+    stay readable.  A failed write removes the temp file and re-raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` that never leaves a truncated file (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself; best effort (not possible on every OS / filesystem)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _legacy_safe_globals() -> list[Any]:
+    """Benign types the original script may have pickled (argparse args, numpy scalars)."""
+    scalar_reconstruct = np.float64(0).__reduce__()[0]
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    return [argparse.Namespace, scalar_reconstruct, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint on CPU with ``weights_only=True`` and check it is one of ours.
+
+    Files from the original script (no ``format_version``) are accepted and normalised: an
+    ``argparse.Namespace`` under ``args`` becomes a dict, numpy scalars become floats, and
+    ``format_version`` is set to 0.  The returned dict also records ``_loaded_from`` so later
+    errors can name the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}")
+    try:
+        with torch.serialization.safe_globals(_legacy_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        raise CheckpointError(_load_failure_message(path, exc)) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: not a controlnet checkpoint (holds a {type(obj).__name__}, expected a dict "
+            f"with {', '.join(LEGACY_KEYS)})"
+        )
+    missing = [k for k in LEGACY_KEYS if k not in obj]
+    if "model_state_dict" in missing:
+        raise CheckpointError(
+            f"{path}: not a controlnet checkpoint; missing keys: {', '.join(missing)} "
+            f"(has: {', '.join(sorted(map(str, obj))[:10]) or 'nothing'})"
+        )
+    version = obj.get("format_version", LEGACY_FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version!r} is newer than this controlnet-ray "
+            f"supports ({FORMAT_VERSION}); upgrade controlnet-ray to read it"
+        )
+    return _normalise(obj, path, version)
+
+
+def _load_failure_message(path: Path, exc: Exception) -> str:
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "Weights only load failed" in str(exc):
+        return (
+            f"{path}: holds Python objects that weights_only loading refuses (not written by "
+            f"controlnet-ray, or from an untrusted source): {_unsafe_globals(path)}"
+        )
+    return (
+        f"{path}: not a readable PyTorch checkpoint (corrupt or truncated? an interrupted copy?): "
+        f"{type(exc).__name__}: {first_line}"
+    )
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return "unknown types"
+    return ", ".join(n for n in names if n not in _legacy_global_names()) or "unknown types"
+
+
+def _legacy_global_names() -> set[str]:
+    return {f"{g.__module__}.{g.__qualname__}" for g in _legacy_safe_globals()}
+
+
+def _normalise(obj: dict[str, Any], path: Path, version: int) -> dict[str, Any]:
+    state = dict(obj)
+    state["format_version"] = version
+    state["model_state_dict"] = _strip_wrapper_prefixes(state["model_state_dict"])
+    if isinstance(state.get("args"), argparse.Namespace):
+        state["args"] = vars(state["args"])
+    for key in ("best_val_loss", "best_val_psnr", "epoch"):
+        if isinstance(state.get(key), np.generic):
+            state[key] = state[key].item()
+    for key in ("train_metrics_history", "val_metrics_history"):
+        if key in state:
+            state[key] = [_to_plain(m) for m in state[key]]
+    state["_loaded_from"] = str(path)
+    return state
+
+
+def _strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop a ``module.`` / ``_orig_mod.`` prefix shared by every key (files saved wrapped)."""
+    sd = dict(sd)
+    for prefix in _WRAPPER_PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _source(state: Mapping[str, Any]) -> str:
+    return state.get("_loaded_from", "checkpoint")
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def check_model_compat(
+    state: Mapping[str, Any], model: nn.Module, model_signature: Mapping[str, Any]
+) -> None:
+    """Raise CheckpointError listing why the checkpoint's weights cannot load into ``model``.
+
+    Signature differences come first because they explain the shape errors that follow
+    (e.g. a different encoder).  Files without a signature (original script) are judged by
+    parameter names and shapes alone.
+    """
+    problems = _signature_diffs(state.get("model_signature") or {}, model_signature)
+    problems += _state_dict_diffs(state["model_state_dict"], unwrap_model(model).state_dict())
+    if problems:
+        lines = "\n  ".join(problems)
+        raise CheckpointError(
+            f"{_source(state)} does not fit the model this run builds:\n  {lines}"
+        )
+
+
+def _signature_diffs(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    if not saved:
+        return []
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if old != new:
+            diffs.append(f"{key}: checkpoint has {old!r}, this run builds {new!r}")
+    return diffs
+
+
+def _state_dict_diffs(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    # Model order, not alphabetical: the first mismatches listed are the earliest layers.
+    shapes = [
+        f"{name}: {_shape(saved[name])} vs {_shape(value)}"
+        for name, value in current.items()
+        if name in saved and _shape(saved[name]) != _shape(value)
+    ]
+    missing = [name for name in current if name not in saved]
+    unexpected = [name for name in saved if name not in current]
+    out = []
+    if shapes:
+        out.append("shape mismatch (checkpoint vs model): " + _listed(shapes))
+    if missing:
+        out.append("missing in checkpoint: " + _listed(missing))
+    if unexpected:
+        out.append("unexpected in checkpoint: " + _listed(unexpected))
+    return out
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = "; ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f"; ... and {more} more" if more > 0 else "")
+
+
+# --------------------------------------------------------------------------- resume planning
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What ``--resume`` does.
+
+    ``restore_optimizer=True``: continue the same run: weights, optimiser, scheduler, scaler
+    (``engine_state``), RNG, best metrics and histories come from the file; ``start_epoch`` is
+    the saved epoch + 1.
+
+    ``restore_optimizer=False`` (the original's stage-2 recipe, e.g. unfreezing the generator
+    with a lower ``--lr``): only the weights are loaded; a fresh optimiser and LR schedule are
+    built for the new trainable set, ``start_epoch`` is 0, histories start empty and best
+    metrics reset, so this stage's ``best_model.pth`` is chosen among its own epochs.
+    """
+
+    restore_optimizer: bool
+    reason: str
+    start_epoch: int
+
+
+def plan_resume(
+    state: Mapping[str, Any], cfg: TrainConfig, trainable_names: Sequence[str]
+) -> ResumePlan:
+    """Decide between an exact continuation and a weights-only warm start (see ResumePlan)."""
+    source = _source(state)
+    changes = _trainable_change(state, trainable_names) + _hparam_changes(state, cfg)
+    if "optimizer_state_dict" not in state:
+        changes.append("checkpoint holds no optimizer state")
+    if changes:
+        reason = (
+            f"{'; '.join(changes)}: fresh optimizer and schedule, weights loaded from {source}, "
+            f"epoch counter restarts at {FRESH_START_EPOCH}, history and best metrics start empty"
+        )
+        return ResumePlan(False, reason, FRESH_START_EPOCH)
+    epoch = int(state.get("epoch", -1))
+    reason = (
+        f"resumed model, optimizer, scheduler, scaler and history from {source} at epoch {epoch}"
+    )
+    if epoch + 1 >= cfg.optim.epochs:
+        reason += f" (already at --epochs {cfg.optim.epochs}: nothing left to train)"
+    return ResumePlan(True, reason, epoch + 1)
+
+
+def _trainable_change(state: Mapping[str, Any], current: Sequence[str]) -> list[str]:
+    saved = state.get("trainable")
+    if saved is None:  # original script's file: compare how many tensors the optimiser held
+        n_saved = _optimizer_param_count(state.get("optimizer_state_dict"))
+        if n_saved is None or n_saved == len(current):
+            return []
+        return [f"trainable set changed ({n_saved} -> {len(current)} tensors)"]
+    added, removed = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if not added and not removed:
+        return []
+    parts = []
+    if added:
+        parts.append(f"{_modules(added)} unfrozen: +{len(added)} tensors")
+    if removed:
+        parts.append(f"{_modules(removed)} frozen: -{len(removed)} tensors")
+    return [f"trainable set changed ({', '.join(parts)})"]
+
+
+def _modules(names: Sequence[str]) -> str:
+    return "/".join(sorted({n.split(".", 1)[0] for n in names}))
+
+
+def _optimizer_param_count(opt_state: Any) -> int | None:
+    try:
+        return sum(len(g["params"]) for g in opt_state["param_groups"])
+    except (TypeError, KeyError):
+        return None
+
+
+def _hparam_changes(state: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """lr / weight_decay differences: a restored optimiser would silently keep the old values."""
+    saved_optim = (state.get("config") or {}).get("optim") or state.get("args") or {}
+    changes = []
+    for key, new in (("lr", cfg.optim.lr), ("weight_decay", cfg.optim.weight_decay)):
+        old = saved_optim.get(key)
+        if old is not None and not _close(float(old), float(new)):
+            changes.append(f"{key} {float(old):g} -> {new:g}")
+    return changes
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-12 + 1e-9 * max(abs(a), abs(b))
+
+
+@dataclass
+class RestoredRun:
+    """Run-level state the training loop continues from after :func:`restore_from_checkpoint`."""
+
+    start_epoch: int
+    best_val_loss: float = float("inf")
+    best_val_psnr: float = float("-inf")
+    train_metrics_history: list[dict[str, float]] = field(default_factory=list)
+    val_metrics_history: list[dict[str, float]] = field(default_factory=list)
+    engine_state: dict[str, Any] = field(default_factory=dict)
+
+
+def restore_from_checkpoint(
+    state: Mapping[str, Any],
+    plan: ResumePlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    restore_rng: bool = True,
+) -> RestoredRun:
+    """Apply ``plan``: load weights always; optimiser, scheduler, RNG and history when it says.
+
+    Call :func:`check_model_compat` first for a readable error instead of torch's.
+    ``engine_state`` (GradScaler etc.) is returned for the engine to apply.
+    """
+    unwrap_model(model).load_state_dict(state["model_state_dict"])
+    if not plan.restore_optimizer:
+        return RestoredRun(start_epoch=plan.start_epoch)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer_state_dict"])
+    if scheduler is not None and state.get("scheduler_state_dict"):
+        scheduler.load_state_dict(state["scheduler_state_dict"])
+    if restore_rng and state.get("rng_state"):
+        restore_rng_state(state["rng_state"])
+    return RestoredRun(
+        start_epoch=plan.start_epoch,
+        best_val_loss=float(state.get("best_val_loss", float("inf"))),
+        best_val_psnr=float(state.get("best_val_psnr", float("-inf"))),
+        train_metrics_history=list(state.get("train_metrics_history", [])),
+        val_metrics_history=list(state.get("val_metrics_history", [])),
+        engine_state=dict(state.get("engine_state") or {}),
+    )
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch / CUDA / numpy-global / ``random`` streams, weights_only-safe.
+
+    numpy's MT19937 key becomes an int64 tensor and ``random``'s state a tuple of ints because
+    numpy arrays are not loadable with ``weights_only=True``.  Generators created with
+    ``np.random.default_rng`` are not global state and are not captured.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": (int(version), tuple(int(x) for x in internal), gauss_next),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; CUDA streams restored for the devices both have."""
+    torch.set_rng_state(state["torch"])
+    cuda = list(state.get("cuda") or [])
+    if cuda and torch.cuda.is_available():
+        for device, rng in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(rng, device)
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))

@@ -1,0 +1,248 @@
+"""Typed configuration tree for controlnet-ray.
+
+One dataclass per concern (data, model, optimisation, output, Ray).  The CLI in
+:mod:`controlnet_ray.cli` fills it from the original script's flags; everything
+else in the package reads only these objects, never ``argparse.Namespace`` or globals.
+Validation lives here so that a bad value fails before Ray (or any heavy import) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LOSS_TYPES = ("mse", "l1", "combined")
+ENCODERS = ("auto", "iresnet", "resnet50", "cnn")
+IRESNET_DEPTHS = (18, 34, 50, 100)
+PAIR_MODES = ("front_to_video", "any")
+BEST_METRICS = ("val_psnr", "val_loss")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is turned into training pairs."""
+
+    data_dir: str | None = None  # None: the embedded synthetic dataset
+    image_dir: str | None = None
+    batch_size: int = 16
+    num_workers: int = 4  # data-loading parallelism (the original's DataLoader workers)
+    image_size: int = 112
+    pair_mode: Literal["front_to_video", "any"] = "front_to_video"
+    min_pose_distance: float = 5.0  # degrees, original rule
+    max_pose_distance: float = 90.0
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    skip_bad_images: bool = False
+    cache_dir: str | None = (
+        None  # shards and the synthetic dataset; default ~/.cache/controlnet_ray
+    )
+    synthetic_identities: int = 24
+    synthetic_frames: int = 24
+    synthetic_seed: int = 0
+
+    def resolved_cache_dir(self) -> Path:
+        """Cache root: explicit flag, then $CONTROLNET_RAY_CACHE, then ~/.cache/controlnet_ray."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser().resolve()
+        env = os.environ.get("CONTROLNET_RAY_CACHE")
+        if env:
+            return Path(env).expanduser().resolve()
+        return Path.home() / ".cache" / "controlnet_ray"
+
+
+@dataclass
+class ModelConfig:
+    """ImageControlNet architecture (see controlnet_ray.model)."""
+
+    image_size: int = 112
+    feature_dim: int = 512  # width of the global identity code
+    pose_dim: int = 3
+    num_control_layers: int = 3
+    freeze_generator: bool = False
+    encoder: Literal["auto", "iresnet", "resnet50", "cnn"] = "auto"
+    encoder_weights: str | None = None  # local .pth or .onnx; nothing is downloaded
+    iresnet_depth: int = 50
+    freeze_backbone: bool = False
+    base_channels: int = 32  # width of the generator/cnn encoder at full resolution
+
+
+@dataclass
+class OptimConfig:
+    """Loss, optimiser and numerics of the training step."""
+
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    pose_loss_weight: float = 0.1
+    loss_type: Literal["mse", "l1", "combined"] = "mse"
+    identity_loss_weight: float = 0.0
+    use_amp: bool = False
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
+    warmup_epochs: int = 1
+
+
+@dataclass
+class OutputConfig:
+    """What the run leaves behind, named as the original names it."""
+
+    resume: str | None = None
+    save_dir: str = "checkpoints_image"
+    log_dir: str = "logs_image"
+    save_interval: int = 10
+    image_log_interval: int = 10  # epochs between Images/* summaries
+    best_metric: Literal["val_psnr", "val_loss"] = "val_psnr"
+
+
+@dataclass
+class RayOptions:
+    """How the run is placed on Ray; none of these exist in the original script."""
+
+    num_ray_workers: int = 1
+    use_gpu: bool = False
+    address: str | None = None
+    run_name: str | None = None  # default: derived from save_dir, stable across re-runs
+    storage_path: str | None = None  # default: <save_dir>/ray_results
+    seed: int = 42
+    max_failures: int = 2
+    num_to_keep: int = 2
+    fresh: bool = False  # ignore an existing Ray checkpoint of the same run
+    cpus_per_worker: float | None = None  # None: planned from the machine
+
+
+@dataclass
+class TrainConfig:
+    """The whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayOptions = field(default_factory=RayOptions)
+
+    def validate(self) -> TrainConfig:
+        """Raise ConfigError naming the flag for the first invalid value; return self."""
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of to_dict; unknown keys (from newer versions) are rejected by name."""
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = {
+                "data": DataConfig,
+                "model": ModelConfig,
+                "optim": OptimConfig,
+                "output": OutputConfig,
+                "ray": RayOptions,
+            }[f.name]
+            values = dict(d.get(f.name, {}))
+            known = {sf.name for sf in dataclasses.fields(sub_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(f"unknown config keys in section {f.name!r}: {sorted(unknown)}")
+            if "split_ratios" in values:
+                values["split_ratios"] = tuple(values["split_ratios"])
+            parts[f.name] = sub_cls(**values)
+        return cls(**parts)
+
+    def run_name(self) -> str:
+        """Stable Ray run name: same save_dir -> same name, so re-running resumes."""
+        if self.ray.run_name:
+            return self.ray.run_name
+        resolved = str(Path(self.output.save_dir).expanduser().resolve())
+        digest = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:8]
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(resolved).name)
+        return f"controlnet_{stem or 'run'}_{digest}"
+
+    def storage_path(self) -> str:
+        """Ray Train storage root; URIs (s3://, gs://) pass through untouched."""
+        if self.ray.storage_path:
+            sp = self.ray.storage_path
+            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+        return str((Path(self.output.save_dir).expanduser() / "ray_results").resolve())
+
+    def effective_batch_size(self) -> int:
+        return (
+            self.data.batch_size * self.ray.num_ray_workers * self.optim.gradient_accumulation_steps
+        )
+
+
+def _positive(value: float, flag: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be > 0, got {value}")
+
+
+def _choice(value: object, flag: str, allowed: tuple) -> None:
+    if value not in allowed:
+        allowed_s = ", ".join(str(a) for a in allowed)
+        raise ConfigError(f"{flag} must be one of {{{allowed_s}}}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    d, m, o, out, r = cfg.data, cfg.model, cfg.optim, cfg.output, cfg.ray
+    _positive(d.batch_size, "--batch_size")
+    if d.num_workers < 0:
+        raise ConfigError(f"--num_workers must be >= 0, got {d.num_workers}")
+    _positive(d.image_size, "--image_size")
+    if d.image_size % 16:
+        raise ConfigError(f"--image_size must be divisible by 16, got {d.image_size}")
+    if d.data_dir is not None and not Path(d.data_dir).is_dir():
+        raise ConfigError(f"--data_dir does not exist or is not a directory: {d.data_dir}")
+    if d.image_dir is not None and not Path(d.image_dir).is_dir():
+        raise ConfigError(f"--image_dir does not exist or is not a directory: {d.image_dir}")
+    _choice(d.pair_mode, "--pair_mode", PAIR_MODES)
+    if not 0 <= d.min_pose_distance <= d.max_pose_distance:
+        raise ConfigError(
+            "--min_pose_distance/--max_pose_distance must satisfy 0 <= min <= max, got "
+            f"{d.min_pose_distance}, {d.max_pose_distance}"
+        )
+    if len(d.split_ratios) != 3 or any(x < 0 for x in d.split_ratios) or sum(d.split_ratios) <= 0:
+        raise ConfigError(
+            f"--split_ratios must be three non-negative numbers, got {d.split_ratios}"
+        )
+    _positive(d.synthetic_identities, "--synthetic_identities")
+    _positive(d.synthetic_frames, "--synthetic_frames")
+    _positive(m.feature_dim, "--feature_dim")
+    if m.pose_dim != 3:
+        raise ConfigError(f"--pose_dim must be 3 (yaw, pitch, roll), got {m.pose_dim}")
+    if m.num_control_layers < 1 or m.num_control_layers > 5:
+        raise ConfigError(f"--num_control_layers must be in 1..5, got {m.num_control_layers}")
+    _choice(m.encoder, "--encoder", ENCODERS)
+    _choice(m.iresnet_depth, "--iresnet_depth", IRESNET_DEPTHS)
+    if m.encoder_weights is not None and not Path(m.encoder_weights).is_file():
+        raise ConfigError(f"--encoder_weights file not found: {m.encoder_weights}")
+    _positive(o.epochs, "--epochs")
+    _positive(o.lr, "--lr")
+    if o.weight_decay < 0:
+        raise ConfigError(f"--weight_decay must be >= 0, got {o.weight_decay}")
+    if o.pose_loss_weight < 0:
+        raise ConfigError(f"--pose_loss_weight must be >= 0, got {o.pose_loss_weight}")
+    if o.identity_loss_weight < 0:
+        raise ConfigError(f"--identity_loss_weight must be >= 0, got {o.identity_loss_weight}")
+    _choice(o.loss_type, "--loss_type", LOSS_TYPES)
+    _positive(o.gradient_accumulation_steps, "--gradient_accumulation_steps")
+    _positive(o.grad_clip, "--grad_clip")
+    _positive(out.save_interval, "--save_interval")
+    _positive(out.image_log_interval, "--image_log_interval")
+    _choice(out.best_metric, "--best_metric", BEST_METRICS)
+    if out.resume is not None and not Path(out.resume).is_file():
+        raise ConfigError(f"--resume checkpoint not found: {out.resume}")
+    _positive(r.num_ray_workers, "--num_ray_workers")
+    if r.max_failures < 0:
+        raise ConfigError(f"--max_failures must be >= 0, got {r.max_failures}")
+    _positive(r.num_to_keep, "--num_to_keep")
+    if r.cpus_per_worker is not None:
+        _positive(r.cpus_per_worker, "--cpus_per_worker")

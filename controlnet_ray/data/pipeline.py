@@ -1,0 +1,137 @@
+"""Ray Data pipeline: Parquet shards -> per-person pairs -> decoded, normalised batches.
+
+read_parquet -> groupby(person).map_groups(pairing) -> materialize (encoded pairs, small)
+-> map_batches(decode/normalise[/flip]) streamed to the workers, where
+``get_dataset_shard(...).iter_torch_batches`` reshuffles every epoch through a local shuffle
+buffer. The validation pairs are decoded and materialised once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from controlnet_ray.config import DataConfig
+from controlnet_ray.data.pairs import make_pairs
+
+PAIR_COLUMNS = ("source", "target", "source_pose", "target_pose")
+DECODE_CPUS = 0.5  # decode tasks are light; half a CPU lets two run on the one kept free
+_META_COLUMNS = ["person_name", "role", "frame_index", "image", "yaw", "pitch", "roll"]
+
+
+def shard_files(shards_dir: str | Path, split: str) -> list[str]:
+    """Parquet files of one split (the preparer writes ``<split>-NNNNN.parquet``)."""
+    files = sorted(glob.glob(os.path.join(str(shards_dir), f"{split}-*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards for split {split!r} in {shards_dir}")
+    return files
+
+
+class PairMaker:
+    """map_groups function: all training pairs of one person, with encoded image bytes."""
+
+    def __init__(self, mode: str, min_deg: float, max_deg: float) -> None:
+        self.mode, self.min_deg, self.max_deg = mode, min_deg, max_deg
+
+    def __call__(self, group: pd.DataFrame) -> pd.DataFrame:
+        group = group.sort_values(["role", "frame_index"], kind="stable").reset_index(drop=True)
+        idx = make_pairs(group, mode=self.mode, min_deg=self.min_deg, max_deg=self.max_deg)
+        poses = group[["yaw", "pitch", "roll"]].to_numpy(np.float32)
+        src, tgt = idx[:, 0], idx[:, 1]
+        images = group["image"].to_numpy()
+        return pd.DataFrame(
+            {
+                "source": list(images[src]),
+                "target": list(images[tgt]),
+                "source_pose": list(poses[src]),
+                "target_pose": list(poses[tgt]),
+            }
+        )
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 CHW RGB in [-1, 1]; raises instead of returning zeros."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ValueError("undecodable image bytes in shard")
+    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return (rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def decode_pairs(batch: dict[str, np.ndarray], flip: bool = False) -> dict[str, np.ndarray]:
+    """map_batches function: decode both images of each pair; optional mirror augmentation.
+
+    Mirroring flips both images and negates yaw and roll of both poses, which keeps the pair
+    consistent with the pose convention (pitch is unchanged by a left-right mirror). Fresh
+    randomness per batch, so every epoch sees different mirrors.
+    """
+    source = np.stack([decode_image(b) for b in batch["source"]])
+    target = np.stack([decode_image(b) for b in batch["target"]])
+    source_pose = np.stack(batch["source_pose"]).astype(np.float32)
+    target_pose = np.stack(batch["target_pose"]).astype(np.float32)
+    if flip:
+        mirror = np.random.default_rng().random(len(source)) < 0.5
+        source[mirror] = source[mirror][..., ::-1]
+        target[mirror] = target[mirror][..., ::-1]
+        sign = np.array([-1.0, 1.0, -1.0], np.float32)
+        source_pose[mirror] *= sign
+        target_pose[mirror] *= sign
+    return {
+        "source": np.ascontiguousarray(source),
+        "target": np.ascontiguousarray(target),
+        "source_pose": source_pose,
+        "target_pose": target_pose,
+    }
+
+
+@dataclass
+class PairDatasets:
+    """What the launcher hands to the TorchTrainer, with counts for planning and printing."""
+
+    train: object  # ray.data.Dataset
+    val: object
+    num_train_pairs: int
+    num_val_pairs: int
+
+
+def _pairs_dataset(shards_dir: str | Path, split: str, cfg: DataConfig):
+    import ray.data
+
+    ds = ray.data.read_parquet(shard_files(shards_dir, split), columns=_META_COLUMNS)
+    maker = PairMaker(cfg.pair_mode, cfg.min_pose_distance, cfg.max_pose_distance)
+    return ds.groupby("person_name").map_groups(maker, batch_format="pandas").materialize()
+
+
+def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, flip: bool = True) -> PairDatasets:
+    """Pairs for train (decoded lazily each epoch) and val (decoded and materialised once)."""
+    train_pairs = _pairs_dataset(shards_dir, "train", cfg)
+    val_pairs = _pairs_dataset(shards_dir, "val", cfg)
+    n_train, n_val = train_pairs.count(), val_pairs.count()
+    if n_train == 0 or n_val == 0:
+        empty = "train" if n_train == 0 else "val"
+        raise ValueError(
+            f"the {empty} split has no pairs in {shards_dir}: check --pair_mode, "
+            "--min_pose_distance/--max_pose_distance and --split_ratios"
+        )
+    decode_batch = max(1, min(cfg.batch_size, 64))
+    train = train_pairs.randomize_block_order().map_batches(
+        decode_pairs,
+        fn_kwargs={"flip": flip},
+        batch_size=decode_batch,
+        batch_format="numpy",
+        num_cpus=DECODE_CPUS,
+    )
+    val = val_pairs.map_batches(
+        decode_pairs,
+        fn_kwargs={"flip": False},
+        batch_size=decode_batch,
+        batch_format="numpy",
+        num_cpus=DECODE_CPUS,
+    ).materialize()
+    return PairDatasets(train=train, val=val, num_train_pairs=n_train, num_val_pairs=n_val)

@@ -1,0 +1,628 @@
+"""The training step and evaluation loop, pure PyTorch.
+
+This module must never import Ray: a GPU smoke check drives it on a bare machine, and the
+Ray worker loop only wraps it (data in, metrics and state out).  It is DDP-aware without
+depending on a process group: ``no_sync`` is used when the model has it, and the
+skip-on-non-finite decision is all-reduced only when ``torch.distributed`` is initialised.
+
+Loss definitions (``total = image + pose_loss_weight * pose + identity_loss_weight * identity``)
+live here so training and evaluation can never disagree on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from controlnet_ray.config import LOSS_TYPES, OptimConfig
+from controlnet_ray.metrics import pose_abs_error_deg, psnr_per_image, ssim_per_image
+
+Batch = Mapping[str, torch.Tensor]
+BATCH_KEYS = ("source", "target", "source_pose", "target_pose")
+MIN_LR_RATIO = 0.01  # cosine schedule ends at 1% of the peak learning rate
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run diverged and skipping will not save it."""
+
+
+class MissingIdentityEncoderError(RuntimeError):
+    """An identity loss was requested but the model has no identity encoder loaded."""
+
+
+def pose_scale_deg() -> float:
+    """The pose head's normalisation (degrees per unit), owned by the model package.
+
+    Imported at call time so this module does not pull the model in at import, and so
+    there is exactly one definition of the constant.
+    """
+    from controlnet_ray.model import POSE_SCALE_DEG
+
+    return float(POSE_SCALE_DEG)
+
+
+# --------------------------------------------------------------------------- AMP
+
+
+@dataclass(frozen=True)
+class AmpSettings:
+    """How the forward pass runs: autocast on/off, its dtype, and whether a GradScaler is used."""
+
+    enabled: bool
+    dtype: torch.dtype
+    use_scaler: bool
+    description: str
+
+
+def resolve_amp(use_amp: bool, device: torch.device) -> AmpSettings:
+    """Pick the best mixed precision for ``device`` when ``--use_amp`` is set.
+
+    bfloat16 has float32's exponent range, so it needs no loss scaling; float16 (only on
+    CUDA devices without bf16, i.e. pre-Ampere) needs a GradScaler against underflow.
+    """
+    device = torch.device(device)
+    if not use_amp:
+        return AmpSettings(False, torch.float32, False, f"AMP: off (float32 on {device.type})")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return AmpSettings(
+                True, torch.bfloat16, False, "AMP: bfloat16 autocast on cuda (no GradScaler)"
+            )
+        return AmpSettings(
+            True,
+            torch.float16,
+            True,
+            "AMP: float16 autocast on cuda with GradScaler (this GPU lacks bfloat16)",
+        )
+    if device.type == "cpu":
+        return AmpSettings(
+            True, torch.bfloat16, False, "AMP: bfloat16 autocast on cpu (no GradScaler)"
+        )
+    return AmpSettings(
+        False,
+        torch.float32,
+        False,
+        f"AMP: requested but not supported on {device.type}; running float32",
+    )
+
+
+def _autocast(device: torch.device, amp: AmpSettings) -> contextlib.AbstractContextManager:
+    if not amp.enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp.dtype)
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; no weight decay on biases and norm scales.
+
+    Decaying 1-D parameters (biases, BatchNorm/GroupNorm gains) only fights the
+    normalisation and hurts; matrices and conv kernels (``ndim >= 2``) are decayed.
+    Frozen parameters (``--freeze_generator``, frozen backbones) are left out so the
+    optimiser state does not carry them.  The fused kernel is used when every parameter
+    is on CUDA (one launch per step instead of one per tensor).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    groups = [
+        {"params": ps, "weight_decay": wd}
+        for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+        if ps
+    ]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def optimizer_steps_per_epoch(steps_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch of ``steps_per_epoch`` micro-batches (partial group counts)."""
+    return math.ceil(steps_per_epoch / accumulation)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier for optimizer step ``step`` (0-based): linear warm-up, then cosine.
+
+    Warm-up starts at ``1/warmup_steps`` (not 0, which would waste the first step) and
+    reaches 1 on the last warm-up step; the cosine then decays to ``MIN_LR_RATIO`` at
+    ``total_steps`` and stays there if training runs longer.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-optimizer-step LambdaLR: ``cfg.warmup_epochs`` of warm-up, cosine to 1% at the end.
+
+    ``steps_per_epoch`` is in micro-batches (what the data loader yields per worker); it is
+    converted to optimizer steps with ``ceil(steps_per_epoch / gradient_accumulation_steps)``
+    because :class:`TrainEngine` also steps on a trailing partial accumulation group.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    per_epoch = optimizer_steps_per_epoch(steps_per_epoch, cfg.gradient_accumulation_steps)
+    warmup, total = cfg.warmup_epochs * per_epoch, cfg.epochs * per_epoch
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def image_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Reconstruction loss, computed in float32.
+
+    ``mse``; ``l1``; ``combined`` = MSE + L1 with weight 1.0 each.  (The original script's
+    "combined" silently computed plain MSE; that was a bug, not a design.)
+    """
+    pred, target = pred.float(), target.float()
+    if loss_type == "mse":
+        return nn.functional.mse_loss(pred, target)
+    if loss_type == "l1":
+        return nn.functional.l1_loss(pred, target)
+    if loss_type == "combined":
+        return nn.functional.mse_loss(pred, target) + nn.functional.l1_loss(pred, target)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def pose_loss(output: Any, target_pose_deg: torch.Tensor, scale_deg: float) -> torch.Tensor:
+    """MSE of the pose head on the generated image, plus on the real target when present.
+
+    The generated-image term pushes the generator towards the requested pose (the head is
+    detached in that branch); the real-image term is what trains the head itself.
+    """
+    goal = target_pose_deg.float() / scale_deg
+    loss = nn.functional.mse_loss(output.pose_pred.float(), goal)
+    if getattr(output, "pose_pred_real", None) is not None:
+        loss = loss + nn.functional.mse_loss(output.pose_pred_real.float(), goal)
+    return loss
+
+
+def identity_loss(output: Any, weight: float) -> torch.Tensor | None:
+    """``1 - mean(identity_cos)`` when the identity loss is on; None when its weight is 0."""
+    if weight <= 0:
+        return None
+    cos = getattr(output, "identity_cos", None)
+    if cos is None:
+        raise MissingIdentityEncoderError(
+            f"--identity_loss_weight is {weight} but the model returned no identity_cos: "
+            "it has no identity (ArcFace) encoder loaded. Pass --encoder_weights with ArcFace "
+            "weights, or set --identity_loss_weight 0."
+        )
+    return 1.0 - cos.float().mean()
+
+
+@dataclass
+class LossTerms:
+    """The weighted total and its (unweighted) parts, all scalar tensors."""
+
+    total: torch.Tensor
+    image: torch.Tensor
+    pose: torch.Tensor
+    identity: torch.Tensor
+
+    def detached_floats(self) -> tuple[float, float, float, float]:
+        """All four as Python floats with a single device sync."""
+        values = torch.stack([self.total, self.image, self.pose, self.identity]).detach()
+        return tuple(values.double().cpu().tolist())
+
+
+def compute_losses(output: Any, batch: Batch, cfg: OptimConfig, scale_deg: float) -> LossTerms:
+    """``total = image + pose_loss_weight * pose + identity_loss_weight * identity``."""
+    img = image_loss(output.image, batch["target"], cfg.loss_type)
+    pose = pose_loss(output, batch["target_pose"], scale_deg)
+    ident = identity_loss(output, cfg.identity_loss_weight)
+    total = img + cfg.pose_loss_weight * pose
+    if ident is not None:
+        total = total + cfg.identity_loss_weight * ident
+    else:
+        ident = torch.zeros((), device=img.device)
+    return LossTerms(total, img, pose, ident)
+
+
+def move_batch(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy the four batch tensors to ``device`` as float32 (non-blocking from pinned memory)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+    return {k: batch[k].to(device, dtype=torch.float32, non_blocking=True) for k in BATCH_KEYS}
+
+
+def _forward(model: nn.Module, batch: Batch) -> Any:
+    return model(
+        batch["source"], batch["source_pose"], batch["target_pose"], target=batch["target"]
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class StepMetrics:
+    """What one micro-batch did.  Losses are undivided by accumulation (what you would log)."""
+
+    loss: float
+    image_loss: float
+    pose_loss: float
+    identity_loss: float
+    skipped: bool  # non-finite loss: no backward, the accumulation group was dropped
+    optimizer_step: bool  # an optimizer (and scheduler) step happened after this micro-batch
+    lr: float  # learning rate this micro-batch's group is stepped with
+    batch_size: int
+    grad_norm: float | None = None  # pre-clip norm when a step was attempted (inf: skipped)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class TrainEngine:
+    """Runs micro-batches: autocast, accumulation, DDP ``no_sync``, clipping, skipping.
+
+    Accumulation: each micro-batch's loss is divided by ``gradient_accumulation_steps`` and
+    the optimizer steps every that many *finite* micro-batches.  When an epoch ends with a
+    partial group (``is_last_in_epoch=True``), the gradients are multiplied by
+    ``accumulation / group_size`` before clipping so that step uses the *mean* gradient of the
+    micro-batches it saw, like a full step; the alternative (a silently shrunken step) would
+    make the last step of every epoch depend on the dataset size.
+
+    Non-finite losses: the micro-batch gets no backward and the group's partial gradients
+    are dropped, so every step stays a clean mean over finite micro-batches and the group
+    restarts.  Under DDP the decision is
+    all-reduced, so every rank skips together and nobody waits in a collective.  After
+    ``cfg.max_nonfinite_steps`` in a row (non-finite events since the last successful
+    optimizer step) :class:`NonFiniteLossError` is raised.  A finite
+    loss with non-finite gradients (fp16 overflow, handled by GradScaler; or a real
+    blow-up) skips the optimizer step; without a scaler that also counts as non-finite.
+
+    Under DDP ``is_last_in_epoch`` must be the same on every rank (equal shard lengths).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        cfg: OptimConfig,
+        device: torch.device,
+        amp: AmpSettings,
+    ) -> None:
+        if cfg.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}"
+            )
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.cfg, self.device, self.amp = cfg, torch.device(device), amp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp.use_scaler)
+        self._scale_deg: float | None = None
+        self._optimizer_steps = 0
+        self._micro_steps = 0
+        self._skipped_steps = 0
+        self._overflow_steps = 0
+        self._consecutive_nonfinite = 0
+        self._group_size = 0  # finite micro-batches accumulated since the last step
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- counters --------------------------------------------------------------------
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps actually taken (the scheduler's step count)."""
+        return self._optimizer_steps
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-batches seen, skipped ones included."""
+        return self._micro_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Micro-batches skipped because their loss was non-finite."""
+        return self._skipped_steps
+
+    @property
+    def overflow_steps(self) -> int:
+        """Optimizer steps skipped because the gradients were non-finite."""
+        return self._overflow_steps
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        """Non-finite events since the last successful optimizer step."""
+        return self._consecutive_nonfinite
+
+    # -- the step --------------------------------------------------------------------
+    def train_micro_batch(self, batch: Batch, is_last_in_epoch: bool = False) -> StepMetrics:
+        """Forward, backward and (every accumulation-th micro-batch) an optimizer step."""
+        if self._scale_deg is None:
+            self._scale_deg = pose_scale_deg()
+        batch = move_batch(batch, self.device)
+        self._micro_steps += 1
+        will_step = is_last_in_epoch or self._group_size + 1 >= self.cfg.gradient_accumulation_steps
+        sync = contextlib.nullcontext()
+        if not will_step and hasattr(self.model, "no_sync"):
+            sync = self.model.no_sync()
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        with sync:
+            with _autocast(self.device, self.amp):
+                output = _forward(self.model, batch)
+            terms = compute_losses(output, batch, self.cfg, self._scale_deg)
+            values = terms.detached_floats()  # the step's one host sync (without DDP)
+            if self._any_rank_nonfinite(values[0]):
+                self._skip()
+                return self._metrics(values, lr, batch, skipped=True, grad_norm=None)
+            self.scaler.scale(terms.total / self.cfg.gradient_accumulation_steps).backward()
+        self._group_size += 1
+        grad_norm = self._optimizer_step() if will_step else None
+        return self._metrics(values, lr, batch, skipped=False, grad_norm=grad_norm)
+
+    def _any_rank_nonfinite(self, loss: float) -> bool:
+        """True if the loss is non-finite here or, under DDP, on any rank (a collective)."""
+        bad = not math.isfinite(loss)
+        if not _distributed():
+            return bad
+        flag = torch.tensor([float(bad)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _skip(self) -> None:
+        """Drop this micro-batch and the group's partial gradients; raise if it keeps happening."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._group_size = 0
+        self._skipped_steps += 1
+        self._register_nonfinite(what="non-finite loss")
+
+    @staticmethod
+    def _metrics(
+        values: tuple[float, float, float, float],
+        lr: float,
+        batch: Batch,
+        skipped: bool,
+        grad_norm: float | None,
+    ) -> StepMetrics:
+        loss, img, pose, ident = values
+        return StepMetrics(
+            loss=loss,
+            image_loss=img,
+            pose_loss=pose,
+            identity_loss=ident,
+            skipped=skipped,
+            optimizer_step=grad_norm is not None and math.isfinite(grad_norm),
+            lr=lr,
+            batch_size=int(batch["source"].shape[0]),
+            grad_norm=grad_norm,
+        )
+
+    def _register_nonfinite(self, what: str) -> None:
+        self._consecutive_nonfinite += 1
+        limit = self.cfg.max_nonfinite_steps
+        if self._consecutive_nonfinite >= limit:
+            raise NonFiniteLossError(
+                f"training diverged: {self._consecutive_nonfinite} micro-batches in a row had a "
+                f"non-finite loss or gradient (max_nonfinite_steps={limit}; the last one: {what}; "
+                f"after {self._optimizer_steps} optimizer steps). Lower --lr, raise "
+                "--warmup_epochs, check the data for NaNs, or try without --use_amp."
+            )
+
+    def _optimizer_step(self) -> float:
+        """Unscale, rescale a partial group, clip, step; returns the pre-clip grad norm.
+
+        ``scaler.unscale_`` must come before clipping, or the clip threshold would apply to
+        the loss-scaled gradients (65536x too large) and clip nothing.
+        """
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self._group_size < self.cfg.gradient_accumulation_steps:
+            factor = self.cfg.gradient_accumulation_steps / self._group_size
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        norm = float(nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+        finite = math.isfinite(norm)
+        if finite or self.amp.use_scaler:
+            self.scaler.step(self.optimizer)  # with a scaler, this itself skips on inf grads
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._group_size = 0
+        if finite:
+            self._optimizer_steps += 1
+            self._consecutive_nonfinite = 0
+            if self.scheduler is not None:
+                self.scheduler.step()
+        else:
+            self._overflow_steps += 1
+            if not self.amp.use_scaler:
+                self._register_nonfinite(what=f"gradient norm {norm}")
+        return norm
+
+    # -- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Engine state for exact resume (model, optimizer and scheduler are saved by the caller).
+
+        Take checkpoints at optimizer-step boundaries (epoch ends always are): gradients
+        of a pending accumulation group are not part of the state.
+        """
+        return {
+            "scaler": self.scaler.state_dict(),
+            "optimizer_steps": self._optimizer_steps,
+            "micro_steps": self._micro_steps,
+            "skipped_steps": self._skipped_steps,
+            "overflow_steps": self._overflow_steps,
+            "consecutive_nonfinite": self._consecutive_nonfinite,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; any pending accumulation group is discarded."""
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise KeyError(f"engine state is missing {missing}; not a TrainEngine.state_dict()")
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self._optimizer_steps = int(state["optimizer_steps"])
+        self._micro_steps = int(state["micro_steps"])
+        self._skipped_steps = int(state["skipped_steps"])
+        self._overflow_steps = int(state["overflow_steps"])
+        self._consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        self._group_size = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+_SUM_FIELDS = ("n", "loss_sum", "image_loss_sum", "pose_loss_sum", "psnr_sum", "ssim_sum")
+
+
+@dataclass
+class EvalSums:
+    """Per-image sums over an evaluation pass, so workers can all-reduce them exactly."""
+
+    n: float = 0.0
+    loss_sum: float = 0.0
+    image_loss_sum: float = 0.0
+    pose_loss_sum: float = 0.0
+    psnr_sum: float = 0.0
+    ssim_sum: float = 0.0
+    pose_abs_err_deg_sum: tuple[float, float, float] = (0.0, 0.0, 0.0)  # yaw, pitch, roll
+    sample: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """float64 ``[9]`` vector (the sample is not included) for ``dist.all_reduce``."""
+        values = [getattr(self, f) for f in _SUM_FIELDS] + list(self.pose_abs_err_deg_sum)
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> EvalSums:
+        """Inverse of :meth:`to_tensor`."""
+        values = t.detach().double().cpu().tolist()
+        if len(values) != len(_SUM_FIELDS) + 3:
+            raise ValueError(f"expected {len(_SUM_FIELDS) + 3} values, got {len(values)}")
+        return cls(*values[: len(_SUM_FIELDS)], pose_abs_err_deg_sum=tuple(values[-3:]))
+
+    def __add__(self, other: EvalSums) -> EvalSums:
+        merged = EvalSums.from_tensor(self.to_tensor() + other.to_tensor())
+        merged.sample = self.sample if self.sample is not None else other.sample
+        return merged
+
+    def means(self) -> dict[str, float]:
+        """Dataset means; raises if nothing was evaluated (an empty split is a setup error)."""
+        if self.n <= 0:
+            raise ValueError("no evaluation samples: the split is empty on every worker")
+        yaw, pitch, roll = (s / self.n for s in self.pose_abs_err_deg_sum)
+        return {
+            "loss": self.loss_sum / self.n,
+            "image_loss": self.image_loss_sum / self.n,
+            "pose_loss": self.pose_loss_sum / self.n,
+            "psnr": self.psnr_sum / self.n,
+            "ssim": self.ssim_sum / self.n,
+            "pose_mae_deg": (yaw + pitch + roll) / 3.0,
+            "pose_mae_yaw": yaw,
+            "pose_mae_pitch": pitch,
+            "pose_mae_roll": roll,
+        }
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _limited(batches: Iterable[Batch], max_batches: int | None) -> Iterator[Batch]:
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield batch
+
+
+def _batch_sums(output: Any, batch: Batch, terms: LossTerms, scale_deg: float) -> torch.Tensor:
+    """This batch's contribution as a float64 ``[9]`` device tensor (no host sync)."""
+    b = batch["source"].shape[0]
+    losses = torch.stack([terms.total, terms.image, terms.pose]).detach().double() * b
+    psnr = psnr_per_image(output.image, batch["target"]).sum()
+    ssim = ssim_per_image(output.image, batch["target"]).sum()
+    quality = torch.stack([psnr, ssim]).double()
+    pose_err = pose_abs_error_deg(output.pose_pred, batch["target_pose"], scale_deg).sum(0)
+    n = torch.tensor([float(b)], dtype=torch.float64, device=losses.device)
+    return torch.cat([n, losses, quality, pose_err.double()])
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    cfg: OptimConfig,
+    device: torch.device,
+    amp: AmpSettings,
+    max_batches: int | None = None,
+    keep_sample: bool = False,
+) -> EvalSums:
+    """Sum losses, PSNR, SSIM and pose errors over ``batches`` in eval mode, without grads.
+
+    A DDP wrapper is bypassed (``model.module``): its forward may broadcast buffers, a
+    collective that would hang when workers hold different numbers of validation batches.
+    Sums stay on the device until the end (one sync).  ``keep_sample`` keeps the first
+    batch's source/target/output (and poses) on the CPU for image logging.
+    """
+    device = torch.device(device)
+    net = getattr(model, "module", model) if hasattr(model, "no_sync") else model
+    scale_deg = pose_scale_deg()
+    total = torch.zeros(len(_SUM_FIELDS) + 3, dtype=torch.float64, device=device)
+    sample = None
+    with _eval_mode(model), torch.no_grad():
+        for batch in _limited(batches, max_batches):
+            batch = move_batch(batch, device)
+            with _autocast(device, amp):
+                output = _forward(net, batch)
+            terms = compute_losses(output, batch, cfg, scale_deg)
+            total += _batch_sums(output, batch, terms, scale_deg)
+            if keep_sample and sample is None:
+                sample = _sample(batch, output)
+    sums = EvalSums.from_tensor(total)
+    sums.sample = sample
+    return sums
+
+
+def _sample(batch: Batch, output: Any) -> dict[str, torch.Tensor]:
+    keep = {k: batch[k] for k in BATCH_KEYS} | {"output": output.image}
+    return {k: v.detach().float().cpu() for k, v in keep.items()}
+
+
+__all__ = [
+    "AmpSettings",
+    "EvalSums",
+    "LossTerms",
+    "MissingIdentityEncoderError",
+    "NonFiniteLossError",
+    "StepMetrics",
+    "TrainEngine",
+    "build_optimizer",
+    "build_scheduler",
+    "compute_losses",
+    "evaluate",
+    "identity_loss",
+    "image_loss",
+    "lr_factor",
+    "pose_loss",
+    "pose_scale_deg",
+    "resolve_amp",
+]

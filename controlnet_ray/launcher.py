@@ -1,0 +1,211 @@
+"""Driver side of a run: data preparation, Ray start-up, resource planning, the TorchTrainer.
+
+Resource planning exists because of two traps measured with Ray 2.60: Ray Data hangs forever
+without a CPU left beside the training workers, and a GPU request on a GPU-less cluster is
+retried forever instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controlnet_ray.config import ConfigError, TrainConfig
+
+DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
+
+
+@dataclass
+class ResourcePlan:
+    """How many CPUs Ray sees and how they are shared between training and data."""
+
+    ray_num_cpus: int | None  # logical CPUs for a local Ray; None: use the cluster as is
+    cpus_per_worker: float
+    torch_threads: int
+
+    def describe(self, cfg: TrainConfig) -> str:
+        return (
+            f"{cfg.ray.num_ray_workers} training worker(s) x {self.cpus_per_worker:g} CPU"
+            f"{' + 1 GPU' if cfg.ray.use_gpu else ''}, {DATA_CPUS:g} CPU kept for Ray Data, "
+            f"{self.torch_threads} torch thread(s) per worker"
+        )
+
+
+def plan_resources(cfg: TrainConfig, available_cpus: float, local: bool) -> ResourcePlan:
+    """Share the CPUs so that Ray Data always keeps one, whatever the worker count.
+
+    Locally Ray gets the machine's core count as logical CPUs; when that is too small for the
+    requested workers (e.g. 2 workers on 2 cores) each worker reserves a fraction of a CPU.
+    """
+    n = cfg.ray.num_ray_workers
+    if cfg.ray.cpus_per_worker is not None:
+        cpw = cfg.ray.cpus_per_worker
+    else:
+        cpw = min(1.0, max(0.25, (available_cpus - DATA_CPUS) / n))
+    needed = n * cpw + DATA_CPUS
+    if not local and needed > available_cpus:
+        raise ConfigError(
+            f"--num_ray_workers {n} x --cpus_per_worker {cpw:g} + {DATA_CPUS:g} CPU for Ray Data "
+            f"needs {needed:g} CPUs but the cluster has {available_cpus:g}"
+        )
+    ray_cpus = max(int(available_cpus), int(needed + 0.999)) if local else None
+    threads = max(1, int((available_cpus - DATA_CPUS) // n)) if not cfg.ray.use_gpu else 2
+    return ResourcePlan(ray_num_cpus=ray_cpus, cpus_per_worker=cpw, torch_threads=threads)
+
+
+def resolve_shards(cfg: TrainConfig) -> Path:
+    """Shards for this run: the embedded synthetic set or the user's --data_dir, prepared once."""
+    from controlnet_ray.data.shards import ensure_shards
+
+    data = cfg.data
+    if data.data_dir is None:
+        from controlnet_ray.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+        spec = SyntheticSpec(
+            num_identities=data.synthetic_identities,
+            frames_per_identity=data.synthetic_frames,
+            seed=data.synthetic_seed,
+        )
+        data_dir = ensure_synthetic_dataset(
+            data.resolved_cache_dir(), spec, num_workers=max(1, data.num_workers)
+        )
+        print(
+            f"data: embedded synthetic dataset ({spec.num_identities} identities x "
+            f"{spec.frames_per_identity} frames) at {data_dir}",
+            flush=True,
+        )
+        data = _replace_data_dir(cfg, str(data_dir))
+    return ensure_shards(data)
+
+
+def _replace_data_dir(cfg: TrainConfig, data_dir: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, data_dir=data_dir, image_dir=None)
+
+
+def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
+    """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan."""
+    import ray
+
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=plan_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """Fail within seconds when GPUs are requested but the cluster has too few."""
+    import ray
+
+    if not cfg.ray.use_gpu:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.ray.num_ray_workers:
+        raise ConfigError(
+            f"--use_gpu with --num_ray_workers {cfg.ray.num_ray_workers} needs "
+            f"{cfg.ray.num_ray_workers} GPU(s) but the Ray cluster has {gpus:g}; "
+            "drop --use_gpu to train on CPU"
+        )
+
+
+def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
+    """The TorchTrainer for this run (Train v2 API)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from controlnet_ray.data.pipeline import build_pair_datasets
+    from controlnet_ray.worker import train_loop_per_worker
+
+    pairs = build_pair_datasets(shards, cfg.data)
+    print(
+        f"pairs: {pairs.num_train_pairs} train, {pairs.num_val_pairs} val "
+        f"({cfg.data.pair_mode}, {cfg.data.min_pose_distance:g}-"
+        f"{cfg.data.max_pose_distance:g} deg)",
+        flush=True,
+    )
+    scaling = ScalingConfig(
+        num_workers=cfg.ray.num_ray_workers,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker={"CPU": plan.cpus_per_worker},
+    )
+    run_config = RunConfig(
+        name=cfg.run_name(),
+        storage_path=cfg.storage_path(),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.ray.num_to_keep,
+            checkpoint_score_attribute="val_psnr",
+            checkpoint_score_order="max",
+        ),
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+    )
+    loop_config = {
+        "config": cfg.to_dict(),
+        "num_train_pairs": pairs.num_train_pairs,
+        "torch_threads": plan.torch_threads,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets={"train": pairs.train, "val": pairs.val},
+    )
+
+
+def discard_previous_run(cfg: TrainConfig) -> None:
+    """--fresh: remove this run's Ray storage so nothing is resumed (local storage only)."""
+    path = cfg.storage_path()
+    if "://" in path:
+        raise ConfigError("--fresh only works with a local --storage_path; pass a new --run_name")
+    run_dir = Path(path) / cfg.run_name()
+    if run_dir.exists():
+        print(f"--fresh: removing previous Ray run at {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+
+
+def existing_run(cfg: TrainConfig) -> Path | None:
+    path = cfg.storage_path()
+    if "://" in path:
+        return None
+    run_dir = Path(path) / cfg.run_name()
+    return run_dir if run_dir.exists() else None
+
+
+def run_training(cfg: TrainConfig) -> object:
+    """Prepare data, start Ray, train; returns Ray's Result."""
+    t0 = time.time()
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if cfg.ray.fresh:
+        discard_previous_run(cfg)
+    elif (previous := existing_run(cfg)) is not None:
+        print(
+            f"found Ray run {cfg.run_name()} at {previous}: resuming from its latest "
+            "checkpoint if any (--fresh starts over)",
+            flush=True,
+        )
+    shards = resolve_shards(cfg)
+    plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
+    init_ray(cfg, plan.ray_num_cpus if plan else None)
+    if plan is None:
+        import ray
+
+        plan = plan_resources(cfg, ray.cluster_resources().get("CPU", 0), local=False)
+    check_gpus(cfg)
+    print(
+        f"resources: {plan.describe(cfg)}; effective batch size "
+        f"{cfg.data.batch_size} x {cfg.ray.num_ray_workers} worker(s) x "
+        f"{cfg.optim.gradient_accumulation_steps} accumulation = {cfg.effective_batch_size()}",
+        flush=True,
+    )
+    trainer = build_trainer(cfg, plan, shards)
+    result = trainer.fit()
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+    return result

@@ -1,0 +1,345 @@
+"""``train_loop_per_worker``: the only module that touches ``ray.train``'s context.
+
+Everything numeric lives in :mod:`controlnet_ray.engine` (pure PyTorch); this module wires it
+to Ray: dataset shards, DDP preparation, metric reduction across ranks, Ray checkpoints, and the
+original's files (written by rank 0 only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from controlnet_ray import checkpoint as ckpt
+from controlnet_ray.config import TrainConfig
+from controlnet_ray.engine import (
+    EvalSums,
+    TrainEngine,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    resolve_amp,
+)
+from controlnet_ray.model import apply_freezing, build_model, model_signature
+from controlnet_ray.reporting import (
+    TensorBoardReporter,
+    curves_path,
+    save_curves_png,
+    write_history_json,
+)
+
+RAY_CKPT_FILE = "state.pth"
+STEP_LOG_EVERY = 10
+
+
+@dataclass
+class RunState:
+    """What carries across epochs and into checkpoints."""
+
+    start_epoch: int = 1
+    best_val_loss: float = math.inf
+    best_val_psnr: float = -math.inf
+    train_history: list[dict[str, float]] = field(default_factory=list)
+    val_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+class WorkerRun:
+    """One worker's training run; methods are the steps of the loop, in order."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        self.cfg = TrainConfig.from_dict(loop_config["config"])
+        self.num_train_pairs = int(loop_config["num_train_pairs"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(self.cfg.ray.seed + self.rank)
+        threads = int(loop_config.get("torch_threads", 1))
+        torch.set_num_threads(max(1, threads))
+        self.device = ray.train.torch.get_device()
+        self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
+        self.save_dir = Path(self.cfg.output.save_dir)
+        self.state = RunState()
+        self._build()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        model = build_model(cfg.model)
+        apply_freezing(model, cfg.model)
+        self.signature = model_signature(cfg.model)
+        self.trainable_names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        restored = self._load_initial_state(model)
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = build_optimizer(_unwrap(self.model), cfg.optim)
+        per_rank = self.num_train_pairs // (cfg.data.batch_size * self.world)
+        if per_rank < 1:
+            raise ValueError(
+                f"{self.num_train_pairs} training pairs are fewer than one batch per worker "
+                f"(batch_size {cfg.data.batch_size} x {self.world} workers): lower --batch_size"
+            )
+        self.batches_per_epoch = per_rank
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, per_rank)
+        self.engine = TrainEngine(
+            self.model, self.optimizer, self.scheduler, cfg.optim, self.device, self.amp
+        )
+        if restored is not None:
+            self._restore_optimizer(restored)
+        _log(self.rank, self.amp.description)
+
+    def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
+        """Ray checkpoint of this run first (driver restart, worker failure), then --resume."""
+        ray_ckpt = ray.train.get_checkpoint()
+        if ray_ckpt is not None:
+            with ray_ckpt.as_directory() as d:
+                state = ckpt.load_checkpoint(Path(d) / RAY_CKPT_FILE)
+            ckpt.check_model_compat(state, model, self.signature)
+            model.load_state_dict(state["model_state_dict"])
+            self._adopt_history(state, start_epoch=int(state["epoch"]) + 1)
+            _log(
+                self.rank,
+                f"resumed from Ray checkpoint {ray_ckpt.path} at epoch {state['epoch']}"
+                f" (continuing at epoch {self.state.start_epoch})",
+            )
+            return state
+        if self.cfg.output.resume:
+            state = ckpt.load_checkpoint(self.cfg.output.resume)
+            ckpt.check_model_compat(state, model, self.signature)
+            model.load_state_dict(state["model_state_dict"])
+            plan = ckpt.plan_resume(state, self.cfg, self.trainable_names)
+            _log(self.rank, f"--resume {self.cfg.output.resume}: {plan.reason}")
+            if plan.restore_optimizer:
+                self._adopt_history(state, start_epoch=plan.start_epoch)
+                return state
+            self.state.start_epoch = plan.start_epoch
+        return None
+
+    def _adopt_history(self, state: dict, start_epoch: int) -> None:
+        self.state = RunState(
+            start_epoch=start_epoch,
+            best_val_loss=float(state.get("best_val_loss", math.inf)),
+            best_val_psnr=float(state.get("best_val_psnr", -math.inf)),
+            train_history=list(state.get("train_metrics_history", [])),
+            val_history=list(state.get("val_metrics_history", [])),
+        )
+
+    def _restore_optimizer(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        if state.get("engine_state"):
+            self.engine.load_state_dict(state["engine_state"])
+        if state.get("rng_state"):
+            ckpt.restore_rng_state(state["rng_state"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.cfg
+        reporter = TensorBoardReporter(cfg.output.log_dir, enabled=self.rank == 0)
+        train_shard = ray.train.get_dataset_shard("train")
+        val_shard = ray.train.get_dataset_shard("val")
+        t_start = time.time()
+        with reporter:
+            for epoch in range(self.state.start_epoch, cfg.optim.epochs + 1):
+                t0 = time.time()
+                train_metrics = self._train_epoch(train_shard, reporter)
+                val_sums = self._validate(val_shard)
+                val_metrics = val_sums.means()
+                dt = time.time() - t0
+                train_metrics["samples_per_sec"] = train_metrics.pop("samples") / dt
+                train_metrics["epoch_time_s"] = dt
+                self._record(epoch, train_metrics, val_metrics, val_sums, reporter)
+                self._print_epoch(epoch, train_metrics, val_metrics, time.time() - t_start, epoch)
+                self._checkpoint_and_report(epoch, train_metrics, val_metrics)
+            if self.rank == 0:
+                self._write_final()
+
+    def _batches(self, shard, train: bool):
+        bs = self.cfg.data.batch_size
+        return shard.iter_torch_batches(
+            batch_size=bs,
+            drop_last=train,
+            local_shuffle_buffer_size=4 * bs if train else None,
+            device=self.device,
+            dtypes=torch.float32,
+        )
+
+    def _train_epoch(self, shard, reporter: TensorBoardReporter) -> dict[str, float]:
+        self.model.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, image, pose, samples
+        n_batches = self.batches_per_epoch
+        for i, batch in enumerate(self._batches(shard, train=True)):
+            if i >= n_batches:  # equal batch counts on every rank keep DDP in step
+                break
+            m = self.engine.train_micro_batch(batch, is_last_in_epoch=i == n_batches - 1)
+            if m.skipped:
+                continue
+            sums += torch.tensor(
+                [
+                    m.loss * m.batch_size,
+                    m.image_loss * m.batch_size,
+                    m.pose_loss * m.batch_size,
+                    m.batch_size,
+                ],
+                dtype=torch.float64,
+            )
+            if (
+                self.rank == 0
+                and m.optimizer_step
+                and self.engine.optimizer_steps % STEP_LOG_EVERY == 0
+            ):
+                reporter.log_step(
+                    self.engine.optimizer_steps,
+                    {
+                        "Loss": m.loss,
+                        "ImageLoss": m.image_loss,
+                        "PoseLoss": m.pose_loss,
+                        "LearningRate": m.lr,
+                    },
+                )
+        sums = _all_reduce_sum(sums)
+        n = max(sums[3].item(), 1.0)
+        return {
+            "loss": sums[0].item() / n,
+            "image_loss": sums[1].item() / n,
+            "pose_loss": sums[2].item() / n,
+            "samples": sums[3].item(),
+        }
+
+    def _validate(self, shard) -> EvalSums:
+        sums = evaluate(
+            _unwrap(self.model),
+            self._batches(shard, train=False),
+            self.cfg.optim,
+            self.device,
+            self.amp,
+            keep_sample=self.rank == 0,
+        )
+        reduced = EvalSums.from_tensor(_all_reduce_sum(sums.to_tensor()))
+        reduced.sample = sums.sample
+        return reduced
+
+    def _record(
+        self, epoch: int, train: dict, val: dict, val_sums: EvalSums, reporter: TensorBoardReporter
+    ) -> None:
+        s = self.state
+        s.train_history.append({"epoch": epoch, **train})
+        s.val_history.append({"epoch": epoch, **val})
+        s.best_val_loss = min(s.best_val_loss, val["loss"])
+        self.is_best = (
+            val["psnr"] > s.best_val_psnr
+            if self.cfg.output.best_metric == "val_psnr"
+            else val["loss"] <= s.best_val_loss
+        )
+        s.best_val_psnr = max(s.best_val_psnr, val["psnr"])
+        if self.rank != 0:
+            return
+        reporter.log_epoch(epoch, train, val, train["samples_per_sec"])
+        sample = val_sums.sample
+        if sample is not None and (epoch % self.cfg.output.image_log_interval == 0 or epoch == 1):
+            reporter.log_images(epoch, sample["source"], sample["target"], sample["output"])
+            reporter.log_pose_histograms(epoch, sample["source_pose"], sample["target_pose"])
+        reporter.flush()
+
+    def _print_epoch(self, epoch: int, train: dict, val: dict, elapsed: float, done: int) -> None:
+        total = self.cfg.optim.epochs
+        epochs_run = epoch - self.state.start_epoch + 1
+        eta = elapsed / max(epochs_run, 1) * (total - epoch)
+        _log(
+            self.rank,
+            f"epoch {epoch}/{total}  train loss {train['loss']:.4f} (img {train['image_loss']:.4f}"
+            f" pose {train['pose_loss']:.4f})  val loss {val['loss']:.4f}  PSNR {val['psnr']:.2f}"
+            f" dB  SSIM {val['ssim']:.3f}  pose err {val['pose_mae_deg']:.1f} deg  "
+            f"{train['samples_per_sec']:.1f} samples/s  epoch {train['epoch_time_s']:.1f}s  "
+            f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s",
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state_dict(self, epoch: int) -> dict:
+        s = self.state
+        return ckpt.build_checkpoint(
+            epoch=epoch,
+            model=_unwrap(self.model),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            engine_state=self.engine.state_dict(),
+            cfg=self.cfg,
+            best_val_loss=s.best_val_loss,
+            best_val_psnr=s.best_val_psnr,
+            train_history=s.train_history,
+            val_history=s.val_history,
+            model_signature=self.signature,
+            trainable=self.trainable_names,
+        )
+
+    def _checkpoint_and_report(self, epoch: int, train: dict, val: dict) -> None:
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train["loss"],
+            "val_loss": val["loss"],
+            "val_psnr": val["psnr"],
+            "val_ssim": val["ssim"],
+            "val_pose_mae_deg": val["pose_mae_deg"],
+            "samples_per_sec": train["samples_per_sec"],
+        }
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        state = self._state_dict(epoch)
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if epoch % self.cfg.output.save_interval == 0:
+            ckpt.atomic_save(state, self.save_dir / f"checkpoint_epoch_{epoch}.pth")
+            save_curves_png(
+                self.state.train_history, self.state.val_history, curves_path(self.save_dir, epoch)
+            )
+        if self.is_best:
+            ckpt.atomic_save(state, self.save_dir / "best_model.pth")
+        write_history_json(
+            self.save_dir / "training_history.json",
+            self.state.train_history,
+            self.state.val_history,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def _write_final(self) -> None:
+        state = self._state_dict(self.cfg.optim.epochs)
+        ckpt.atomic_save(state, self.save_dir / "final_model.pth")
+        save_curves_png(
+            self.state.train_history, self.state.val_history, curves_path(self.save_dir)
+        )
+        write_history_json(
+            self.save_dir / "training_history.json",
+            self.state.train_history,
+            self.state.val_history,
+        )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point given to ``TorchTrainer``."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    WorkerRun(loop_config).run()
