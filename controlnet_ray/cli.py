@@ -235,7 +235,7 @@ def _add_additions(
         "ray",
         "storage_path",
         default=r.storage_path,
-        help="Ray checkpoint storage (local path, NFS mount, s3://...); default save_dir/ray_results",
+        help="Ray checkpoint storage (local path, NFS, s3://...); default save_dir/ray_results",
     )
     _add(g, "ray", "seed", type=int, default=r.seed)
     _add(

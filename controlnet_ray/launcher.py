@@ -98,7 +98,9 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=plan_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
+        # groups of finished or stopped runs.
+        ray.init(num_cpus=plan_cpus, log_to_driver=True)
 
 
 def check_gpus(cfg: TrainConfig) -> None:
@@ -120,8 +122,10 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
     """The TorchTrainer for this run (Train v2 API)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     from controlnet_ray.data.pipeline import build_pair_datasets
+    from controlnet_ray.progress import EpochPrinter
     from controlnet_ray.worker import train_loop_per_worker
 
     pairs = build_pair_datasets(shards, cfg.data)
@@ -145,6 +149,8 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
             checkpoint_score_order="max",
         ),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        logging_config=LoggingConfig(log_level="WARNING"),
+        callbacks=[EpochPrinter()],
     )
     loop_config = {
         "config": cfg.to_dict(),
@@ -179,9 +185,36 @@ def existing_run(cfg: TrainConfig) -> Path | None:
     return run_dir if run_dir.exists() else None
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Resolve every relative path against the driver's cwd: Ray workers run elsewhere."""
+    import dataclasses
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+    out = dataclasses.replace(
+        cfg.output,
+        save_dir=resolve(cfg.output.save_dir),
+        log_dir=resolve(cfg.output.log_dir),
+        resume=resolve(cfg.output.resume),
+    )
+    data = dataclasses.replace(
+        cfg.data,
+        data_dir=resolve(cfg.data.data_dir),
+        image_dir=resolve(cfg.data.image_dir),
+        cache_dir=str(cfg.data.resolved_cache_dir()),
+    )
+    model = dataclasses.replace(cfg.model, encoder_weights=resolve(cfg.model.encoder_weights))
+    ray_opts = dataclasses.replace(
+        cfg.ray, storage_path=cfg.storage_path(), run_name=cfg.run_name()
+    )
+    return dataclasses.replace(cfg, output=out, data=data, model=model, ray=ray_opts)
+
+
 def run_training(cfg: TrainConfig) -> object:
     """Prepare data, start Ray, train; returns Ray's Result."""
     t0 = time.time()
+    cfg = absolute_paths(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if cfg.ray.fresh:
         discard_previous_run(cfg)
@@ -191,7 +224,6 @@ def run_training(cfg: TrainConfig) -> object:
             "checkpoint if any (--fresh starts over)",
             flush=True,
         )
-    shards = resolve_shards(cfg)
     plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
     init_ray(cfg, plan.ray_num_cpus if plan else None)
     if plan is None:
@@ -205,6 +237,7 @@ def run_training(cfg: TrainConfig) -> object:
         f"{cfg.optim.gradient_accumulation_steps} accumulation = {cfg.effective_batch_size()}",
         flush=True,
     )
+    shards = resolve_shards(cfg)
     trainer = build_trainer(cfg, plan, shards)
     result = trainer.fit()
     print(f"done in {time.time() - t0:.0f}s", flush=True)

@@ -19,14 +19,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from controlnet_ray.launcher import run_training
 
     try:
-        result = run_training(cfg)
+        run_training(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    error = getattr(result, "error", None)
-    if error is not None:
-        print(f"training failed: {error}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # Ray wraps worker errors; show them without a driver traceback
+        if type(exc).__module__.startswith("ray."):
+            print(f"training failed: {exc}", file=sys.stderr)
+            return 1
+        raise
     save_dir = Path(cfg.output.save_dir).resolve()
     print("outputs:")
     print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -65,8 +66,9 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _log(rank: int, msg: str) -> None:
+    """Rank 0 speaks once: Ray Train's print patch would log *and* echo a plain print."""
     if rank == 0:
-        print(msg, flush=True)
+        print(msg, file=sys.__stdout__, flush=True)
 
 
 class WorkerRun:
@@ -172,8 +174,9 @@ class WorkerRun:
                 train_metrics["samples_per_sec"] = train_metrics.pop("samples") / dt
                 train_metrics["epoch_time_s"] = dt
                 self._record(epoch, train_metrics, val_metrics, val_sums, reporter)
-                self._print_epoch(epoch, train_metrics, val_metrics, time.time() - t_start, epoch)
-                self._checkpoint_and_report(epoch, train_metrics, val_metrics)
+                self._checkpoint_and_report(
+                    epoch, train_metrics, val_metrics, time.time() - t_start
+                )
             if self.rank == 0:
                 self._write_final()
 
@@ -264,19 +267,6 @@ class WorkerRun:
             reporter.log_pose_histograms(epoch, sample["source_pose"], sample["target_pose"])
         reporter.flush()
 
-    def _print_epoch(self, epoch: int, train: dict, val: dict, elapsed: float, done: int) -> None:
-        total = self.cfg.optim.epochs
-        epochs_run = epoch - self.state.start_epoch + 1
-        eta = elapsed / max(epochs_run, 1) * (total - epoch)
-        _log(
-            self.rank,
-            f"epoch {epoch}/{total}  train loss {train['loss']:.4f} (img {train['image_loss']:.4f}"
-            f" pose {train['pose_loss']:.4f})  val loss {val['loss']:.4f}  PSNR {val['psnr']:.2f}"
-            f" dB  SSIM {val['ssim']:.3f}  pose err {val['pose_mae_deg']:.1f} deg  "
-            f"{train['samples_per_sec']:.1f} samples/s  epoch {train['epoch_time_s']:.1f}s  "
-            f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s",
-        )
-
     # -- checkpoints -------------------------------------------------------------------------
     def _state_dict(self, epoch: int) -> dict:
         s = self.state
@@ -295,15 +285,21 @@ class WorkerRun:
             trainable=self.trainable_names,
         )
 
-    def _checkpoint_and_report(self, epoch: int, train: dict, val: dict) -> None:
+    def _checkpoint_and_report(self, epoch: int, train: dict, val: dict, elapsed: float) -> None:
         metrics = {
             "epoch": epoch,
+            "epochs": self.cfg.optim.epochs,
+            "first_epoch": self.state.start_epoch,
             "train_loss": train["loss"],
+            "train_image_loss": train["image_loss"],
+            "train_pose_loss": train["pose_loss"],
             "val_loss": val["loss"],
             "val_psnr": val["psnr"],
             "val_ssim": val["ssim"],
             "val_pose_mae_deg": val["pose_mae_deg"],
             "samples_per_sec": train["samples_per_sec"],
+            "epoch_time_s": train["epoch_time_s"],
+            "elapsed_s": elapsed,
         }
         if self.rank != 0:
             ray.train.report(metrics)
