@@ -34,7 +34,9 @@ FORMAT_VERSION = 1
 LEGACY_FORMAT_VERSION = 0  # files without ``format_version``: written by the original script
 BEST_MODEL_NAME = "best_model.pth"
 FINAL_MODEL_NAME = "final_model.pth"
-FRESH_START_EPOCH = 0  # the loop is ``for epoch in range(start_epoch, epochs)``, as the original
+# Epochs are 1-based: the loop is ``for epoch in range(start_epoch, epochs + 1)`` and ``epoch``
+# in a file is the last completed one, so a continuation starts at ``epoch + 1``.
+FRESH_START_EPOCH = 1
 
 # Keys the original script's readers rely on; ``model_state_dict`` alone marks a file as ours.
 LEGACY_KEYS = (
@@ -60,7 +62,7 @@ class CheckpointError(RuntimeError):
 
 
 def epoch_checkpoint_path(save_dir: str | os.PathLike[str], epoch: int) -> Path:
-    """``<save_dir>/checkpoint_epoch_{epoch}.pth`` (the caller picks the number, as the original)."""
+    """``<save_dir>/checkpoint_epoch_{epoch}.pth``; the caller picks N as the original did."""
     return Path(save_dir) / f"checkpoint_epoch_{epoch}.pth"
 
 
@@ -158,8 +160,12 @@ def build_checkpoint(
     val_history: Sequence[Mapping[str, float]],
     engine_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, Any] | None = None,
+    trainable: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the dict saved as a ``.pth``; RNG is captured now unless given.
+    """Assemble the dict saved as a ``.pth``; RNG and the trainable set are read now unless given.
+
+    Pass ``trainable`` when ``model``'s ``requires_grad`` flags no longer say what the optimiser
+    holds (e.g. names taken before wrapping).
 
     Histories and scalars are converted to plain Python so the file stays weights_only-safe
     even when a caller hands in numpy or 0-d tensor values.
@@ -177,15 +183,23 @@ def build_checkpoint(
         args=legacy_args(cfg),
         config=cfg.to_dict(),
         model_signature=_to_plain(dict(model_signature)),
-        trainable=trainable_names(model),
+        trainable=sorted(trainable) if trainable is not None else trainable_names(model),
         engine_state=_to_plain(dict(engine_state or {})),
         rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
     )
     return state.to_dict()
 
 
-def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {str(k): float(_to_plain(v)) for k, v in metrics.items()}
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+    """Python numbers only; ints (e.g. ``epoch``) stay ints so JSON and prints read naturally."""
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        value = _to_plain(value)
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        out[str(key)] = value if is_int else float(value)
+    return out
 
 
 def _to_plain(value: Any) -> Any:
@@ -275,7 +289,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(_legacy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:  # torch raises many types for bad files
         raise CheckpointError(_load_failure_message(path, exc)) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(
@@ -313,7 +327,7 @@ def _load_failure_message(path: Path, exc: Exception) -> str:
 def _unsafe_globals(path: Path) -> str:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - diagnostics only
+    except Exception:  # diagnostics only
         return "unknown types"
     return ", ".join(n for n in names if n not in _legacy_global_names()) or "unknown types"
 
@@ -425,7 +439,7 @@ class ResumePlan:
 
     ``restore_optimizer=False`` (the original's stage-2 recipe, e.g. unfreezing the generator
     with a lower ``--lr``): only the weights are loaded; a fresh optimiser and LR schedule are
-    built for the new trainable set, ``start_epoch`` is 0, histories start empty and best
+    built for the new trainable set, ``start_epoch`` is 1, histories start empty and best
     metrics reset, so this stage's ``best_model.pth`` is chosen among its own epochs.
     """
 
@@ -452,7 +466,7 @@ def plan_resume(
     reason = (
         f"resumed model, optimizer, scheduler, scaler and history from {source} at epoch {epoch}"
     )
-    if epoch + 1 >= cfg.optim.epochs:
+    if epoch >= cfg.optim.epochs:
         reason += f" (already at --epochs {cfg.optim.epochs}: nothing left to train)"
     return ResumePlan(True, reason, epoch + 1)
 
@@ -505,7 +519,7 @@ def _close(a: float, b: float) -> bool:
 class RestoredRun:
     """Run-level state the training loop continues from after :func:`restore_from_checkpoint`."""
 
-    start_epoch: int
+    start_epoch: int = FRESH_START_EPOCH
     best_val_loss: float = float("inf")
     best_val_psnr: float = float("-inf")
     train_metrics_history: list[dict[str, float]] = field(default_factory=list)

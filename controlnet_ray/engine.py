@@ -305,7 +305,9 @@ class TrainEngine:
         cfg: OptimConfig,
         device: torch.device,
         amp: AmpSettings,
+        pose_scale: float | None = None,
     ) -> None:
+        """``pose_scale`` overrides ``POSE_SCALE_DEG`` (for stand-in models in tests)."""
         if cfg.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}"
@@ -313,7 +315,7 @@ class TrainEngine:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.cfg, self.device, self.amp = cfg, torch.device(device), amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp.use_scaler)
-        self._scale_deg: float | None = None
+        self._scale_deg = pose_scale
         self._optimizer_steps = 0
         self._micro_steps = 0
         self._skipped_steps = 0
@@ -575,6 +577,7 @@ def evaluate(
     amp: AmpSettings,
     max_batches: int | None = None,
     keep_sample: bool = False,
+    pose_scale: float | None = None,
 ) -> EvalSums:
     """Sum losses, PSNR, SSIM and pose errors over ``batches`` in eval mode, without grads.
 
@@ -582,10 +585,11 @@ def evaluate(
     collective that would hang when workers hold different numbers of validation batches.
     Sums stay on the device until the end (one sync).  ``keep_sample`` keeps the first
     batch's source/target/output (and poses) on the CPU for image logging.
+    ``pose_scale`` overrides ``POSE_SCALE_DEG`` (for stand-in models in tests).
     """
     device = torch.device(device)
     net = getattr(model, "module", model) if hasattr(model, "no_sync") else model
-    scale_deg = pose_scale_deg()
+    scale_deg = pose_scale if pose_scale is not None else pose_scale_deg()
     total = torch.zeros(len(_SUM_FIELDS) + 3, dtype=torch.float64, device=device)
     sample = None
     with _eval_mode(model), torch.no_grad():

@@ -211,10 +211,25 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, output=out, data=data, model=model, ray=ray_opts)
 
 
+def check_resume_file(cfg: TrainConfig) -> None:
+    """--resume must fit the model this run builds: say why not before Ray starts."""
+    if not cfg.output.resume:
+        return
+    from controlnet_ray import checkpoint as ckpt
+    from controlnet_ray.model import build_model, model_signature
+
+    try:
+        state = ckpt.load_checkpoint(cfg.output.resume)
+        ckpt.check_model_compat(state, build_model(cfg.model), model_signature(cfg.model))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"--resume: {exc}") from exc
+
+
 def run_training(cfg: TrainConfig) -> object:
     """Prepare data, start Ray, train; returns Ray's Result."""
     t0 = time.time()
     cfg = absolute_paths(cfg)
+    check_resume_file(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if cfg.ray.fresh:
         discard_previous_run(cfg)

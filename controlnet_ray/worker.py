@@ -111,7 +111,13 @@ class WorkerRun:
         )
         if restored is not None:
             self._restore_optimizer(restored)
-        _log(self.rank, self.amp.description)
+        if self.rank == 0:
+            print(
+                f"rank 0 of {self.world}: pid {os.getpid()}, device {self.device}, "
+                f"{self.batches_per_epoch} batches/epoch; {self.amp.description}",
+                file=sys.__stdout__,
+                flush=True,
+            )
 
     def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
         """Ray checkpoint of this run first (driver restart, worker failure), then --resume."""

@@ -75,7 +75,7 @@ def _save(tmp_path: Path, model, opt, sched, epoch: int = 2, cfg: TrainConfig | 
     state = ckpt.build_checkpoint(
         epoch=epoch, model=model, optimizer=opt, scheduler=sched, cfg=cfg or _cfg(),
         model_signature=SIGNATURE, best_val_loss=0.5, best_val_psnr=np.float64(21.0),
-        train_history=[{"loss": 1.0}, {"loss": torch.tensor(0.9)}],
+        train_history=[{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": torch.tensor(0.9)}],
         val_history=[{"loss": 1.1, "psnr": 20.0}, {"loss": 1.0, "psnr": 21.0}],
         engine_state={"scaler": {"scale": 1024.0, "_growth_tracker": 3}},
     )  # fmt: skip
@@ -107,7 +107,11 @@ def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) 
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference_params[name]), name
     assert run.engine_state == {"scaler": {"scale": 1024.0, "_growth_tracker": 3}}
-    assert run.train_metrics_history == [{"loss": 1.0}, {"loss": pytest.approx(0.9)}]
+    assert run.train_metrics_history == [
+        {"epoch": 1, "loss": 1.0},
+        {"epoch": 2, "loss": pytest.approx(0.9)},
+    ]
+    assert type(run.train_metrics_history[0]["epoch"]) is int
     assert (run.best_val_loss, run.best_val_psnr) == (0.5, 21.0)
 
 
@@ -124,6 +128,12 @@ def test_file_has_original_keys_and_plain_weights_only_load(tmp_path: Path) -> N
     assert type(raw["best_val_psnr"]) is float
     assert TrainConfig.from_dict(raw["config"]).optim.lr == pytest.approx(1e-3)
     assert raw["trainable"] == sorted(n for n, _ in model.named_parameters())
+    given = ckpt.build_checkpoint(
+        epoch=1, model=model, optimizer=opt, scheduler=None, cfg=_cfg(), model_signature={},
+        best_val_loss=1.0, best_val_psnr=2.0, train_history=[], val_history=[],
+        trainable=["control.0.weight", "a"],
+    )  # fmt: skip
+    assert given["trainable"] == ["a", "control.0.weight"] and given["scheduler_state_dict"] == {}
     assert ckpt.best_model_path(tmp_path).name == "best_model.pth"
     assert ckpt.final_model_path(tmp_path).name == "final_model.pth"
 
@@ -149,7 +159,7 @@ def test_atomic_save_failure_mid_write_keeps_old_file(tmp_path, monkeypatch) -> 
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", half_then_crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=r"disk full"):
         ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(100_000)}}, path)
     monkeypatch.undo()
 
@@ -164,7 +174,7 @@ def test_atomic_save_unpicklable_object_keeps_old_file(tmp_path: Path) -> None:
 
     path = tmp_path / "final_model.pth"
     ckpt.atomic_save({"model_state_dict": {"w": torch.ones(3)}}, path)
-    with pytest.raises(RuntimeError, match="cannot pickle"):
+    with pytest.raises(RuntimeError, match=r"cannot pickle"):
         ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(10_000)}, "x": Boom()}, path)
     assert torch.equal(ckpt.load_checkpoint(path)["model_state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["final_model.pth"]
@@ -176,15 +186,15 @@ def test_truncated_or_garbage_file_names_the_file(tmp_path: Path) -> None:
     cases = {"truncated.pth": data[: len(data) // 2], "text.pth": b"hello", "empty.pth": b""}
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ckpt.CheckpointError, match="corrupt or truncated") as err:
+        with pytest.raises(ckpt.CheckpointError, match=r"corrupt or truncated") as err:
             ckpt.load_checkpoint(tmp_path / name)
         assert name in str(err.value)
 
 
 def test_missing_file_and_directory(tmp_path: Path) -> None:
-    with pytest.raises(ckpt.CheckpointError, match="not found: .*nope.pth"):
+    with pytest.raises(ckpt.CheckpointError, match=r"not found: .*nope.pth"):
         ckpt.load_checkpoint(tmp_path / "nope.pth")
-    with pytest.raises(ckpt.CheckpointError, match="not a file"):
+    with pytest.raises(ckpt.CheckpointError, match=r"not a file"):
         ckpt.load_checkpoint(tmp_path)
 
 
@@ -197,7 +207,7 @@ def test_wrong_kind_of_file_names_missing_keys(tmp_path: Path) -> None:
     assert "missing keys" in msg and "epoch," not in msg.split("missing keys")[1].split("(")[0]
 
     torch.save(torch.ones(2), tmp_path / "tensor.pth")
-    with pytest.raises(ckpt.CheckpointError, match="tensor.pth.*holds a Tensor"):
+    with pytest.raises(ckpt.CheckpointError, match=r"tensor.pth.*holds a Tensor"):
         ckpt.load_checkpoint(tmp_path / "tensor.pth")
 
 
@@ -207,13 +217,13 @@ class NotAllowed:
 
 def test_untrusted_objects_are_refused_by_name(tmp_path: Path) -> None:
     torch.save({"model_state_dict": {}, "x": NotAllowed()}, tmp_path / "evil.pth")
-    with pytest.raises(ckpt.CheckpointError, match="evil.pth.*weights_only.*NotAllowed"):
+    with pytest.raises(ckpt.CheckpointError, match=r"evil.pth.*weights_only.*NotAllowed"):
         ckpt.load_checkpoint(tmp_path / "evil.pth")
 
 
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     torch.save({"model_state_dict": {}, "format_version": 99}, tmp_path / "future.pth")
-    with pytest.raises(ckpt.CheckpointError, match="future.pth.*format_version 99 is newer"):
+    with pytest.raises(ckpt.CheckpointError, match=r"future.pth.*format_version 99 is newer"):
         ckpt.load_checkpoint(tmp_path / "future.pth")
 
 
@@ -237,7 +247,7 @@ def test_original_script_file_with_namespace_and_numpy_loads(tmp_path: Path) -> 
 
     # Stage 2 of the original recipe from this file: generator unfrozen, lower lr.
     plan = ckpt.plan_resume(state, _cfg(lr=5e-5), ckpt.trainable_names(fresh))
-    assert not plan.restore_optimizer and plan.start_epoch == 0
+    assert not plan.restore_optimizer and plan.start_epoch == 1
     assert "trainable set changed (4 -> 8 tensors)" in plan.reason
     assert "lr 0.0001 -> 5e-05" in plan.reason
 
@@ -257,7 +267,7 @@ def test_signature_and_key_mismatches_are_named(tmp_path: Path) -> None:
     model, opt, sched = _setup(0)
     state = ckpt.load_checkpoint(_save(tmp_path, model, opt, sched))
     other = dict(SIGNATURE, encoder="iresnet")
-    with pytest.raises(ckpt.CheckpointError, match="encoder: checkpoint has 'cnn', this run "):
+    with pytest.raises(ckpt.CheckpointError, match=r"encoder: checkpoint has 'cnn', this run "):
         ckpt.check_model_compat(state, model, other)
 
     bigger = Tiny()
@@ -266,7 +276,7 @@ def test_signature_and_key_mismatches_are_named(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.check_model_compat(state, bigger, SIGNATURE)
     assert "missing in checkpoint: control.2.bias; extra.weight; extra.bias" in str(err.value)
-    with pytest.raises(ckpt.CheckpointError, match="unexpected in checkpoint: generator.0.bias"):
+    with pytest.raises(ckpt.CheckpointError, match=r"unexpected in checkpoint: generator.0.bias"):
         ckpt.check_model_compat(
             {"model_state_dict": {"generator.0.bias": torch.ones(16)}}, nn.Linear(1, 1), {}
         )
@@ -282,7 +292,9 @@ def test_plan_resume_same_settings_continues(tmp_path: Path) -> None:
         "at epoch 5",
         6,
     )
-    done = ckpt.plan_resume(state, _cfg(epochs=6), ckpt.trainable_names(model))
+    more = ckpt.plan_resume(state, _cfg(epochs=6), ckpt.trainable_names(model))
+    assert more.start_epoch == 6 and "nothing left" not in more.reason  # 1-based: epoch 6 to run
+    done = ckpt.plan_resume(state, _cfg(epochs=5), ckpt.trainable_names(model))
     assert done.restore_optimizer and "nothing left to train" in done.reason
 
 
@@ -293,12 +305,12 @@ def test_plan_resume_two_stage_recipe_starts_fresh_optimizer(tmp_path: Path) -> 
 
     stage2, opt2, sched2 = _setup(1, lr=5e-5)
     plan = ckpt.plan_resume(state, _cfg(lr=5e-5), ckpt.trainable_names(stage2))
-    assert not plan.restore_optimizer and plan.start_epoch == 0
+    assert not plan.restore_optimizer and plan.start_epoch == 1 == ckpt.FRESH_START_EPOCH
     assert plan.reason.startswith(
         "trainable set changed (generator unfrozen: +4 tensors); lr 0.0001 -> 5e-05: "
         "fresh optimizer and schedule, weights loaded from "
     )
-    assert "epoch counter restarts at 0" in plan.reason
+    assert "epoch counter restarts at 1" in plan.reason
 
     run = ckpt.restore_from_checkpoint(state, plan, stage2, opt2, sched2)
     assert run.train_metrics_history == [] and run.best_val_psnr == float("-inf")

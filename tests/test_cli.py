@@ -44,12 +44,37 @@ def test_original_defaults():
 def test_dashed_and_dashless_forms_agree(tmp_path: Path):
     data = str(tmp_path)
     dashed = parse_train_args(
-        ["--data_dir", data, "--epochs", "100", "--batch_size", "16", "--lr", "1e-4",
-         "--use_amp", "--freeze_generator", "--loss_type", "l1"]
+        [
+            "--data_dir",
+            data,
+            "--epochs",
+            "100",
+            "--batch_size",
+            "16",
+            "--lr",
+            "1e-4",
+            "--use_amp",
+            "--freeze_generator",
+            "--loss_type",
+            "l1",
+        ]
     )
     dashless = parse_train_args(
-        ["data_dir", data, "epochs", "100", "batch_size", "16", "lr", "1e-4", "use_amp",
-         "freeze_generator", "true", "loss_type", "l1"]
+        [
+            "data_dir",
+            data,
+            "epochs",
+            "100",
+            "batch_size",
+            "16",
+            "lr",
+            "1e-4",
+            "use_amp",
+            "freeze_generator",
+            "true",
+            "loss_type",
+            "l1",
+        ]
     )
     assert dashed.to_dict() == dashless.to_dict()
     assert dashless.optim.use_amp and dashless.model.freeze_generator
@@ -100,7 +125,9 @@ def test_invalid_value_fails_fast_in_a_subprocess_before_ray():
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "controlnet_ray.train", "--loss_type", "bogus"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     elapsed = time.monotonic() - t0
     assert proc.returncode == 2
@@ -112,7 +139,9 @@ def test_invalid_value_fails_fast_in_a_subprocess_before_ray():
 def test_help_lists_every_original_flag():
     proc = subprocess.run(
         [sys.executable, "-m", "controlnet_ray.train", "--help"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0
     for _, name in ORIGINAL_DEFAULTS:

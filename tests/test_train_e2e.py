@@ -7,50 +7,14 @@ TensorBoard's own event reader.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.train_helpers import TINY, run_train
+
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "--synthetic_identities",
-    "8",
-    "--synthetic_frames",
-    "8",
-    "--batch_size",
-    "8",
-    "--epochs",
-    "2",
-    "--save_interval",
-    "1",
-    "--image_size",
-    "64",
-    "--num_workers",
-    "2",
-]
-
-
-def run_train(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        CONTROLNET_RAY_CACHE=str(tmp / "cache"),
-        PYTHONUNBUFFERED="1",
-        RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="1",
-    )
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "controlnet_ray.train", *args],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def scalars(log_dir: Path) -> dict[str, list[float]]:

@@ -62,7 +62,7 @@ def legacy_euler_deg(rot: np.ndarray) -> np.ndarray:
 
 
 def legacy_fit(landmarks_2d: np.ndarray, image_size: tuple[int, int]) -> LegacyFit:
-    """EPnP fit of the legacy template, falling back to UPnP on an OpenCV error like the original."""
+    """EPnP fit of the legacy template; UPnP when EPnP raises, as the original did."""
     width, height = float(image_size[0]), float(image_size[1])
     model = LEGACY_TEMPLATE_3D.astype(np.float32)
     points = np.ascontiguousarray(np.asarray(landmarks_2d, dtype=np.float32).reshape(5, 2))
@@ -113,11 +113,11 @@ def compute_standard_info(front_landmarks_3d: np.ndarray, note: str = "") -> dic
 def legacy_keypoints(
     landmarks_3d: np.ndarray, standard_scale: float, center: np.ndarray | None = None
 ) -> np.ndarray:
-    """Normalised keypoints [..., 5, 3] float32: (lm3d - center) * standard_scale.
+    """Normalised keypoints [..., 5, 3] float64: (lm3d - center) * standard_scale.
 
     ``center=None`` centres each image on its own landmark mean; pass ``standard_center`` to
     subtract the dataset-wide centre instead.
     """
     lm = np.asarray(landmarks_3d, dtype=np.float64)
     ctr = lm.mean(axis=-2, keepdims=True) if center is None else np.asarray(center, np.float64)
-    return ((lm - ctr) * float(standard_scale)).astype(np.float32)
+    return (lm - ctr) * float(standard_scale)

@@ -1,0 +1,277 @@
+"""Shard preparation: content, CLI, cache reuse, and no partial output on any error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from controlnet_ray import prepare
+from controlnet_ray.config import DataConfig
+from controlnet_ray.data import shards
+from controlnet_ray.data.align import align_face
+from controlnet_ray.data.layout import DataError
+from controlnet_ray.data.pairs import split_persons
+from controlnet_ray.data.shards import (
+    ensure_shards,
+    fingerprint_source,
+    load_manifest,
+    prepare_shards,
+    read_shard_table,
+)
+from tests.datasets import DEFAULT_PERSONS, corrupt_jpeg, make_legacy_fixture
+
+SPLIT_OF = split_persons(DEFAULT_PERSONS)
+
+
+def _person_in(split: str) -> str:
+    return sorted(n for n, s in SPLIT_OF.items() if s == split)[0]
+
+
+@pytest.fixture
+def fx(tmp_path):
+    return make_legacy_fixture(tmp_path / "repo")
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Anything a failed run may have left beside ``out`` (temp or swapped-out dirs)."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists(), f"partial shard directory left at {out}"
+    assert _leftovers(out) == []
+
+
+# ------------------------------------------------------------------------------- content
+
+
+def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "_MIN_IMAGES_FOR_POOL", 0)  # exercise the process pool
+    out = tmp_path / "shards"
+    manifest = prepare_shards(fx.data_dir, out, num_workers=2)
+    assert _leftovers(out) == []
+    assert manifest.counts["total"] == {"persons": 5, "images": 25, "front": 5, "video": 20}
+    assert manifest.image_root == str(fx.repo_root.resolve())
+    assert manifest.fingerprint == fingerprint_source(fx.data_dir, fx.repo_root)
+    assert "yaw > 0 turns the nose" in manifest.conventions
+    assert manifest.pairs["per_split"]["val"] > 0 and manifest.pose_report["n_images"] == 25
+    assert load_manifest(out).to_dict() == manifest.to_dict()
+
+    table = read_shard_table(out)
+    assert table.schema.field("keypoints").type == pa.list_(pa.float32(), 15)
+    assert table.schema.field("frame_index").type == pa.int32()
+    assert table.schema.field("image").type == pa.binary()
+    rows = table.to_pylist()
+    assert [r["split"] for r in rows] == sorted((r["split"] for r in rows), key=shards.SPLITS.index)
+    kp = {"front": np.load(fx.data_dir / "front_keypoints.npy"), "video": None}
+    for r in rows:
+        assert r["split"] == SPLIT_OF[r["person_name"]]
+        crop = cv2.cvtColor(cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1), cv2.COLOR_BGR2RGB)
+        rel = r["image_path"].replace("\\", "/")
+        record = next(x for x in fx.fronts + fx.videos if x.image_relpath == rel)
+        source = np.asarray(Image.open(fx.image(rel)).convert("RGB"))
+        assert np.array_equal(crop, align_face(source, record.landmarks_2d, 112))
+        assert all(np.isfinite([r["yaw"], r["pitch"], r["roll"]]))
+        truth = fx.true_poses[rel]
+        assert abs(r["yaw"] - truth[0]) < 15, (rel, r["yaw"], truth)
+    front_rows = [r for r in rows if r["role"] == "front"]
+    by_path = {m["image_path"]: i for i, m in enumerate(fx.load_json("front")["metadata"])}
+    for r in front_rows:
+        assert r["frame_index"] == -1
+        np.testing.assert_allclose(
+            r["keypoints"], kp["front"][by_path[r["image_path"]]].ravel(), 1e-6
+        )
+    assert len(read_shard_table(out, split="val")) == manifest.counts["val"]["images"]
+
+
+def test_cli_accepts_the_original_docs_form(fx, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(fx.repo_root)
+    argv = ["--data_dir", "train/datas/file", "--image_dir", "train/datas/file"]
+    assert prepare.main([*argv, "--out", "shards", "--num_workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"image root: {fx.repo_root.resolve()}" in out and "done: 25 images" in out
+    assert load_manifest(fx.repo_root / "shards").counts["total"]["images"] == 25
+
+
+def test_shards_are_capped_in_rows(fx, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_ROWS_PER_SHARD", 4)
+    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    train = manifest.shards["train"]
+    assert train == [f"train-{i:05d}.parquet" for i in range(len(train))] and len(train) == 4
+    assert len(read_shard_table(tmp_path / "s", split="train")) == 15
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_jpeg_fails_and_keeps_the_previous_shards(fx, tmp_path):
+    out = tmp_path / "shards"
+    prepare_shards(fx.data_dir, out, num_workers=1)
+    before = (out / "manifest.json").read_bytes()
+    corrupt_jpeg(fx.image(fx.videos[5].image_relpath))
+    name = Path(fx.videos[5].image_relpath).name
+    with pytest.raises(DataError, match=rf"1 of 25 images are missing or unreadable.*{name}"):
+        prepare_shards(fx.data_dir, out, num_workers=1)
+    assert (out / "manifest.json").read_bytes() == before
+    assert _leftovers(out) == []
+    with pytest.raises(DataError, match="truncated"):
+        prepare_shards(fx.data_dir, tmp_path / "fresh", num_workers=1)
+    _assert_nothing_written(tmp_path / "fresh")
+
+
+def test_skip_bad_images_records_them(fx, tmp_path, capsys):
+    corrupt_jpeg(fx.image(fx.videos[1].image_relpath))
+    fx.image(fx.videos[6].image_relpath).unlink()
+    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, skip_bad_images=True)
+    assert manifest.skipped_count == 2 and manifest.counts["total"]["images"] == 23
+    reasons = sorted(s["reason"].split(":")[0] for s in manifest.skipped)
+    assert reasons == ["OSError", "missing"]
+    assert "skipped 2 bad images" in capsys.readouterr().out
+
+
+def _nan_keypoints(fx):
+    kp = np.load(fx.data_dir / "front_keypoints.npy")
+    kp[1, 0, 0] = np.nan
+    np.save(fx.data_dir / "front_keypoints.npy", kp)
+
+
+def _drop_keypoint_row(fx):
+    kp = np.load(fx.data_dir / "video_keypoints.npy")
+    np.save(fx.data_dir / "video_keypoints.npy", kp[1:])
+
+
+def _bad_landmark_shape(fx):
+    doc = fx.load_json("video")
+    doc["landmarks_2d"][7] = [[1.0, 2.0, 3.0]] * 5
+    fx.save_json("video", doc)
+
+
+def _escape(fx):
+    doc = fx.load_json("video")
+    doc["metadata"][3]["image_path"] = "..\\..\\etc\\passwd"
+    fx.save_json("video", doc)
+
+
+def _symlink_out(fx):
+    target = fx.image(fx.fronts[0].image_relpath)
+    outside = fx.repo_root.parent / "elsewhere.jpg"
+    outside.write_bytes(target.read_bytes())
+    target.unlink()
+    target.symlink_to(outside)
+
+
+def _missing(fx):
+    fx.image(fx.fronts[2].image_relpath).unlink()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (_nan_keypoints, r"front_keypoints\.npy: entry 1 \(person 'Anna Li'\).*non-finite"),
+        (_drop_keypoint_row, r"video_keypoints\.npy: 19 keypoint rows but video_metadata"),
+        (_bad_landmark_shape, r"video_metadata\.json: entry 7 .*field 'landmarks_2d'"),
+        (_escape, r"video_metadata\.json: entry 3 .*'\.\.\\\\\.\.\\\\etc\\\\passwd' escapes"),
+        (_symlink_out, r"张伟\.jpg.*outside the image root"),
+        (_missing, r"1 of 25 images are missing.*bob\.jpg"),
+    ],
+)
+def test_bad_input_is_named_and_leaves_nothing(fx, tmp_path, mutate, pattern):
+    mutate(fx)
+    out = tmp_path / "shards"
+    with pytest.raises(DataError, match=pattern):
+        prepare_shards(fx.data_dir, out, num_workers=1)
+    _assert_nothing_written(out)
+
+
+def test_person_without_video_is_reported(tmp_path, capsys):
+    lonely = _person_in("train")
+    fx = make_legacy_fixture(tmp_path / "repo", no_video=(lonely,))
+    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    assert manifest.persons_without_video == [lonely]
+    assert (
+        f"have no video frames (no front_to_video pairs): ['{lonely}']" in capsys.readouterr().err
+    )
+
+
+def test_split_without_pairs_is_an_error_naming_it(tmp_path):
+    fx = make_legacy_fixture(tmp_path / "repo", no_video=(_person_in("val"),))
+    with pytest.raises(DataError, match=r"split 'val' has no front_to_video pairs"):
+        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    _assert_nothing_written(tmp_path / "s")
+    # "any" pairs front photos too, but a lone photo has no partner either
+    with pytest.raises(DataError, match=r"split 'val' has no any pairs"):
+        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, pair_mode="any")
+
+
+def test_empty_split_is_an_error(tmp_path):
+    fx = make_legacy_fixture(tmp_path / "repo", persons=("solo",))
+    with pytest.raises(DataError, match=r"split '(val|test|train)' has no front_to_video pairs"):
+        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    _assert_nothing_written(tmp_path / "s")
+
+
+def test_error_while_writing_removes_the_temp_dir(fx, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    prepare_shards(fx.data_dir, out, num_workers=1)
+    before = sorted(p.name for p in out.iterdir())
+
+    def disk_full(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shards._ShardWriter, "flush", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_shards(fx.data_dir, out, num_workers=1)
+    assert sorted(p.name for p in out.iterdir()) == before and _leftovers(out) == []
+
+
+def test_refuses_to_replace_a_foreign_directory(fx, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a shard directory"):
+        prepare_shards(fx.data_dir, out, num_workers=1)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------- cache
+
+
+def test_ensure_shards_prepares_then_reuses(fx, tmp_path, capsys):
+    cfg = DataConfig(data_dir=str(fx.data_dir), cache_dir=str(tmp_path / "cache"), num_workers=1)
+    first = ensure_shards(cfg)
+    assert "preparing shards at" in capsys.readouterr().out
+    assert first.parent == tmp_path / "cache" / "shards" and first.name.split("-")[1] == "112"
+    assert ensure_shards(cfg) == first
+    assert f"reusing shards at {first}" in capsys.readouterr().out
+
+    image = fx.image(fx.videos[0].image_relpath)
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = ensure_shards(cfg)
+    assert second != first and "preparing shards at" in capsys.readouterr().out
+
+    cfg.split_ratios = (0.6, 0.2, 0.2)
+    assert ensure_shards(cfg).name.split("-")[2] != second.name.split("-")[2]
+
+
+def test_ensure_shards_rechecks_skipped_images_and_pairs(fx, tmp_path):
+    corrupt_jpeg(fx.image(fx.videos[3].image_relpath))
+    cfg = DataConfig(
+        data_dir=str(fx.data_dir),
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=1,
+        skip_bad_images=True,
+    )
+    ensure_shards(cfg)
+    cfg.skip_bad_images = False
+    with pytest.raises(DataError, match="1 of 25 images are missing or unreadable"):
+        ensure_shards(cfg)
+    cfg.skip_bad_images, cfg.min_pose_distance, cfg.max_pose_distance = True, 89.0, 90.0
+    with pytest.raises(DataError, match="has no front_to_video pairs"):
+        ensure_shards(cfg)
