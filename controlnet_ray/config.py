@@ -43,8 +43,8 @@ class DataConfig:
     cache_dir: str | None = (
         None  # shards and the synthetic dataset; default ~/.cache/controlnet_ray
     )
-    synthetic_identities: int = 24
-    synthetic_frames: int = 24
+    synthetic_identities: int = 40
+    synthetic_frames: int = 16
     synthetic_seed: int = 0
 
     def resolved_cache_dir(self) -> Path:

@@ -92,6 +92,8 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

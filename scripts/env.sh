@@ -16,7 +16,7 @@ echo "installing into $VENV (first run takes a few minutes: torch is 5.5 GB)" >&
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first: these exact versions come from local wheels on the project's machines.
 "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$VENV/bin/python" -m pip install -q -e "$ROOT[cpu,dev]"
+"$VENV/bin/python" -m pip install -q -e "$ROOT[cpu,dev,faces]"
 # insightface's declared needs (opencv-python GUI build, onnxruntime) would clash with
 # opencv-python-headless and onnxruntime-gpu: install it alone; its real needs are above.
 "$VENV/bin/python" -m pip install -q --no-deps insightface==2.1

@@ -20,9 +20,21 @@ from controlnet_ray.data.synthetic import (
     identity_rngs,
     make_identity,
     person_name,
+    render_face,
     render_view,
     video_views,
 )
+
+# One face at each signed axis: the picture of the pose convention in the README.
+CONVENTION_POSES = [
+    (0, 0, 0),
+    (40, 0, 0),
+    (-40, 0, 0),
+    (0, 20, 0),
+    (0, -20, 0),
+    (0, 0, 15),
+    (0, 0, -15),
+]
 
 LABEL_PX = 14
 LANDMARK_COLORS = [(255, 0, 0), (0, 160, 255), (0, 220, 0), (255, 0, 255), (255, 220, 0)]
@@ -59,7 +71,20 @@ def _row(index: int, args: argparse.Namespace) -> np.ndarray:
     return row
 
 
+def convention_row(args: argparse.Namespace) -> np.ndarray:
+    """One identity at +/- yaw, pitch and roll, landmarks drawn: what each sign means."""
+    ident = make_identity(identity_rngs(args.seed, 0)[0])
+    tiles = []
+    for yaw, pitch, roll in CONVENTION_POSES:
+        rgb, lm, _ = render_face(ident, yaw, pitch, roll, image_px=args.image_px)
+        tiles.append(_tile(rgb, f"yaw{yaw:+d} pitch{pitch:+d} roll{roll:+d}", lm))
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+
+
 def build_sheet(args: argparse.Namespace) -> np.ndarray:
+    if args.convention:
+        return convention_row(args)
     rows = [_row(i, args) for i in range(args.identities)]
     gap = np.full((6, rows[0].shape[1], 3), 255, dtype=np.uint8)
     return np.concatenate([r for row in rows for r in (row, gap)][:-1], axis=0)
@@ -73,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_px", type=int, default=160)
     p.add_argument("--landmarks", action="store_true", help="draw the 5 recorded landmarks")
+    p.add_argument(
+        "--convention",
+        action="store_true",
+        help="one face at +/- yaw, pitch, roll: the pose convention's picture",
+    )
     return p.parse_args(argv)
 
 
@@ -82,11 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     sheet = build_sheet(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), sheet[..., ::-1])
-    names = ", ".join(person_name(i, args.identities) for i in range(args.identities))
-    print(
-        f"wrote {args.out} ({args.identities} identities: {names}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    count = 1 if args.convention else args.identities
+    names = ", ".join(person_name(i, args.identities) for i in range(count))
+    print(f"wrote {args.out} ({count} identities: {names}) in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
