@@ -1,0 +1,123 @@
+"""Steady-state samples/s of the full Ray path against the engine's plain loop, same data.
+
+Three measurements in one process, on the embedded dataset's shards:
+  plain  the engine's ``train_micro_batch`` over pre-decoded batches, 1 torch thread
+         (compute only: an upper bound for any data path);
+  ray-1  ``python -m controlnet_ray.train``'s path: TorchTrainer, Ray Data streaming decode,
+         1 worker with 1 torch thread;
+  ray-2  the same with 2 DDP workers (gloo), 1 torch thread each.
+Prints the rates and the ratios ray-1 / plain (target >= 0.9) and ray-2 / ray-1 (target >= 1.7).
+Steady state = the best epoch after the first (which pays for worker start-up).
+
+    python benchmarks/ray_overhead.py [--epochs 4] [--batch_size 16] [--image_size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from controlnet_ray.config import TrainConfig
+from controlnet_ray.data.pipeline import decode_pairs, pair_group, pair_kwargs, shard_files
+from controlnet_ray.data.shards import read_shard_table
+from controlnet_ray.engine import TrainEngine, build_optimizer, build_scheduler, resolve_amp
+from controlnet_ray.launcher import resolve_shards, run_training
+from controlnet_ray.model import apply_freezing, build_model
+
+
+def plain_batches(shards: Path, cfg: TrainConfig, limit: int) -> list[dict[str, torch.Tensor]]:
+    """Pre-decoded training batches, so the plain loop measures the engine alone."""
+    table = read_shard_table(shards, split="train").to_pandas()
+    pairs = [pair_group(g, **pair_kwargs(cfg.data)) for _, g in table.groupby("person_name")]
+    rows = {
+        k: [v for p in pairs for v in p[k]]
+        for k in ("source", "target", "source_pose", "target_pose")
+    }
+    bs = cfg.data.batch_size
+    out = []
+    for i in range(0, min(len(rows["source"]), limit * bs) - bs + 1, bs):
+        chunk = {k: v[i : i + bs] for k, v in rows.items()}
+        decoded = decode_pairs(chunk, flip=True)
+        out.append({k: torch.from_numpy(v) for k, v in decoded.items()})
+    return out
+
+
+def plain_rate(cfg: TrainConfig, batches: list[dict[str, torch.Tensor]], rounds: int) -> float:
+    torch.set_num_threads(1)
+    model = build_model(cfg.model)
+    apply_freezing(model, cfg.model)
+    device = torch.device("cpu")
+    opt = build_optimizer(model, cfg.optim)
+    engine = TrainEngine(
+        model,
+        opt,
+        build_scheduler(opt, cfg.optim, len(batches)),
+        cfg.optim,
+        device,
+        resolve_amp(False, device),
+    )
+    best = 0.0
+    for _ in range(rounds):
+        t0, n = time.perf_counter(), 0
+        for b in batches:
+            n += engine.train_micro_batch(b).batch_size
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def ray_rate(cfg: TrainConfig, workers: int, root: Path) -> float:
+    run_cfg = dataclasses.replace(
+        cfg,
+        output=dataclasses.replace(
+            cfg.output, save_dir=str(root / f"w{workers}"), log_dir=str(root / f"w{workers}_logs")
+        ),
+        ray=dataclasses.replace(cfg.ray, num_ray_workers=workers, run_name=f"overhead_w{workers}"),
+    )
+    run_training(run_cfg)
+    history = json.loads((root / f"w{workers}" / "training_history.json").read_text())
+    rates = [h["samples_per_sec"] for h in history["train"][1:]]
+    return max(rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--image_size", type=int, default=112)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    cfg = TrainConfig()
+    cfg.data.batch_size = args.batch_size
+    cfg.data.image_size = cfg.model.image_size = args.image_size
+    cfg.optim.epochs = args.epochs
+    cfg.output.save_interval = args.epochs
+    shards = resolve_shards(cfg)
+    batches = plain_batches(shards, cfg, limit=20)
+    plain = plain_rate(cfg, batches, rounds=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        ray1 = ray_rate(cfg, 1, Path(tmp))
+        ray2 = ray_rate(cfg, 2, Path(tmp))
+    print(
+        f"\n{os.cpu_count()} CPUs, batch {args.batch_size}, {args.image_size} px, "
+        f"{len(shard_files(shards, 'train'))} train shard(s)"
+    )
+    print(f"plain engine loop (1 thread)  : {plain:7.1f} samples/s")
+    print(
+        f"Ray path, 1 worker (1 thread) : {ray1:7.1f} samples/s   ratio to plain {ray1 / plain:.2f}"
+        " (target >= 0.9)"
+    )
+    print(
+        f"Ray path, 2 workers (1 each)  : {ray2:7.1f} samples/s   ratio to 1 worker "
+        f"{ray2 / ray1:.2f} (target >= 1.7)"
+    )
+
+
+if __name__ == "__main__":
+    main()
