@@ -1,0 +1,381 @@
+"""ImageControlNet: image encoder + U-Net generator + pose control branch + pose head.
+
+* ``encoder`` turns the source face into feature maps at strides 1..16 and a global identity code.
+* ``generator`` is a U-Net style decoder (coarsest scale first) that reads those maps as skips, so
+  details of the source survive; it never sees poses itself.
+* ``control`` is the ControlNet-style branch: it sees the encoder's maps and the source/target
+  poses and injects FiLM scale/shift plus an additive feature map into the first
+  ``num_control_layers`` decoder scales through zero-initialised projections, so an untrained
+  branch leaves the generator's output exactly unchanged while gradients still reach it.
+* ``pose_head`` regresses (yaw, pitch, roll) / ``POSE_SCALE_DEG`` from an image.
+* An optional frozen ArcFace iresnet scores identity (cosine of embeddings); it is kept out of
+  ``parameters()`` and ``state_dict()`` so optimisers and checkpoints do not depend on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from controlnet_ray.config import ModelConfig
+from controlnet_ray.model.encoders import (
+    EncoderFeatures,
+    ImageEncoder,
+    build_encoder,
+    conv_act,
+    resolve_encoder,
+)
+from controlnet_ray.model.iresnet import IResNet, load_iresnet
+
+POSE_SCALE_DEG = 90.0
+NUM_SCALES = 5  # decoder levels at strides 16, 8, 4, 2, 1
+POSE_FEATURES = 21  # sin/cos of source, target and difference (18) + difference / 90 deg (3)
+
+
+@dataclass
+class ModelOutput:
+    """What ``ImageControlNet.forward`` returns (see docs/CONTRACTS.md)."""
+
+    image: torch.Tensor
+    pose_pred: torch.Tensor
+    pose_pred_real: torch.Tensor | None = None
+    identity_cos: torch.Tensor | None = None
+
+
+@dataclass
+class Injection:
+    """One control injection: ``h * (1 + scale) + shift + residual`` at one decoder scale."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    residual: torch.Tensor
+
+
+def decoder_channels(base_channels: int) -> tuple[int, ...]:
+    """Channels of the decoder's tensors, coarsest (stride 16) first.
+
+    The last, full-resolution level is held space-to-depth: ``4 k`` channels at stride 2 stand
+    for ``k = max(c / 4, 8)`` channels at stride 1.  Convolutions over a handful of channels at
+    full resolution run several times slower per FLOP on CPUs than the same work folded into
+    channels, and a 3x3 conv in this form covers a 6x6 full-resolution window.
+    """
+    c = base_channels
+    return (4 * c, 4 * c, 2 * c, c, 4 * max(c // 4, 8))
+
+
+def decoder_view(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Encoder maps (finest first) as the decoder consumes them: coarsest first, the
+    full-resolution one space-to-depth (see ``decoder_channels``)."""
+    coarse_first = maps[::-1]
+    return [*coarse_first[:-1], F.pixel_unshuffle(coarse_first[-1], 2)]
+
+
+def decoder_view_channels(map_channels: tuple[int, ...]) -> tuple[int, ...]:
+    coarse_first = tuple(reversed(map_channels))
+    return (*coarse_first[:-1], 4 * coarse_first[-1])
+
+
+def encode_poses(source_pose: torch.Tensor, target_pose: torch.Tensor) -> torch.Tensor:
+    """Degrees -> [B, 21]: sin/cos of source, target and target-source, plus the raw difference."""
+    src, tgt = torch.deg2rad(source_pose), torch.deg2rad(target_pose)
+    diff = tgt - src
+    parts = [
+        torch.sin(src),
+        torch.cos(src),
+        torch.sin(tgt),
+        torch.cos(tgt),
+        torch.sin(diff),
+        torch.cos(diff),
+        diff / math.radians(POSE_SCALE_DEG),
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def _zero(module: nn.Conv2d | nn.Linear) -> nn.Module:
+    nn.init.zeros_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
+class Generator(nn.Module):
+    """U-Net decoder: stride-16 bottleneck (+ identity code) up to full resolution, tanh out.
+
+    Each level adds a 1x1 projection of the encoder map of its scale (the skip) to the
+    upsampled coarser level, then applies a 3x3 conv; upsampling is sub-pixel (1x1 conv at the
+    coarse scale + PixelShuffle).  It never sees poses: those arrive only as control injections.
+    """
+
+    def __init__(
+        self, map_channels: tuple[int, ...], channels: tuple[int, ...], feature_dim: int
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        skips = decoder_view_channels(map_channels)
+        self.skip = nn.ModuleList(nn.Conv2d(s, c, 1) for s, c in zip(skips, channels, strict=True))
+        self.code = nn.Linear(feature_dim, channels[0])
+        ups: list[nn.Module] = [
+            nn.Sequential(nn.Conv2d(channels[i - 1], 4 * channels[i], 1), nn.PixelShuffle(2))
+            for i in range(1, NUM_SCALES - 1)
+        ]
+        ups.append(nn.Conv2d(channels[-2], channels[-1], 1))  # already stride-2 space-to-depth
+        self.up = nn.ModuleList(ups)
+        self.blocks = nn.ModuleList(conv_act(c, c) for c in channels)
+        self.to_rgb = nn.Sequential(nn.Conv2d(channels[-1], 12, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(
+        self, feats: EncoderFeatures, injections: list[Injection] | None = None
+    ) -> torch.Tensor:
+        maps = decoder_view(feats.maps)
+        h = self.skip[0](maps[0]) + self.code(feats.code)[:, :, None, None]
+        for level in range(NUM_SCALES):
+            if level:
+                h = self.up[level - 1](h) + self.skip[level](maps[level])
+            h = self.blocks[level](F.leaky_relu(h, 0.2))
+            if injections is not None and level < len(injections):
+                inj = injections[level]
+                h = h * (1 + inj.scale[:, :, None, None]) + inj.shift[:, :, None, None]
+                h = h + inj.residual
+        return torch.tanh(self.to_rgb(h))
+
+
+class ControlBranch(nn.Module):
+    """Pose-conditioned branch producing injections for the coarsest ``num_layers`` scales.
+
+    Only the final projections (``zero_maps``, ``zero_films``) start at zero, as in ControlNet,
+    so gradients reach them from step one and the rest of the branch learns afterwards.
+    """
+
+    def __init__(
+        self,
+        map_channels: tuple[int, ...],
+        dec_channels: tuple[int, ...],
+        num_layers: int,
+        hidden: int,
+    ) -> None:
+        super().__init__()
+        if not 1 <= num_layers <= NUM_SCALES:
+            raise ValueError(f"ModelConfig.num_control_layers must be in 1..5, got {num_layers}")
+        skips = decoder_view_channels(map_channels)[:num_layers]
+        widths = [max(d // 2, 16) for d in dec_channels[:num_layers]]
+        self.pose_mlp = nn.Sequential(
+            nn.Linear(POSE_FEATURES, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.map_in = nn.ModuleList(nn.Conv2d(s, w, 1) for s, w in zip(skips, widths, strict=True))
+        self.pose_in = nn.ModuleList(nn.Linear(hidden, w) for w in widths)
+        self.body = nn.ModuleList(conv_act(w, w) for w in widths)
+        self.zero_maps = nn.ModuleList(
+            _zero(nn.Conv2d(w, d, 1))
+            for w, d in zip(widths, dec_channels[:num_layers], strict=True)
+        )
+        self.zero_films = nn.ModuleList(
+            _zero(nn.Linear(hidden, 2 * d)) for d in dec_channels[:num_layers]
+        )
+
+    def forward(
+        self, feats: EncoderFeatures, source_pose: torch.Tensor, target_pose: torch.Tensor
+    ) -> list[Injection]:
+        pose = self.pose_mlp(encode_poses(source_pose, target_pose))
+        maps = decoder_view(feats.maps)
+        out = []
+        for i, body in enumerate(self.body):
+            x = self.map_in[i](maps[i]) + self.pose_in[i](pose)[:, :, None, None]
+            x = body(F.leaky_relu(x, 0.2))
+            scale, shift = self.zero_films[i](pose).chunk(2, dim=1)
+            out.append(Injection(scale, shift, self.zero_maps[i](x)))
+        return out
+
+
+class PoseHead(nn.Module):
+    """Small CNN: image in [-1, 1] -> (yaw, pitch, roll) / POSE_SCALE_DEG. No BatchNorm, so
+    running it on generated images cannot disturb any statistics."""
+
+    def __init__(self, base_channels: int) -> None:
+        super().__init__()
+        c = base_channels
+        self.features = nn.Sequential(
+            conv_act(3, max(c // 2, 8), 2),
+            conv_act(max(c // 2, 8), c, 2),
+            conv_act(c, 2 * c, 2),
+            conv_act(2 * c, 4 * c, 2),
+            conv_act(4 * c, 4 * c),
+        )
+        self.head = nn.Sequential(nn.Linear(4 * c, 4 * c), nn.SiLU(), nn.Linear(4 * c, 3))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image).mean(dim=(2, 3)))
+
+
+class ImageControlNet(nn.Module):
+    """Generates the source face at the target pose; see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, identity_weights: str | None = None) -> None:
+        super().__init__()
+        self.image_size = cfg.image_size
+        self.encoder: ImageEncoder = build_encoder(cfg)
+        dec = decoder_channels(cfg.base_channels)
+        self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim)
+        self.control = ControlBranch(
+            self.encoder.map_channels, dec, cfg.num_control_layers, hidden=4 * cfg.base_channels
+        )
+        self.pose_head = PoseHead(cfg.base_channels)
+        # Plain attribute, not a submodule: frozen, outside parameters()/state_dict().
+        self.__dict__["identity_net"] = _load_identity(identity_weights)
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> ImageControlNet:
+        """Move/cast the hidden identity network together with the model (.to, .cuda, ...)."""
+        super()._apply(fn, recurse)
+        if self.identity_net is not None:
+            self.identity_net._apply(fn)
+        return self
+
+    def generate(
+        self,
+        source: torch.Tensor,
+        source_pose: torch.Tensor,
+        target_pose: torch.Tensor,
+        use_control: bool = True,
+    ) -> torch.Tensor:
+        """The generated image only; ``use_control=False`` runs the bare generator."""
+        _check_inputs(source, source_pose, target_pose)
+        feats = self.encoder(source)
+        injections = self.control(feats, source_pose, target_pose) if use_control else None
+        return self.generator(feats, injections)
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        source_pose: torch.Tensor,
+        target_pose: torch.Tensor,
+        target: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        image = self.generate(source, source_pose, target_pose)
+        # Pose head with detached parameters: the pose loss on generated images moves only the
+        # generator side.  Done inside forward so DDP sees one ordinary graph.
+        params = {k: v.detach() for k, v in self.pose_head.named_parameters()}
+        pose_pred = functional_call(self.pose_head, params, (image,))
+        pose_pred_real = self.pose_head(target) if target is not None else None
+        return ModelOutput(image, pose_pred, pose_pred_real, self._identity_cos(image, target))
+
+    def _identity_cos(
+        self,
+        image: torch.Tensor,
+        target: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        net = self.identity_net
+        if net is None or target is None:
+            return None
+        with torch.no_grad():
+            ref = net(_resize(target, net.input_size))
+        emb = net(_resize(image, net.input_size))
+        return F.cosine_similarity(emb.float(), ref.float(), dim=1)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size
+    )
+
+
+def _check_inputs(
+    source: torch.Tensor, source_pose: torch.Tensor, target_pose: torch.Tensor
+) -> None:
+    if source.dim() != 4 or source.shape[1] != 3 or source.shape[-1] % 16 or source.shape[-2] % 16:
+        raise ValueError(
+            f"source must be [B, 3, H, W] with H, W multiples of 16, got {tuple(source.shape)}"
+        )
+    for name, pose in (("source_pose", source_pose), ("target_pose", target_pose)):
+        if tuple(pose.shape) != (source.shape[0], 3):
+            raise ValueError(f"{name} must be [B, 3] degrees, got {tuple(pose.shape)}")
+
+
+def _load_identity(path: str | None) -> IResNet | None:
+    """Frozen, eval-mode ArcFace for the identity metric/loss, or None."""
+    if path is None:
+        return None
+    net = load_iresnet(path)
+    net.requires_grad_(False)
+    return net.eval()
+
+
+def build_model(cfg: ModelConfig, identity_weights: str | None = None) -> ImageControlNet:
+    """The model for ``cfg`` with freezing applied (prints nothing)."""
+    model = ImageControlNet(cfg, identity_weights)
+    apply_freezing(model, cfg)
+    return model
+
+
+def apply_freezing(model: ImageControlNet, cfg: ModelConfig) -> None:
+    """Set requires_grad from cfg: freeze_generator -> model.generator; freeze_backbone ->
+    the encoder's pretrained backbone (and its BatchNorm statistics)."""
+    for part in (model.encoder, model.generator, model.control, model.pose_head):
+        part.requires_grad_(True)
+    model.encoder.set_backbone_frozen(cfg.freeze_backbone)
+    if cfg.freeze_generator:
+        model.generator.requires_grad_(False)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the optimiser should receive."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_signature(cfg: ModelConfig) -> dict[str, object]:
+    """Architecture facts a checkpoint must agree on (used to name mismatches)."""
+    kind, _ = resolve_encoder(cfg)
+    return {
+        "encoder": kind,
+        "iresnet_depth": cfg.iresnet_depth if kind == "iresnet" else None,
+        "feature_dim": cfg.feature_dim,
+        "num_control_layers": cfg.num_control_layers,
+        "image_size": cfg.image_size,
+        "base_channels": cfg.base_channels,
+    }
+
+
+def flops_per_sample(model: ImageControlNet, image_size: int) -> float:
+    """Forward FLOPs (2 x MACs of Conv2d/ConvTranspose2d/Linear) for one sample with a target,
+    counted with forward hooks on a batch of one; for MFU estimates."""
+    macs = [0]
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.ConvTranspose2d):
+            k = module.out_channels // module.groups * math.prod(module.kernel_size)
+            macs[0] += inputs[0].numel() * k
+        elif isinstance(module, nn.Conv2d):
+            k = module.in_channels // module.groups * math.prod(module.kernel_size)
+            macs[0] += output.numel() * k
+        elif isinstance(module, nn.Linear):
+            macs[0] += output.numel() * module.in_features
+
+    modules = list(model.modules())
+    if model.identity_net is not None:
+        modules += list(model.identity_net.modules())
+    handles = [
+        m.register_forward_hook(hook)
+        for m in modules
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    pose = torch.zeros(1, 3, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x, pose, pose, target=x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return 2.0 * macs[0]

@@ -1,0 +1,736 @@
+"""``python -m controlnet_ray.tune``: a Ray Tune sweep over loss type, pose-loss weight and lr.
+
+Ray 2.60 runs Train v2, where a ``TorchTrainer`` can no longer be handed to ``Tuner``: each
+trial is a small function that builds the run's ``TorchTrainer`` from the launcher's pieces
+and forwards its reports to Tune through ``TuneReportCallback``.
+
+Resources: Tune places each trial function in a placement group that *captures* the tasks
+started beneath it, and Ray Data is inconsistent there (measured with Ray 2.60: its shuffle
+tasks are captured and "cannot fit into any bundles" of a fractional-CPU trial, while its
+file-listing tasks are not and wait for a CPU outside the group). So the pair datasets are
+built once on the driver, outside any group, and handed to every trial; the only Ray Data work
+left inside a trial is the per-epoch decode, whose small tasks Ray Data schedules outside the
+group on the CPU kept free for it (without a free CPU Ray Data waits forever). The trial
+function holds a fraction of a CPU (a trial with zero CPUs fails at start) and the trainer's
+workers hold their own placement group, as in a plain training run.
+
+Every trial gets a stable Ray Train run name (its Tune trial id) and its own save/log dirs, so
+re-running the same command restores the sweep with ``Tuner.restore`` and each unfinished trial
+continues from its last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
+from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+
+TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
+DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
+METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
+TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
+RESULTS_STEM = "sweep_results"
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass
+class SweepOptions:
+    """The search space and how the sweep is run (everything that is not a training flag)."""
+
+    sweep_name: str = "controlnet_sweep"
+    loss_types: tuple[str, ...] = ("mse", "l1", "combined")
+    pose_loss_weights: tuple[float, ...] = (0.01, 0.1, 0.5)
+    lrs: tuple[float, ...] | None = None  # None: the training flag --lr for every trial
+    num_samples: int = 1  # repeats of every grid point, seeds --seed + 0..num_samples-1
+    max_concurrent_trials: int | None = None  # None: as many as the CPUs/GPUs allow
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def grid_size(self) -> int:
+        lrs = len(self.lrs) if self.lrs else 1
+        return len(self.loss_types) * len(self.pose_loss_weights) * lrs * self.num_samples
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """The training parser plus a "sweep" group, so every training flag works unchanged."""
+    p = build_parser(prog="python -m controlnet_ray.tune")
+    p.description = (
+        "Ray Tune sweep of ImageControlNet training runs (ASHA on val PSNR by default). "
+        "Takes every training flag of python -m controlnet_ray.train; --epochs is the "
+        "longest a trial may run. Re-running the same command resumes the sweep."
+    )
+    d = SweepOptions()
+    g = p.add_argument_group("sweep")
+    g.add_argument("--sweep_name", default=d.sweep_name, help="Tune experiment name")
+    g.add_argument(
+        "--loss_types", nargs="+", default=list(d.loss_types), metavar="LOSS",
+        help=f"values of --loss_type to try, from {{{','.join(LOSS_TYPES)}}}",
+    )  # fmt: skip
+    g.add_argument(
+        "--pose_loss_weights", nargs="+", type=float, default=list(d.pose_loss_weights),
+        metavar="W", help="values of --pose_loss_weight to try",
+    )  # fmt: skip
+    g.add_argument(
+        "--lrs", nargs="+", type=float, default=None, metavar="LR",
+        help="values of --lr to try (default: --lr only)",
+    )  # fmt: skip
+    g.add_argument(
+        "--num_samples", type=int, default=d.num_samples,
+        help="repeats of every grid point, with seeds --seed + 0..N-1",
+    )  # fmt: skip
+    g.add_argument(
+        "--max_concurrent_trials", type=int, default=None,
+        help="trials running at once (default: as many as the CPUs/GPUs hold; 1 on 2 cores)",
+    )  # fmt: skip
+    g.add_argument("--scheduler", default=d.scheduler, help=f"one of {{{','.join(SCHEDULERS)}}}")
+    g.add_argument(
+        "--grace_period", type=int, default=d.grace_period,
+        help="ASHA: epochs every trial runs before it may be stopped",
+    )  # fmt: skip
+    g.add_argument(
+        "--reduction_factor", type=float, default=d.reduction_factor,
+        help="ASHA: keep the best 1/factor of the trials at every rung",
+    )  # fmt: skip
+    return p
+
+
+def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, SweepOptions]:
+    """Parse and validate; exits with status 2 and a message naming the flag on bad input."""
+    parser = build_sweep_parser()
+    ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    opts = SweepOptions(
+        sweep_name=ns.sweep_name,
+        loss_types=tuple(ns.loss_types),
+        pose_loss_weights=tuple(ns.pose_loss_weights),
+        lrs=tuple(ns.lrs) if ns.lrs else None,
+        num_samples=ns.num_samples,
+        max_concurrent_trials=ns.max_concurrent_trials,
+        scheduler=ns.scheduler,
+        grace_period=ns.grace_period,
+        reduction_factor=ns.reduction_factor,
+    )
+    try:
+        cfg = namespace_to_config(ns).validate()
+        validate_sweep(cfg, opts)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return cfg, opts
+
+
+def validate_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
+    """Check every swept value through TrainConfig's own validation, naming the sweep flag."""
+    name = opts.sweep_name
+    if not name or any(not (c.isalnum() or c in "-_.") for c in name):
+        raise ConfigError(f"--sweep_name must be letters, digits, '-', '_' or '.', got {name!r}")
+    for flag, values, field in (
+        ("--loss_types", opts.loss_types, "loss_type"),
+        ("--pose_loss_weights", opts.pose_loss_weights, "pose_loss_weight"),
+        ("--lrs", opts.lrs or (), "lr"),
+    ):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{flag} has duplicates: {list(values)}")
+        for v in values:
+            trial = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **{field: v}))
+            try:
+                trial.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+    if opts.num_samples < 1:
+        raise ConfigError(f"--num_samples must be >= 1, got {opts.num_samples}")
+    if opts.max_concurrent_trials is not None and opts.max_concurrent_trials < 1:
+        raise ConfigError(f"--max_concurrent_trials must be >= 1, got {opts.max_concurrent_trials}")
+    if opts.scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {{asha,none}}, got {opts.scheduler!r}")
+    if not 1 <= opts.grace_period <= cfg.optim.epochs:
+        raise ConfigError(
+            f"--grace_period must be in 1..--epochs ({cfg.optim.epochs}), got {opts.grace_period}"
+        )
+    if not opts.reduction_factor > 1:
+        raise ConfigError(f"--reduction_factor must be > 1, got {opts.reduction_factor}")
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass
+class SweepPlan:
+    """CPUs of one trial (function + trainer workers), trials at once, and Ray's CPU count."""
+
+    concurrency: int
+    trial_cpus: float
+    cpus_per_worker: float
+    torch_threads: int
+    ray_num_cpus: int | None  # a local Ray's logical CPUs; None: use the cluster as is
+
+    def describe(self, cfg: TrainConfig) -> str:
+        n = cfg.ray.num_ray_workers
+        gpu = " + 1 GPU" if cfg.ray.use_gpu else ""
+        return (
+            f"{self.concurrency} trial(s) at once, each {self.trial_cpus:g} CPU (trial) + "
+            f"{n} worker(s) x {self.cpus_per_worker:g} CPU{gpu}; {DATA_CPUS:g} CPU kept for Ray "
+            f"Data; {self.torch_threads} torch thread(s) per worker"
+        )
+
+
+def default_concurrency(cfg: TrainConfig, cpus: float, gpus: float) -> int:
+    """Trials that fit with one whole CPU per worker (a GPU each with --use_gpu); at least 1."""
+    n = cfg.ray.num_ray_workers
+    per_trial = TRIAL_CPUS + n * (cfg.ray.cpus_per_worker or 1.0)
+    fit = int((cpus - DATA_CPUS) // per_trial)
+    if cfg.ray.use_gpu:
+        fit = min(fit, int(gpus // n))
+    return max(1, fit)
+
+
+def plan_sweep(
+    cfg: TrainConfig, opts: SweepOptions, cpus: float, gpus: float, local: bool
+) -> SweepPlan:
+    """Share ``cpus`` between concurrent trials so that Ray Data always keeps one CPU.
+
+    Workers get what is left of a trial's share, between 0.25 and 1 CPU each. Locally a
+    shortfall is covered by giving Ray more logical CPUs than cores (the launcher does the
+    same); on a cluster it is an error that names the flags to change.
+    """
+    n = cfg.ray.num_ray_workers
+    concurrency = opts.max_concurrent_trials or default_concurrency(cfg, cpus, gpus)
+    concurrency = min(concurrency, opts.grid_size())
+    budget = (cpus - DATA_CPUS) / concurrency - TRIAL_CPUS  # one trial's workers
+    cpw = cfg.ray.cpus_per_worker or min(1.0, max(0.25, budget / n))
+    needed = concurrency * (TRIAL_CPUS + n * cpw) + DATA_CPUS
+    if not local and needed > cpus + 1e-9:
+        raise ConfigError(
+            f"--max_concurrent_trials {concurrency} x ({TRIAL_CPUS:g} CPU per trial + "
+            f"--num_ray_workers {n} x {cpw:g} CPU) + {DATA_CPUS:g} CPU for Ray Data needs "
+            f"{needed:g} CPUs but the cluster has {cpus:g}: lower --max_concurrent_trials, "
+            "--num_ray_workers or --cpus_per_worker"
+        )
+    threads = 2 if cfg.ray.use_gpu else max(1, int(budget // n))
+    ray_cpus = max(int(cpus), math.ceil(needed - 1e-9)) if local else None
+    return SweepPlan(concurrency, TRIAL_CPUS, cpw, threads, ray_cpus)
+
+
+# --------------------------------------------------------------------------- the trials
+
+
+def param_space(opts: SweepOptions) -> dict[str, Any]:
+    """A full grid: every loss type x pose weight (x lr) x repeat is one trial."""
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "loss_type": tune.grid_search(list(opts.loss_types)),
+        "pose_loss_weight": tune.grid_search(list(opts.pose_loss_weights)),
+        "repeat": tune.grid_search(list(range(opts.num_samples))),
+    }
+    if opts.lrs:
+        space["lr"] = tune.grid_search(list(opts.lrs))
+    return space
+
+
+def sweep_dir(storage_path: str, sweep_name: str) -> str:
+    """The Tune experiment folder; a plain join keeps s3:// and gs:// URIs intact."""
+    return f"{storage_path.rstrip('/')}/{sweep_name}"
+
+
+def trial_config(
+    base: TrainConfig, params: dict[str, Any], sweep_name: str, trial_id: str
+) -> TrainConfig:
+    """One trial's config: the swept values, its own dirs and a stable Ray Train run name.
+
+    The run name is the Tune trial id, which ``Tuner.restore`` keeps, so a restored trial
+    finds its Ray Train run (``<storage>/<sweep>/train_runs/<trial_id>``) and continues it.
+    """
+    optim = dataclasses.replace(
+        base.optim,
+        loss_type=params["loss_type"],
+        pose_loss_weight=float(params["pose_loss_weight"]),
+        lr=float(params.get("lr", base.optim.lr)),
+    )
+    output = dataclasses.replace(
+        base.output,
+        save_dir=str(Path(base.output.save_dir) / sweep_name / trial_id),
+        log_dir=str(Path(base.output.log_dir) / sweep_name / trial_id),
+    )
+    ray_opts = dataclasses.replace(
+        base.ray,
+        run_name=trial_id,
+        storage_path=f"{sweep_dir(base.storage_path(), sweep_name)}/{TRAIN_RUNS_DIR}",
+        seed=base.ray.seed + int(params.get("repeat", 0)),
+        fresh=False,
+    )
+    return dataclasses.replace(base, optim=optim, output=output, ray=ray_opts)
+
+
+def run_trial(
+    params: dict[str, Any], *, base: dict, shards: str, pairs: Any, plan: dict, sweep_name: str
+) -> None:
+    """Tune trial function: build this trial's TorchTrainer and fit it (Train v2 pattern)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from controlnet_ray.launcher import ResourcePlan
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
+    print(
+        f"trial {trial_id}: loss_type={cfg.optim.loss_type} pose_loss_weight="
+        f"{cfg.optim.pose_loss_weight:g} lr={cfg.optim.lr:g} seed={cfg.ray.seed} -> "
+        f"{cfg.output.save_dir}",
+        flush=True,
+    )
+    resources = ResourcePlan(
+        ray_num_cpus=None,
+        cpus_per_worker=plan["cpus_per_worker"],
+        torch_threads=plan["torch_threads"],
+    )
+    trainer = build_trial_trainer(cfg, resources, Path(shards), pairs, TuneReportCallback())
+    trainer.fit()
+
+
+def build_trial_trainer(cfg: TrainConfig, resources: Any, shards: Path, pairs: Any, callback: Any):
+    """``launcher.build_trainer`` with the driver's pair datasets and Tune's report callback.
+
+    Uses the launcher's ``pairs=``/``callbacks=`` parameters when it has them; until then it
+    hands the prebuilt datasets over by standing in for ``build_pair_datasets`` (imported by
+    ``build_trainer`` at call time, in this trial's process only) and appends the callback to
+    the built trainer's RunConfig, which Train v2 reads again at ``fit()``.
+    """
+    import inspect
+
+    from controlnet_ray.data import pipeline
+    from controlnet_ray.launcher import build_trainer
+
+    accepted = inspect.signature(build_trainer).parameters
+    if "pairs" in accepted and "callbacks" in accepted:
+        return build_trainer(cfg, resources, shards, pairs=pairs, callbacks=[callback])
+    original = pipeline.build_pair_datasets
+    pipeline.build_pair_datasets = lambda *_args, **_kwargs: pairs
+    try:
+        trainer = build_trainer(cfg, resources, shards)
+    finally:
+        pipeline.build_pair_datasets = original
+    run_config = trainer.run_config
+    run_config.callbacks = [*(run_config.callbacks or []), callback]
+    return trainer
+
+
+def _trial_id(trial: Any) -> str:
+    return trial.trial_id
+
+
+def asha_state_file(cfg: TrainConfig, opts: SweepOptions) -> Path:
+    """Where ASHA's rungs are mirrored: beside the sweep's results, always a local path."""
+    return Path(cfg.output.save_dir) / opts.sweep_name / "asha_rungs.json"
+
+
+def make_scheduler(opts: SweepOptions, max_t: int, state_file: Path) -> Any:
+    """ASHA on the reported epoch (val PSNR, max), or None for ``--scheduler none``.
+
+    Tune 2.60 saves the searcher's state with the experiment but not the scheduler's, so a
+    plain ASHA restored by ``Tuner.restore`` starts with empty rungs and lets every later
+    trial through. This subclass mirrors its rung records to ``state_file`` after each result
+    and reads them back when ``Tuner.restore`` unpickles it. The class is built here, not at
+    module level, so that importing this module does not import Ray (cloudpickle stores it
+    by value in the Tuner's state).
+    """
+    if opts.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    class ResumableASHA(AsyncHyperBandScheduler):
+        def __init__(self, rungs_file: str, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.rungs_file = rungs_file
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            save_rungs(self._brackets, self.rungs_file)
+            return action
+
+        def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+            super().on_trial_complete(tune_controller, trial, result)
+            save_rungs(self._brackets, self.rungs_file)
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state)
+            load_rungs(self._brackets, self.rungs_file)
+
+    return ResumableASHA(
+        str(state_file),
+        time_attr=TIME_ATTR,
+        max_t=max_t,
+        grace_period=opts.grace_period,
+        reduction_factor=opts.reduction_factor,
+    )
+
+
+def save_rungs(brackets: Sequence[Any], path: str) -> None:
+    """Write each bracket's rungs as ``[[milestone, {trial_id: reward}], ...]`` atomically.
+
+    ``_rungs`` is ASHA's private bookkeeping (list of ``(milestone, recorded)``) in the pinned
+    Ray 2.60; :func:`load_rungs` checks the milestones before it trusts a file.
+    """
+    data = [[[m, dict(rec)] for m, rec in b._rungs] for b in brackets]
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, target)
+
+
+def load_rungs(brackets: Sequence[Any], path: str) -> int:
+    """Refill the rungs from :func:`save_rungs`' file; returns how many records came back."""
+    target = Path(path)
+    if not target.is_file():
+        return 0
+    data = json.loads(target.read_text())
+    restored = 0
+    for bracket, saved in zip(brackets, data, strict=False):
+        for (milestone, recorded), (saved_m, saved_rec) in zip(bracket._rungs, saved, strict=False):
+            if float(milestone) == float(saved_m):
+                recorded.update(saved_rec)
+                restored += len(saved_rec)
+    if restored:
+        print(f"ASHA: restored {restored} rung record(s) from {target}", flush=True)
+    return restored
+
+
+def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, shards: Path, pairs: Any):
+    """A new Tuner, or the interrupted sweep's when ``Tuner.can_restore`` finds it."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=cfg.to_dict(),
+            shards=str(shards),
+            pairs=pairs,
+            plan=dataclasses.asdict(plan),
+            sweep_name=opts.sweep_name,
+        ),
+        {"CPU": plan.trial_cpus},
+    )
+    path = sweep_dir(cfg.storage_path(), opts.sweep_name)
+    if tune.Tuner.can_restore(path):
+        print(
+            f"resuming sweep {opts.sweep_name} from {path}: finished trials are kept, "
+            "unfinished and errored ones continue from their last Ray Train checkpoint "
+            "(the search-space flags of the first run apply)",
+            flush=True,
+        )
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    state_file = asha_state_file(cfg, opts)
+    state_file.unlink(missing_ok=True)  # a new sweep starts with empty rungs
+    scheduler = make_scheduler(opts, cfg.optim.epochs, state_file)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(opts),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            scheduler=scheduler,
+            max_concurrent_trials=plan.concurrency,
+            trial_name_creator=_trial_id,
+            trial_dirname_creator=_trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=opts.sweep_name,
+            storage_path=cfg.storage_path(),
+            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+            verbose=1,
+        ),
+    )
+    return tuner
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class TrialSummary:
+    """One row of the ranked table."""
+
+    trial_id: str
+    loss_type: str
+    pose_loss_weight: float
+    lr: float
+    seed: int
+    best_val_psnr: float | None
+    best_epoch: int | None
+    epochs_run: int
+    stopped_early: bool
+    status: str  # "finished", "stopped early", "error", "not run"
+    checkpoint: str | None  # Ray Train checkpoint dir of the best epoch (state.pth inside)
+    save_dir: str
+    error: str | None = None
+
+
+def summarize_trial(
+    base: TrainConfig,
+    sweep_name: str,
+    trial_id: str,
+    params: dict[str, Any],
+    history: Iterable[dict[str, Any]],
+    error: str | None,
+) -> TrialSummary:
+    """Best epoch by val PSNR and whether the scheduler cut the trial short."""
+    cfg = trial_config(base, params, sweep_name, trial_id)
+    rows = [r for r in history if _finite(r.get(METRIC))]
+    best = max(rows, key=lambda r: float(r[METRIC]), default=None)
+    epochs_run = max((int(r[TIME_ATTR]) for r in rows if _finite(r.get(TIME_ATTR))), default=0)
+    stopped = error is None and 0 < epochs_run < cfg.optim.epochs
+    status = _status(error, bool(rows), stopped)
+    return TrialSummary(
+        trial_id=trial_id,
+        loss_type=cfg.optim.loss_type,
+        pose_loss_weight=cfg.optim.pose_loss_weight,
+        lr=cfg.optim.lr,
+        seed=cfg.ray.seed,
+        best_val_psnr=float(best[METRIC]) if best else None,
+        best_epoch=int(best[TIME_ATTR]) if best else None,
+        epochs_run=epochs_run,
+        stopped_early=stopped,
+        status=status,
+        checkpoint=(best.get("checkpoint_path") or None) if best else None,
+        save_dir=cfg.output.save_dir,
+        error=error,
+    )
+
+
+def _status(error: str | None, has_results: bool, stopped: bool) -> str:
+    if error:
+        return "error"
+    if not has_results:
+        return "not run"
+    return "stopped early" if stopped else "finished"
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def rank(rows: Iterable[TrialSummary]) -> list[TrialSummary]:
+    """Best val PSNR first; trials without a result last."""
+    return sorted(rows, key=lambda r: (r.best_val_psnr is None, -(r.best_val_psnr or 0.0)))
+
+
+def format_table(rows: Sequence[TrialSummary]) -> str:
+    """The ranked table printed at the end of the sweep."""
+    head = ["#", "trial", "loss_type", "pose_w", "lr", "best PSNR", "epochs", "stopped early?"]
+    lines = [[*head, "checkpoint"]]
+    for i, r in enumerate(rows, 1):
+        psnr = f"{r.best_val_psnr:.2f}" if r.best_val_psnr is not None else "-"
+        early = "yes" if r.stopped_early else ("error" if r.error else "no")
+        ckpt = r.checkpoint or "-"
+        lines.append(
+            [str(i), r.trial_id, r.loss_type, f"{r.pose_loss_weight:g}", f"{r.lr:g}", psnr,
+             str(r.epochs_run), early, ckpt]
+        )  # fmt: skip
+    widths = [max(len(line[c]) for line in lines) for c in range(len(head))]
+    out = io.StringIO()
+    for line in lines:
+        cells = [cell.ljust(w) for cell, w in zip(line, widths, strict=False)]
+        out.write("  ".join([*cells, line[-1]]).rstrip() + "\n")
+    return out.getvalue()
+
+
+def write_results(
+    rows: Sequence[TrialSummary], base: TrainConfig, opts: SweepOptions, out_dir: Path
+) -> tuple[Path, Path]:
+    """``sweep_results.json`` (table + best config) and ``sweep_results.csv`` (table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [dataclasses.asdict(r) for r in rows]
+    best = next((r for r in rows if r.best_val_psnr is not None), None)
+    payload = {
+        "sweep_name": opts.sweep_name,
+        "metric": METRIC,
+        "mode": MODE,
+        "scheduler": opts.scheduler,
+        "max_epochs": base.optim.epochs,
+        "trials": records,
+        "best": dataclasses.asdict(best) if best else None,
+        "best_config": best_flags(best) if best else None,
+    }
+    json_path = out_dir / f"{RESULTS_STEM}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    csv_path = out_dir / f"{RESULTS_STEM}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(TrialSummary)])
+        writer.writeheader()
+        writer.writerows(records)
+    return json_path, csv_path
+
+
+def best_flags(best: TrialSummary) -> dict[str, Any]:
+    """The winning values as training flags (``python -m controlnet_ray.train --k v``)."""
+    return {
+        "loss_type": best.loss_type,
+        "pose_loss_weight": best.pose_loss_weight,
+        "lr": best.lr,
+        "seed": best.seed,
+    }
+
+
+def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
+    """Adapt Tune's ResultGrid to table rows, with each trial's full history."""
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        cfg = trial_config(base, result.config, opts.sweep_name, trial_id)
+        df = result.metrics_dataframe
+        tune_rows = df.to_dict("records") if df is not None else []
+        history = merge_history(tune_rows, train_run_rows(cfg), history_file_rows(cfg))
+        error = f"{type(result.error).__name__}: {result.error}" if result.error else None
+        rows.append(summarize_trial(base, opts.sweep_name, trial_id, result.config, history, error))
+    return rows
+
+
+def merge_history(*sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch; earlier sources win, later ones fill the keys they lack.
+
+    Needed because a trial resumed by ``Tuner.restore`` restarts Tune's result files: Tune
+    then holds only the epochs run after the resume, while the Ray Train run and the trial's
+    ``training_history.json`` hold them all.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for source in sources:
+        for row in source:
+            if not _finite(row.get(TIME_ATTR)):
+                continue
+            merged = by_epoch.setdefault(int(row[TIME_ATTR]), {})
+            for key, value in row.items():
+                merged.setdefault(key, value)
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The kept checkpoints of the trial's Ray Train run, with their metrics and paths."""
+    import logging
+
+    from ray.train import Result
+
+    run_path = f"{cfg.storage_path()}/{cfg.run_name()}"
+    logger = logging.getLogger("ray.train")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # from_path logs a long note about resuming runs
+    try:
+        result = Result.from_path(run_path)
+    except Exception:  # never started, or storage unreachable: the other sources remain
+        return []
+    finally:
+        logger.setLevel(level)
+    return [{**m, "checkpoint_path": c.path} for c, m in result.best_checkpoints or []]
+
+
+def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Validation history from the trial's ``training_history.json`` (all epochs)."""
+    path = Path(cfg.output.save_dir) / "training_history.json"
+    try:
+        val = json.loads(path.read_text()).get("val", [])
+    except (OSError, ValueError):
+        return []
+    return [
+        {TIME_ATTR: v.get("epoch"), METRIC: v.get("psnr"), "val_loss": v.get("loss")} for v in val
+    ]
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def discard_previous_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
+    """--fresh: remove the sweep's Tune experiment and its trials' Train runs (local only)."""
+    import shutil
+
+    path = sweep_dir(cfg.storage_path(), opts.sweep_name)
+    if "://" in path:
+        raise ConfigError("--fresh only works with a local --storage_path; use a new --sweep_name")
+    if Path(path).exists():
+        print(f"--fresh: removing previous sweep at {path}", flush=True)
+        shutil.rmtree(path)
+
+
+def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
+    """Connect (or start a local Ray sized for the sweep) and plan the trials' resources."""
+    import ray
+
+    from controlnet_ray.launcher import check_gpus, init_ray
+
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        plan = plan_sweep(cfg, opts, float(os.cpu_count() or 1), 0.0, local=True)
+        init_ray(cfg, plan.ray_num_cpus)
+    else:
+        init_ray(cfg, None)
+    check_gpus(cfg)
+    res = ray.cluster_resources()
+    return plan_sweep(cfg, opts, res.get("CPU", 0.0), res.get("GPU", 0.0), local=local)
+
+
+def build_pairs(cfg: TrainConfig, shards: Path) -> Any:
+    """The pair datasets, built once on the driver (outside any trial's placement group)."""
+    from controlnet_ray.data.pipeline import build_pair_datasets
+
+    pairs = build_pair_datasets(shards, cfg.data)
+    print(f"pairs: {pairs.num_train_pairs} train, {pairs.num_val_pairs} val", flush=True)
+    return pairs
+
+
+def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
+    """Prepare shards once, run (or resume) the sweep, print and write the ranked table."""
+    from controlnet_ray.launcher import absolute_paths, resolve_shards
+
+    t0 = time.time()
+    cfg = absolute_paths(cfg)
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
+    if cfg.ray.fresh:
+        discard_previous_sweep(cfg, opts)
+    plan = start_ray(cfg, opts)
+    print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
+    shards = resolve_shards(cfg)
+    pairs = build_pairs(cfg, shards)
+    tuner = make_tuner(cfg, opts, plan, shards, pairs)
+    grid = tuner.fit()
+    rows = rank(summaries_from_grid(grid, cfg, opts))
+    out_dir = Path(cfg.output.save_dir) / opts.sweep_name
+    json_path, csv_path = write_results(rows, cfg, opts, out_dir)
+    print(f"\nsweep {opts.sweep_name} ranked by best val PSNR ({time.time() - t0:.0f}s):")
+    print(format_table(rows), end="")
+    print(f"results: {json_path}\n         {csv_path}")
+    print(f"Tune experiment: {sweep_dir(cfg.storage_path(), opts.sweep_name)}", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg, opts = parse_sweep_args(argv)
+    try:
+        rows = run_sweep(cfg, opts)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in rows if r.error]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: {', '.join(r.trial_id for r in failed)}")
+    return 1 if rows and len(failed) == len(rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

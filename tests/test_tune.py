@@ -1,0 +1,298 @@
+"""The sweep CLI without a cluster: flags, resource plan, per-trial configs, ASHA that survives
+a resume, and the ranked table. The sweep itself runs against a real Ray head in
+tests/test_ray_client.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from controlnet_ray.config import ConfigError
+from controlnet_ray.tune import (
+    SweepOptions,
+    build_trial_trainer,
+    discard_previous_sweep,
+    format_table,
+    load_rungs,
+    make_scheduler,
+    merge_history,
+    param_space,
+    parse_sweep_args,
+    plan_sweep,
+    rank,
+    summarize_trial,
+    sweep_dir,
+    trial_config,
+    write_results,
+)
+
+TINY = ["--epochs", "3", "--batch_size", "4", "--save_dir", "/tmp/ck", "--log_dir", "/tmp/lg"]
+
+
+def parse(*extra: str):
+    return parse_sweep_args([*TINY, *extra])
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_defaults_and_training_flags_pass_through():
+    cfg, opts = parse("--lr", "3e-4", "--num_ray_workers", "2")
+    assert opts.loss_types == ("mse", "l1", "combined")
+    assert opts.pose_loss_weights == (0.01, 0.1, 0.5)
+    assert opts.lrs is None and opts.scheduler == "asha" and opts.grace_period == 1
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.ray.num_ray_workers) == (3, 3e-4, 2)
+    assert opts.grid_size() == 9
+
+
+def test_search_space_flags_and_dashless_form():
+    _, opts = parse_sweep_args(
+        [*TINY, "loss_types", "mse", "l1", "--pose_loss_weights", "0.1", "--lrs", "1e-3", "1e-4"]
+    )
+    assert opts.loss_types == ("mse", "l1") and opts.pose_loss_weights == (0.1,)
+    assert opts.lrs == (1e-3, 1e-4) and opts.grid_size() == 4
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--loss_types", "mse", "huber"], "--loss_types"),
+        (["--loss_types", "mse", "mse"], "--loss_types"),
+        (["--pose_loss_weights", "-1"], "--pose_loss_weights"),
+        (["--lrs", "0"], "--lrs"),
+        (["--scheduler", "pbt"], "--scheduler"),
+        (["--grace_period", "4"], "--grace_period"),
+        (["--reduction_factor", "1"], "--reduction_factor"),
+        (["--num_samples", "0"], "--num_samples"),
+        (["--max_concurrent_trials", "0"], "--max_concurrent_trials"),
+        (["--sweep_name", "a/b"], "--sweep_name"),
+        (["--epochs", "0"], "--epochs"),
+    ],
+)
+def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_cli_help_and_bad_flag_fail_fast_without_ray():
+    help_ = subprocess.run(
+        [sys.executable, "-m", "controlnet_ray.tune", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert help_.returncode == 0
+    for flag in ("--loss_types", "--pose_loss_weights", "--lrs", "--scheduler", "--sweep_name"):
+        assert flag in help_.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "controlnet_ray.tune", "--loss_types", "huber"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--loss_types" in bad.stderr
+    assert "Started a local Ray" not in bad.stdout + bad.stderr
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+def test_two_cores_run_one_trial_with_a_cpu_left_for_ray_data():
+    cfg, opts = parse()
+    plan = plan_sweep(cfg, opts, cpus=2, gpus=0, local=True)
+    assert plan.concurrency == 1 and 0 < plan.trial_cpus < 1
+    assert plan.trial_cpus + plan.cpus_per_worker <= 2 - 1  # one CPU stays free for Ray Data
+    assert plan.ray_num_cpus == 2
+
+
+def test_bigger_machines_run_trials_concurrently_within_the_grid():
+    cfg, opts = parse()
+    plan = plan_sweep(cfg, opts, cpus=16, gpus=0, local=False)
+    assert plan.concurrency == 9  # 9 grid points, 15 CPUs / 1.25 per trial = 12 would fit
+    assert plan.cpus_per_worker == 1.0 and plan.ray_num_cpus is None
+    used = plan.concurrency * (plan.trial_cpus + plan.cpus_per_worker) + 1
+    assert used <= 16
+
+
+def test_gpus_limit_concurrency_and_small_clusters_fail_naming_flags():
+    cfg, opts = parse("--use_gpu", "--num_ray_workers", "2")
+    assert plan_sweep(cfg, opts, cpus=32, gpus=4, local=False).concurrency == 2
+    cfg, opts = parse("--max_concurrent_trials", "4", "--cpus_per_worker", "1")
+    with pytest.raises(ConfigError, match="--max_concurrent_trials 4"):
+        plan_sweep(cfg, opts, cpus=3, gpus=0, local=False)
+    local = plan_sweep(cfg, opts, cpus=2, gpus=0, local=True)  # locally: more logical CPUs
+    assert local.ray_num_cpus >= 4 * (local.trial_cpus + 1) + 1
+
+
+# --- trials ----------------------------------------------------------------------------------
+
+
+def test_param_space_is_a_full_grid():
+    from ray.tune.search.variant_generator import generate_variants
+
+    _, opts = parse("--loss_types", "mse", "l1", "--lrs", "1e-3", "1e-4", "--num_samples", "2")
+    trials = [config for _, config in generate_variants(param_space(opts))]
+    assert len(trials) == opts.grid_size() == 2 * 3 * 2 * 2
+    combos = {(c["loss_type"], c["pose_loss_weight"], c["lr"], c["repeat"]) for c in trials}
+    assert len(combos) == len(trials)
+
+
+def test_trial_config_has_own_dirs_stable_run_name_and_seed():
+    cfg, _ = parse("--storage_path", "/tmp/store", "--seed", "7", "--run_name", "ignored")
+    params = {"loss_type": "l1", "pose_loss_weight": 0.5, "lr": 1e-3, "repeat": 1}
+    t = trial_config(cfg, params, "sw", "abc12_00003")
+    assert (t.optim.loss_type, t.optim.pose_loss_weight, t.optim.lr) == ("l1", 0.5, 1e-3)
+    assert t.output.save_dir == "/tmp/ck/sw/abc12_00003"
+    assert t.output.log_dir == "/tmp/lg/sw/abc12_00003"
+    assert t.run_name() == "abc12_00003" and t.ray.seed == 8
+    assert t.storage_path() == "/tmp/store/sw/train_runs"
+    assert trial_config(cfg, params, "sw", "abc12_00003") == t  # same trial, same config
+    s3, _ = parse("--storage_path", "s3://bucket/rr")
+    assert trial_config(s3, params, "sw", "x").storage_path() == "s3://bucket/rr/sw/train_runs"
+    assert sweep_dir("s3://bucket/rr/", "sw") == "s3://bucket/rr/sw"
+
+
+def test_fresh_refuses_remote_storage():
+    cfg, opts = parse("--storage_path", "s3://bucket/rr")
+    with pytest.raises(ConfigError, match="--fresh"):
+        discard_previous_sweep(cfg, opts)
+
+
+def test_trial_trainer_gets_prebuilt_pairs_and_tune_callback(monkeypatch):
+    """Until launcher.build_trainer takes pairs/callbacks, the shim supplies both."""
+    import controlnet_ray.launcher as launcher
+    from controlnet_ray.data import pipeline
+
+    original = pipeline.build_pair_datasets
+    seen = {}
+
+    def fake_build_trainer(cfg, plan, shards):
+        from controlnet_ray.data.pipeline import build_pair_datasets
+
+        seen["pairs"] = build_pair_datasets(shards, cfg.data)
+        return SimpleNamespace(run_config=SimpleNamespace(callbacks=["printer"]))
+
+    monkeypatch.setattr(launcher, "build_trainer", fake_build_trainer)
+    cfg, _ = parse()
+    trainer = build_trial_trainer(cfg, None, Path("/nowhere"), "PAIRS", "tune-callback")
+    assert seen["pairs"] == "PAIRS"
+    assert trainer.run_config.callbacks == ["printer", "tune-callback"]
+    assert pipeline.build_pair_datasets is original  # patched only while building
+
+
+# --- ASHA that survives Tuner.restore --------------------------------------------------------
+
+
+def _asha(tmp_path: Path):
+    _, opts = parse("--grace_period", "1", "--reduction_factor", "2")
+    sched = make_scheduler(opts, max_t=3, state_file=tmp_path / "rungs.json")
+    sched.set_search_properties("val_psnr", "max")
+    return sched
+
+
+def _report(sched, trial_id: str, epoch: int, psnr: float) -> str:
+    trial = SimpleNamespace(trial_id=trial_id)
+    if trial_id not in sched._trial_info:
+        sched.on_trial_add(None, trial)
+    return sched.on_trial_result(None, trial, {"epoch": epoch, "val_psnr": psnr})
+
+
+def test_asha_stops_the_worse_trial_and_its_rungs_survive_a_restore(tmp_path: Path):
+    import ray.cloudpickle as pickle
+
+    sched = _asha(tmp_path)
+    pickled_at_start = pickle.dumps(sched)  # what Tuner stores in tuner.pkl
+    assert _report(sched, "a", 1, 20.0) == "CONTINUE"
+    # A plain restore would start with empty rungs and let "b" through:
+    restored = pickle.loads(pickled_at_start)
+    restored.set_search_properties("val_psnr", "max")
+    assert _report(restored, "b", 1, 10.0) == "STOP"
+    assert _report(restored, "c", 1, 30.0) == "CONTINUE"
+    assert load_rungs(restored._brackets, str(tmp_path / "missing.json")) == 0
+
+
+def test_no_scheduler_with_none():
+    _, opts = parse("--scheduler", "none")
+    assert make_scheduler(opts, 3, Path("/tmp/x.json")) is None
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def _hist(*psnrs: float, ckpt: bool = True) -> list[dict]:
+    return [
+        {"epoch": i, "val_psnr": p, **({"checkpoint_path": f"/ck/e{i}"} if ckpt else {})}
+        for i, p in enumerate(psnrs, 1)
+    ]
+
+
+def test_summaries_rank_and_flag_early_stops_and_errors():
+    cfg, _ = parse()  # --epochs 3
+    p = {"loss_type": "mse", "pose_loss_weight": 0.1}
+    full = summarize_trial(cfg, "sw", "t0", p, _hist(10, 12, 11), None)
+    early = summarize_trial(cfg, "sw", "t1", {**p, "loss_type": "l1"}, _hist(14), None)
+    failed = summarize_trial(cfg, "sw", "t2", p, [], "RuntimeError: boom")
+    assert (full.best_val_psnr, full.best_epoch, full.epochs_run) == (12, 2, 3)
+    assert full.checkpoint == "/ck/e2" and not full.stopped_early and full.status == "finished"
+    assert early.stopped_early and early.status == "stopped early" and early.epochs_run == 1
+    assert failed.status == "error" and not failed.stopped_early and failed.best_val_psnr is None
+    ranked = rank([failed, full, early])
+    assert [r.trial_id for r in ranked] == ["t1", "t0", "t2"]
+    table = format_table(ranked)
+    lines = table.splitlines()
+    assert "best PSNR" in lines[0] and "stopped early?" in lines[0] and "checkpoint" in lines[0]
+    assert lines[1].split()[:3] == ["1", "t1", "l1"] and "yes" in lines[1]
+    assert "error" in lines[3]
+
+
+def test_history_merges_tune_rows_with_the_full_run_history():
+    """After a resume Tune holds only the later epochs; the run's own history fills the rest."""
+    tune_rows = [{"epoch": 2, "val_psnr": 11.0, "checkpoint_path": "/ck/e2"}]
+    train_rows = [{"epoch": 1, "val_psnr": 13.0, "checkpoint_path": "/ck/e1"}]
+    file_rows = [{"epoch": 1, "val_psnr": 13.0}, {"epoch": 2, "val_psnr": 11.0}]
+    merged = merge_history(tune_rows, train_rows, file_rows)
+    assert [(r["epoch"], r["checkpoint_path"]) for r in merged] == [(1, "/ck/e1"), (2, "/ck/e2")]
+    cfg, _ = parse("--epochs", "2")
+    best = summarize_trial(
+        cfg, "sw", "t", {"loss_type": "mse", "pose_loss_weight": 0.1}, merged, None
+    )
+    assert (best.best_val_psnr, best.checkpoint, best.epochs_run) == (13.0, "/ck/e1", 2)
+
+
+def test_results_are_written_as_json_and_csv_with_the_best_config(tmp_path: Path):
+    cfg, opts = parse("--sweep_name", "sw")
+    p = {"loss_type": "combined", "pose_loss_weight": 0.5, "lr": 2e-4}
+    rows = rank(
+        [
+            summarize_trial(cfg, "sw", "t0", p, _hist(15, 16, 17), None),
+            summarize_trial(cfg, "sw", "t1", {**p, "loss_type": "mse"}, _hist(9), None),
+        ]
+    )
+    json_path, csv_path = write_results(rows, cfg, opts, tmp_path)
+    doc = json.loads(json_path.read_text())
+    assert doc["best"]["trial_id"] == "t0" and doc["metric"] == "val_psnr"
+    assert doc["best_config"] == {
+        "loss_type": "combined",
+        "pose_loss_weight": 0.5,
+        "lr": 2e-4,
+        "seed": cfg.ray.seed,
+    }
+    assert [t["trial_id"] for t in doc["trials"]] == ["t0", "t1"]
+    with csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["trial_id"] for r in table] == ["t0", "t1"]
+    assert table[1]["stopped_early"] == "True" and table[0]["epochs_run"] == "3"
+
+
+def test_sweep_options_defaults_match_the_parser():
+    _, opts = parse()
+    assert opts == SweepOptions()
