@@ -1,0 +1,87 @@
+"""Smoke test of benchmarks/quality.py: a tiny synthetic set, a few CPU-seconds of training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "quality.py"
+
+
+def test_quality_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--identities",
+        "6",
+        "--frames",
+        "3",
+        "--image_size",
+        "32",
+        "--budget_min",
+        "0.03",
+        "--eval_every",
+        "0.5",
+        "--base_channels",
+        "8",
+        "--feature_dim",
+        "32",
+        "--batch_size",
+        "4",
+        "--eval_subset",
+        "6",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    ]
+    env = dict(os.environ, CONTROLNET_RAY_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "margin over best trivial" in proc.stdout
+
+    res = json.loads(out.read_text())
+    assert res["budget_clock"].startswith("CPU")
+    assert res["training"]["optimizer_steps"] > 0
+    assert res["timing"]["train_clock_s"] >= 0.03 * 60
+    psnr = res["final"]["psnr"]
+    for name in ("model", "source", "mean", "pose_bin"):
+        for region in ("whole", "face"):
+            assert 0.0 < psnr[name][region] < 100.0, (name, region, psnr[name][region])
+    for region in ("whole", "face"):
+        m = res["final"]["margins"][region]
+        best = max(("source", "mean", "pose_bin"), key=lambda p: psnr[p][region])
+        assert m["best_trivial"] == best
+        assert abs(m["margin_db"] - (psnr["model"][region] - psnr[best][region])) < 1e-9
+    assert res["curve"] and res["curve"][-1]["steps"] == res["training"]["optimizer_steps"]
+    assert res["data"]["persons"]["train"] >= 1 and res["data"]["eval_pairs"] >= 1
+    assert 0.3 < res["data"]["face_mask_fraction"] < 0.6
+
+
+def test_face_mask_and_psnr_helpers() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    mask = quality.face_mask(112)
+    assert mask[68, 56] and not mask[2, 2] and not mask[68, 56 - 40]
+    assert mask[68, 56 - 37] and mask[68 - 49, 56]
+    assert torch.equal(quality.face_mask(64), quality.face_mask(64))
+    # Error only outside the ellipse: face PSNR is the floor value, whole PSNR finite.
+    target = torch.zeros(1, 3, 112, 112)
+    pred = target.clone()
+    pred[..., ~mask] = 1.0
+    assert float(quality.face_psnr(pred, target, mask)) == 100.0
+    # Uniform error of 0.1 on [0, 1] (0.2 on [-1, 1]) everywhere: 20 dB on both.
+    pred = target + 0.2
+    assert abs(float(quality.face_psnr(pred, target, mask)) - 20.0) < 1e-3
+    bins = quality.pose_bin(torch.tensor([[-0.5, 9.9, 0.0], [15.0, -10.0, 3.0]]).numpy())
+    assert bins == [(-1, 0), (1, -1)]
