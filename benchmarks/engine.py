@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from common import assert_no_ray, pick_device  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -64,14 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.steps = args.steps or (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     return args
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 def synthetic_batch(bs: int, size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -162,12 +155,6 @@ def print_table(results: list[Result]) -> None:
         )
 
 
-def assert_no_ray() -> None:
-    loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
-    if loaded:
-        raise SystemExit(f"FAIL: the engine's import chain loaded Ray ({loaded[:5]}); it must not")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -186,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps, "warmup": args.warmup}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]},
                                         indent=2))  # fmt: skip
-    assert_no_ray()
+    assert_no_ray("the engine's import chain")
     return 0
 
 

@@ -58,6 +58,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from common import assert_no_ray, pick_device  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
@@ -194,24 +195,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.image_size % 16:
         p.error(f"--image_size must be divisible by 16, got {args.image_size}")
     return args
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    return torch.device(name)
-
-
-def assert_no_ray() -> None:
-    loaded = sorted(
-        m
-        for m, mod in sys.modules.items()
-        if (m == "ray" or m.startswith("ray.")) and mod is not None
-    )
-    if loaded:
-        raise SystemExit(f"the quality benchmark must not import Ray, but loaded {loaded[:5]}")
 
 
 # ----------------------------------------------------------------------------- budget clock
@@ -824,7 +807,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
         print(f"\nwrote {args.json}")
-    assert_no_ray()
+    assert_no_ray("the quality benchmark")
     return result
 
 
