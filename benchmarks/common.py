@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
+_REPO = str(Path(__file__).resolve().parents[1])
+if _REPO not in sys.path:  # run from a checkout: the scripts import this module first
+    sys.path.insert(0, _REPO)
+
+from controlnet_ray.engine import DeviceError, resolve_device  # noqa: E402  (Ray-free)
+
 
 def pick_device(name: str) -> torch.device:
-    """cpu | cuda | auto -> torch.device; ``cuda`` without a GPU exits instead of falling back."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    return torch.device(name)
+    """The package's :func:`~controlnet_ray.engine.resolve_device`, its error as an exit.
+
+    One rule for the CLIs and the scripts (``cuda`` without a GPU fails, never falls back);
+    the scripts have no error handling of their own, so the message is the exit status.
+    """
+    try:
+        return resolve_device(name)
+    except DeviceError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def assert_no_ray(what: str) -> None:

@@ -293,16 +293,13 @@ def _align_photo(
 
 
 def resolve_torch_device(name: str) -> torch.device:
-    """cpu | cuda | auto -> torch.device; ``cuda`` without a GPU is an error, not a fallback."""
-    import torch
+    """:func:`controlnet_ray.engine.resolve_device`, its error as an InferenceError (exit 2)."""
+    from controlnet_ray.engine import DeviceError, resolve_device
 
-    if name not in ("cpu", "cuda", "auto"):
-        raise InferenceError(f"--device must be cpu, cuda or auto, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InferenceError("--device cuda: no CUDA device visible to torch here")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return resolve_device(name)
+    except DeviceError as exc:
+        raise InferenceError(str(exc)) from None
 
 
 @dataclass
