@@ -33,7 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from controlnet_ray.inference import AXES, InferenceError, check_output_path
+from controlnet_ray.config import ConfigError
+from controlnet_ray.data.detect import DetectorError
+from controlnet_ray.data.layout import DataError
+from controlnet_ray.inference import AXES, InferenceError, check_output_path, run_cli
 
 if TYPE_CHECKING:
     import torch
@@ -480,22 +483,13 @@ def run(args: argparse.Namespace, out: Path, grid_path: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        out, grid_path = _validate(args)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from controlnet_ray.checkpoint import CheckpointError
-    from controlnet_ray.config import ConfigError
-    from controlnet_ray.data.detect import DetectorError
-    from controlnet_ray.data.layout import DataError
-
-    try:
-        return run(args, out, grid_path)
-    except (InferenceError, CheckpointError, DataError, ConfigError, DetectorError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(
+        argv,
+        build_parser(),
+        _validate,
+        lambda args, paths: run(args, *paths),
+        errors=(DataError, ConfigError, DetectorError),
+    )
 
 
 if __name__ == "__main__":

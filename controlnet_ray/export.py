@@ -46,6 +46,7 @@ from controlnet_ray.inference import (
     POSE_LIMITS_DEG,
     InferenceError,
     check_output_path,
+    run_cli,
 )
 
 if TYPE_CHECKING:
@@ -215,19 +216,7 @@ def run(args: argparse.Namespace, out: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        out = _validate(args)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from controlnet_ray.checkpoint import CheckpointError
-
-    try:
-        return run(args, out)
-    except (InferenceError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(argv, build_parser(), _validate, run)
 
 
 if __name__ == "__main__":

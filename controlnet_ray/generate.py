@@ -48,6 +48,7 @@ from controlnet_ray.inference import (
     prepare_face,
     read_image,
     run_batched,
+    run_cli,
     to_model_input,
     to_rgb8,
     write_image,
@@ -293,19 +294,7 @@ def run(args: argparse.Namespace, sweeps: list[Sweep]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    try:
-        sweeps = _validate(args)
-    except InferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from controlnet_ray.checkpoint import CheckpointError  # imports torch: after validation
-
-    try:
-        return run(args, sweeps)
-    except (InferenceError, DetectorError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(argv, build_parser(), _validate, run, errors=(DetectorError,))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,18 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import cv2
 import numpy as np
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
 
     from controlnet_ray.config import ModelConfig, TrainConfig
@@ -550,3 +553,37 @@ def json_safe(value: Any) -> Any:
 def dumps_strict(doc: Any) -> str:
     """Strict JSON text (no NaN/Infinity tokens), UTF-8 names kept readable."""
     return json.dumps(json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- CLI frame
+
+_Checked = TypeVar("_Checked")
+
+
+def run_cli(
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+    validate: Callable[[argparse.Namespace], _Checked],
+    run: Callable[[argparse.Namespace, _Checked], int],
+    errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Parse, validate, run: the frame of generate, evaluate and export, so they fail alike.
+
+    A bad flag (InferenceError from ``validate``) and an expected failure while running
+    (InferenceError, CheckpointError or one of ``errors``) print ``error: ...`` and give exit
+    status 2; anything else is a bug and propagates.  ``validate`` runs before the checkpoint
+    module (torch) is imported, so bad flags fail fast.
+    """
+    args = parser.parse_args(argv)
+    try:
+        checked = validate(args)
+    except InferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from controlnet_ray.checkpoint import CheckpointError  # imports torch: after validation
+
+    try:
+        return run(args, checked)
+    except (InferenceError, CheckpointError, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
