@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from controlnet_ray.cli import parse_train_args
+from tests.cli_helpers import run_module
 
 ORIGINAL_DEFAULTS = {
     ("data", "data_dir"): None,
@@ -123,12 +122,7 @@ def test_invalid_values_name_the_flag(argv, flag, detail, capsys):
 
 def test_invalid_value_fails_fast_in_a_subprocess_before_ray():
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "controlnet_ray.train", "--loss_type", "bogus"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module("train", "--loss_type", "bogus")
     elapsed = time.monotonic() - t0
     assert proc.returncode == 2
     assert "--loss_type" in proc.stderr and "mse, l1, combined" in proc.stderr
@@ -137,12 +131,7 @@ def test_invalid_value_fails_fast_in_a_subprocess_before_ray():
 
 
 def test_help_lists_every_original_flag():
-    proc = subprocess.run(
-        [sys.executable, "-m", "controlnet_ray.train", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_module("train", "--help")
     assert proc.returncode == 0
     for _, name in ORIGINAL_DEFAULTS:
         assert f"--{name}" in proc.stdout

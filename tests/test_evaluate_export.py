@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from controlnet_ray.inference import (
     dumps_strict,
     read_image,
 )
+from tests.cli_helpers import run_module
 from tests.inference_fixtures import *  # noqa: F403 - session fixtures
 from tests.inference_fixtures import TINY_IMAGE_SIZE, aligned_face, cli_args
 
@@ -208,8 +207,7 @@ def test_evaluate_subprocess_smoke(tiny_checkpoint, tiny_data, tmp_path):
         cache_dir=tiny_data.cache_dir,
         max_pairs=2,
     )
-    cmd = [sys.executable, "-m", "controlnet_ray.evaluate", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_module("evaluate", *argv, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "reusing shards" in proc.stdout and _strict_json(out)["num_pairs"] == 2
 
@@ -274,12 +272,6 @@ def test_export_bad_input(case, tiny_checkpoint, tmp_path, capsys):
 
 def test_export_subprocess_smoke(tiny_checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
-    cmd = [
-        sys.executable,
-        "-m",
-        "controlnet_ray.export",
-        *cli_args(checkpoint=tiny_checkpoint, out=out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_module("export", *cli_args(checkpoint=tiny_checkpoint, out=out), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "max abs difference" in proc.stdout and out.is_file()

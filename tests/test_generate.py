@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from controlnet_ray import generate
 from controlnet_ray.data import detect
 from controlnet_ray.data.geometry import ARCFACE_TEMPLATE_112
 from controlnet_ray.inference import InferenceError, load_model, parse_sweep, read_image, to_rgb8
+from tests.cli_helpers import run_module
 from tests.inference_fixtures import *  # noqa: F403 - session fixtures
 from tests.inference_fixtures import (
     TINY_IMAGE_SIZE,
@@ -269,8 +268,7 @@ def test_onnx_on_cuda_without_the_gpu_runtime_is_an_error(tiny_onnx, crop, tmp_p
 def test_subprocess_smoke(tiny_onnx, crop, tmp_path):
     out = tmp_path / "sweep.png"
     argv = cli_args(checkpoint=tiny_onnx, image=crop, sweep=["yaw=-30:30:30"], out=out)
-    cmd = [sys.executable, "-m", "controlnet_ray.generate", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_module("generate", *argv, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and out.with_suffix(".gif").is_file()
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +15,6 @@ import pytest
 from controlnet_ray.config import ConfigError
 from controlnet_ray.tune import (
     SweepOptions,
-    build_trial_trainer,
     discard_previous_sweep,
     format_table,
     load_rungs,
@@ -32,6 +29,7 @@ from controlnet_ray.tune import (
     trial_config,
     write_results,
 )
+from tests.cli_helpers import run_module
 
 TINY = ["--epochs", "3", "--batch_size", "4", "--save_dir", "/tmp/ck", "--log_dir", "/tmp/lg"]
 
@@ -84,21 +82,11 @@ def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
 
 
 def test_cli_help_and_bad_flag_fail_fast_without_ray():
-    help_ = subprocess.run(
-        [sys.executable, "-m", "controlnet_ray.tune", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    help_ = run_module("tune", "--help")
     assert help_.returncode == 0
     for flag in ("--loss_types", "--pose_loss_weights", "--lrs", "--scheduler", "--sweep_name"):
         assert flag in help_.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "controlnet_ray.tune", "--loss_types", "huber"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = run_module("tune", "--loss_types", "huber")
     assert bad.returncode == 2 and "--loss_types" in bad.stderr
     assert "Started a local Ray" not in bad.stdout + bad.stderr
 
@@ -165,28 +153,6 @@ def test_fresh_refuses_remote_storage():
     cfg, opts = parse("--storage_path", "s3://bucket/rr")
     with pytest.raises(ConfigError, match="--fresh"):
         discard_previous_sweep(cfg, opts)
-
-
-def test_trial_trainer_gets_prebuilt_pairs_and_tune_callback(monkeypatch):
-    """Until launcher.build_trainer takes pairs/callbacks, the shim supplies both."""
-    import controlnet_ray.launcher as launcher
-    from controlnet_ray.data import pipeline
-
-    original = pipeline.build_pair_datasets
-    seen = {}
-
-    def fake_build_trainer(cfg, plan, shards):
-        from controlnet_ray.data.pipeline import build_pair_datasets
-
-        seen["pairs"] = build_pair_datasets(shards, cfg.data)
-        return SimpleNamespace(run_config=SimpleNamespace(callbacks=["printer"]))
-
-    monkeypatch.setattr(launcher, "build_trainer", fake_build_trainer)
-    cfg, _ = parse()
-    trainer = build_trial_trainer(cfg, None, Path("/nowhere"), "PAIRS", "tune-callback")
-    assert seen["pairs"] == "PAIRS"
-    assert trainer.run_config.callbacks == ["printer", "tune-callback"]
-    assert pipeline.build_pair_datasets is original  # patched only while building
 
 
 # --- ASHA that survives Tuner.restore --------------------------------------------------------
