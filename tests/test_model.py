@@ -273,30 +273,37 @@ def _assert_loaded(backbone: nn.Module, sd: dict[str, torch.Tensor], skip: str =
     assert keys and all(torch.equal(loaded[k], sd[k]) for k in keys)
 
 
-def test_iresnet_pth_auto_and_not_overwritten(iresnet_pth: tuple) -> None:
-    path, sd = iresnet_pth
-    cfg = ModelConfig(image_size=64, encoder_weights=str(path), iresnet_depth=18)
-    assert resolve_encoder(cfg)[0] == "iresnet"
-    assert "iresnet18" in describe_encoder_choice(cfg)
+@pytest.mark.parametrize(
+    ("weights", "encoder", "described", "size", "extra", "skip"),
+    [
+        ("iresnet_pth", "iresnet", "iresnet18", 64, {"iresnet_depth": 18}, ""),
+        ("resnet50_pth", "resnet50", "resnet50", 32, {"feature_dim": 64}, "fc."),
+    ],
+    ids=("iresnet18", "resnet50"),
+)
+def test_pth_auto_and_not_overwritten(
+    weights: str,
+    encoder: str,
+    described: str,
+    size: int,
+    extra: dict,
+    skip: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A .pth picks its encoder by itself, and its weights reach the backbone unchanged."""
+    path, sd = request.getfixturevalue(weights)
+    cfg = ModelConfig(image_size=size, encoder_weights=str(path), **extra)
+    assert resolve_encoder(cfg)[0] == encoder
+    assert described in describe_encoder_choice(cfg)
     model = build_model(cfg)
-    _assert_loaded(model.encoder.backbone, sd)
-    assert _run(model, _batch(2, 64)).image.shape == (2, 3, 64, 64)
+    _assert_loaded(model.encoder.backbone, sd, skip=skip)
+    assert _run(model, _batch(2, size)).image.shape == (2, 3, size, size)
 
 
 def test_iresnet_depth_mismatch_names_flag(iresnet_pth: tuple) -> None:
     cfg = ModelConfig(encoder_weights=str(iresnet_pth[0]), iresnet_depth=50)
     with pytest.raises(WeightsError, match="--iresnet_depth 18"):
         build_model(cfg)
-
-
-def test_resnet50_pth_auto_and_not_overwritten(resnet50_pth: tuple) -> None:
-    path, sd = resnet50_pth
-    cfg = ModelConfig(image_size=32, encoder_weights=str(path), feature_dim=64)
-    assert resolve_encoder(cfg)[0] == "resnet50"
-    assert "resnet50" in describe_encoder_choice(cfg)
-    model = build_model(cfg)
-    _assert_loaded(model.encoder.backbone, sd, skip="fc.")
-    assert _run(model, _batch(2, 32)).image.shape == (2, 3, 32, 32)
 
 
 def test_auto_without_weights_is_cnn(iresnet_onnx: tuple) -> None:
