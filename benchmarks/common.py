@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
-
-_REPO = str(Path(__file__).resolve().parents[1])
-if _REPO not in sys.path:  # run from a checkout: the scripts import this module first
-    sys.path.insert(0, _REPO)
-
-from controlnet_ray.engine import DeviceError, resolve_device  # noqa: E402  (Ray-free)
 
 
 def pick_device(name: str) -> torch.device:
     """The package's :func:`~controlnet_ray.engine.resolve_device`, its error as an exit.
 
     One rule for the CLIs and the scripts (``cuda`` without a GPU fails, never falls back);
-    the scripts have no error handling of their own, so the message is the exit status.
+    the scripts have no error handling of their own, so the message becomes the exit.
+    Imported here, not at the top: the scripts import this module before they put the
+    checkout on ``sys.path`` (``controlnet_ray.engine`` is Ray-free).
     """
+    from controlnet_ray.engine import DeviceError, resolve_device
+
     try:
         return resolve_device(name)
     except DeviceError as exc:
