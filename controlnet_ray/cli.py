@@ -18,6 +18,7 @@ from controlnet_ray.config import (
     IRESNET_DEPTHS,
     LOSS_TYPES,
     PAIR_MODES,
+    PROGRESS_MODES,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -205,6 +206,15 @@ def _add_additions(
         type=int,
         default=out.image_log_interval,
         help="epochs between Images/* TensorBoard summaries",
+    )
+    _add(
+        g,
+        "output",
+        "progress",
+        choices=PROGRESS_MODES,
+        default=out.progress,
+        help="console progress: auto draws an in-epoch bar when a terminal is attached, "
+        "bar always draws it (on stderr), lines prints only the per-epoch lines",
     )
     g = p.add_argument_group("Ray")
     _add(

@@ -20,6 +20,7 @@ ENCODERS = ("auto", "iresnet", "resnet50", "cnn")
 IRESNET_DEPTHS = (18, 34, 50, 100)
 PAIR_MODES = ("front_to_video", "any")
 BEST_METRICS = ("val_psnr", "val_loss")
+PROGRESS_MODES = ("auto", "bar", "lines")
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,8 @@ class OutputConfig:
     save_interval: int = 10
     image_log_interval: int = 10  # epochs between Images/* summaries
     best_metric: Literal["val_psnr", "val_loss"] = "val_psnr"
+    # console: "auto" draws an in-epoch bar when a terminal is attached; "lines" never does
+    progress: Literal["auto", "bar", "lines"] = "auto"
 
 
 @dataclass
@@ -238,6 +241,7 @@ def _validate(cfg: TrainConfig) -> None:
     _positive(out.save_interval, "--save_interval")
     _positive(out.image_log_interval, "--image_log_interval")
     _choice(out.best_metric, "--best_metric", BEST_METRICS)
+    _choice(out.progress, "--progress", PROGRESS_MODES)
     if out.resume is not None and not Path(out.resume).is_file():
         raise ConfigError(f"--resume checkpoint not found: {out.resume}")
     _positive(r.num_ray_workers, "--num_ray_workers")

@@ -10,10 +10,16 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from controlnet_ray.config import ConfigError, TrainConfig
+from controlnet_ray.progress import start_console
+
+if TYPE_CHECKING:
+    from controlnet_ray.data.pipeline import PairDatasets
 
 DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
 
@@ -120,15 +126,9 @@ def check_gpus(cfg: TrainConfig) -> None:
         )
 
 
-def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
-    """The TorchTrainer for this run (Train v2 API)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
+def build_pairs(cfg: TrainConfig, shards: Path) -> PairDatasets:
+    """The pair datasets, built on the driver once per run (or once per sweep)."""
     from controlnet_ray.data.pipeline import build_pair_datasets
-    from controlnet_ray.progress import EpochPrinter
-    from controlnet_ray.worker import train_loop_per_worker
 
     pairs = build_pair_datasets(shards, cfg.data)
     print(
@@ -137,6 +137,28 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
         f"{cfg.data.max_pose_distance:g} deg)",
         flush=True,
     )
+    return pairs
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    plan: ResourcePlan,
+    pairs: PairDatasets,
+    *,
+    progress_board: Any | None = None,
+    callbacks: Sequence[Any] = (),
+):
+    """The TorchTrainer for this run (Train v2 API).
+
+    ``progress_board``: the driver's console actor (see :mod:`controlnet_ray.progress`); without
+    one rank 0 prints its lines itself. ``callbacks``: extra Train callbacks (Tune's reporter).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from controlnet_ray.worker import train_loop_per_worker
+
     scaling = ScalingConfig(
         num_workers=cfg.ray.num_ray_workers,
         use_gpu=cfg.ray.use_gpu,
@@ -152,12 +174,13 @@ def build_trainer(cfg: TrainConfig, plan: ResourcePlan, shards: Path):
         ),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         logging_config=LoggingConfig(log_level="WARNING"),
-        callbacks=[EpochPrinter()],
+        callbacks=list(callbacks),
     )
     loop_config = {
         "config": cfg.to_dict(),
         "num_train_pairs": pairs.num_train_pairs,
         "torch_threads": plan.torch_threads,
+        "progress_board": progress_board,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -255,7 +278,11 @@ def run_training(cfg: TrainConfig) -> object:
         flush=True,
     )
     shards = resolve_shards(cfg)
-    trainer = build_trainer(cfg, plan, shards)
-    result = trainer.fit()
+    pairs = build_pairs(cfg, shards)
+    board, console = start_console(cfg.output.progress)
+    try:
+        result = build_trainer(cfg, plan, pairs, progress_board=board).fit()
+    finally:
+        console.close()
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return result

@@ -1,14 +1,26 @@
-"""Driver-side progress: one console line per epoch from what rank 0 reported.
+"""Console progress: rank 0 posts to a board actor; the driver prints lines and draws a bar.
 
-Printing on the driver (a Ray Train callback) rather than in the workers keeps the lines free
-of Ray's per-actor prefixes and of the duplicate that Train's print patch makes.
+Why a board: Ray forwards worker and controller output line by line, each line prefixed with
+the actor's name and pid, so a ``\\r`` progress bar cannot render from a worker and the
+per-epoch lines come out wrapped in Ray's prefixes. Rank 0 instead posts its messages, epoch
+metrics and in-epoch step state to a tiny actor (no CPU reserved) owned by the driver; a thread
+on the driver drains it and writes plain lines to stdout and, where a terminal is attached,
+a bar to the terminal. Without a board (Tune trials) rank 0 prints the same lines itself.
+
+Nothing here imports Ray at module level: the formatting and the console are plain Python.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
-from ray.train import UserCallback
+POST_INTERVAL_S = 0.5  # rank 0 posts step state at most this often
+POLL_INTERVAL_S = 0.5  # the driver drains the board this often
 
 
 def format_epoch_line(m: dict[str, Any]) -> str:
@@ -25,9 +37,165 @@ def format_epoch_line(m: dict[str, Any]) -> str:
     )
 
 
-class EpochPrinter(UserCallback):
-    """Prints rank 0's epoch metrics as they are reported."""
+def format_bar(state: dict[str, Any], width: int = 100) -> str:
+    """One bar line for the step state rank 0 posted, cut to ``width`` characters."""
+    step, total = int(state["step"]), max(int(state["total"]), 1)
+    head = f"epoch {state['epoch']}/{state['epochs']} {state['phase']:<5}"
+    tail = f" {step}/{total}"
+    if state["phase"] == "train":
+        rate = state.get("samples_per_sec", 0.0)
+        eta = state.get("elapsed_s", 0.0) / max(step, 1) * (total - step)
+        tail += f"  loss {state['loss']:.4f}  {rate:.1f} samples/s  epoch ETA {eta:.0f}s"
+    cells = max(10, min(30, width - len(head) - len(tail) - 3))
+    filled = round(cells * min(step, total) / total)
+    return f"{head} [{'#' * filled}{'-' * (cells - filled)}]{tail}"[:width]
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics and "val_psnr" in metrics[0]:
-            print(format_epoch_line(metrics[0]), flush=True)
+
+class ProgressBoard:
+    """The actor's class: what rank 0 posted since the driver last looked."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, Any]] = []
+        self._state: dict[str, Any] | None = None
+
+    def post(self, kind: str, payload: Any) -> None:
+        """``kind`` is ``"message"`` (a line of text) or ``"epoch"`` (reported metrics)."""
+        self._events.append((kind, payload))
+        self._state = None  # a finished phase's bar is stale
+
+    def step(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def drain(self) -> tuple[list[tuple[str, Any]], dict[str, Any] | None]:
+        events, self._events = self._events, []
+        return events, self._state
+
+
+def render_event(kind: str, payload: Any) -> str:
+    return format_epoch_line(payload) if kind == "epoch" else str(payload)
+
+
+class WorkerProgress:
+    """Rank 0's side: posts to the board when there is one, else prints the lines itself."""
+
+    def __init__(self, board: Any | None, rank: int) -> None:
+        self.board = board
+        self.enabled = rank == 0
+        self._last_post = 0.0
+
+    def message(self, text: str) -> None:
+        self._event("message", text)
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        self._event("epoch", metrics)
+
+    def due(self, last: bool = False) -> bool:
+        """Whether to post step state now: at most every POST_INTERVAL_S, and the last step."""
+        if not self.enabled or self.board is None:
+            return False
+        now = time.monotonic()
+        if last or now - self._last_post >= POST_INTERVAL_S:
+            self._last_post = now
+            return True
+        return False
+
+    def step(self, state: dict[str, Any]) -> None:
+        """Fire-and-forget: the training loop never waits for the driver."""
+        self.board.step.remote(state)
+
+    def _event(self, kind: str, payload: Any) -> None:
+        if not self.enabled:
+            return
+        if self.board is None:
+            # sys.__stdout__: Ray Train's print patch would both log and echo a plain print.
+            print(render_event(kind, payload), file=sys.__stdout__, flush=True)
+        else:
+            self.board.post.remote(kind, payload)
+
+
+def bar_stream(mode: str) -> TextIO | None:
+    """Where the bar goes: the terminal (stderr first, as tqdm does) or nowhere."""
+    if mode == "lines":
+        return None
+    for stream in (sys.stderr, sys.stdout):
+        if stream.isatty():
+            return stream
+    return sys.stderr if mode == "bar" else None
+
+
+class ConsoleProgress:
+    """Driver side: a thread drains the board, prints lines, redraws the bar in place."""
+
+    def __init__(
+        self,
+        fetch: Callable[[], tuple[list[tuple[str, Any]], dict[str, Any] | None]],
+        lines: TextIO,
+        bar: TextIO | None,
+        interval: float = POLL_INTERVAL_S,
+    ) -> None:
+        self._fetch = fetch
+        self._lines, self._bar = lines, bar
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._bar_shown = False
+        self._drawn: dict[str, Any] | None = None
+
+    def start(self) -> ConsoleProgress:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop polling, print what is still on the board, leave the cursor on a clean line."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.poll_once()
+        self._clear_bar()
+
+    def __enter__(self) -> ConsoleProgress:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.poll_once()
+
+    def poll_once(self) -> None:
+        try:
+            events, state = self._fetch()
+        except Exception:  # the board died with a failing run; Ray reports the failure itself
+            return
+        if events:
+            self._clear_bar()
+            for kind, payload in events:
+                print(render_event(kind, payload), file=self._lines, flush=True)
+        if (
+            state is not None
+            and self._bar is not None
+            and not (self._bar_shown and state == self._drawn)
+        ):
+            self._drawn = state
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            self._bar.write("\r" + format_bar(state, width) + "\x1b[K")
+            self._bar.flush()
+            self._bar_shown = True
+
+    def _clear_bar(self) -> None:
+        if self._bar is not None and self._bar_shown:
+            self._bar.write("\r\x1b[K")
+            self._bar.flush()
+            self._bar_shown = False
+
+
+def start_console(mode: str) -> tuple[Any, ConsoleProgress]:
+    """Create the board actor (0 CPUs, owned by this driver) and its console thread."""
+    import ray
+
+    board = ray.remote(num_cpus=0, max_concurrency=1)(ProgressBoard).remote()
+    console = ConsoleProgress(
+        lambda: ray.get(board.drain.remote(), timeout=30), sys.stdout, bar_stream(mode)
+    )
+    return board, console.start()

@@ -278,13 +278,13 @@ def trial_config(
 
 
 def run_trial(
-    params: dict[str, Any], *, base: dict, shards: str, pairs: Any, plan: dict, sweep_name: str
+    params: dict[str, Any], *, base: dict, pairs: Any, plan: dict, sweep_name: str
 ) -> None:
     """Tune trial function: build this trial's TorchTrainer and fit it (Train v2 pattern)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from controlnet_ray.launcher import ResourcePlan
+    from controlnet_ray.launcher import ResourcePlan, build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
@@ -299,35 +299,7 @@ def run_trial(
         cpus_per_worker=plan["cpus_per_worker"],
         torch_threads=plan["torch_threads"],
     )
-    trainer = build_trial_trainer(cfg, resources, Path(shards), pairs, TuneReportCallback())
-    trainer.fit()
-
-
-def build_trial_trainer(cfg: TrainConfig, resources: Any, shards: Path, pairs: Any, callback: Any):
-    """``launcher.build_trainer`` with the driver's pair datasets and Tune's report callback.
-
-    Uses the launcher's ``pairs=``/``callbacks=`` parameters when it has them; until then it
-    hands the prebuilt datasets over by standing in for ``build_pair_datasets`` (imported by
-    ``build_trainer`` at call time, in this trial's process only) and appends the callback to
-    the built trainer's RunConfig, which Train v2 reads again at ``fit()``.
-    """
-    import inspect
-
-    from controlnet_ray.data import pipeline
-    from controlnet_ray.launcher import build_trainer
-
-    accepted = inspect.signature(build_trainer).parameters
-    if "pairs" in accepted and "callbacks" in accepted:
-        return build_trainer(cfg, resources, shards, pairs=pairs, callbacks=[callback])
-    original = pipeline.build_pair_datasets
-    pipeline.build_pair_datasets = lambda *_args, **_kwargs: pairs
-    try:
-        trainer = build_trainer(cfg, resources, shards)
-    finally:
-        pipeline.build_pair_datasets = original
-    run_config = trainer.run_config
-    run_config.callbacks = [*(run_config.callbacks or []), callback]
-    return trainer
+    build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]).fit()
 
 
 def _trial_id(trial: Any) -> str:
@@ -411,7 +383,7 @@ def load_rungs(brackets: Sequence[Any], path: str) -> int:
     return restored
 
 
-def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, shards: Path, pairs: Any):
+def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any):
     """A new Tuner, or the interrupted sweep's when ``Tuner.can_restore`` finds it."""
     from ray import tune
 
@@ -419,7 +391,6 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, shards: Pa
         tune.with_parameters(
             run_trial,
             base=cfg.to_dict(),
-            shards=str(shards),
             pairs=pairs,
             plan=dataclasses.asdict(plan),
             sweep_name=opts.sweep_name,
@@ -685,18 +656,9 @@ def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
     return plan_sweep(cfg, opts, res.get("CPU", 0.0), res.get("GPU", 0.0), local=local)
 
 
-def build_pairs(cfg: TrainConfig, shards: Path) -> Any:
-    """The pair datasets, built once on the driver (outside any trial's placement group)."""
-    from controlnet_ray.data.pipeline import build_pair_datasets
-
-    pairs = build_pair_datasets(shards, cfg.data)
-    print(f"pairs: {pairs.num_train_pairs} train, {pairs.num_val_pairs} val", flush=True)
-    return pairs
-
-
 def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     """Prepare shards once, run (or resume) the sweep, print and write the ranked table."""
-    from controlnet_ray.launcher import absolute_paths, resolve_shards
+    from controlnet_ray.launcher import absolute_paths, build_pairs, resolve_shards
 
     t0 = time.time()
     cfg = absolute_paths(cfg)
@@ -707,7 +669,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
     shards = resolve_shards(cfg)
     pairs = build_pairs(cfg, shards)
-    tuner = make_tuner(cfg, opts, plan, shards, pairs)
+    tuner = make_tuner(cfg, opts, plan, pairs)
     grid = tuner.fit()
     rows = rank(summaries_from_grid(grid, cfg, opts))
     out_dir = Path(cfg.output.save_dir) / opts.sweep_name

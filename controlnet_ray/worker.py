@@ -7,9 +7,9 @@ original's files (written by rank 0 only).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from controlnet_ray import checkpoint as ckpt
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.engine import (
     EvalSums,
+    StepMetrics,
     TrainEngine,
     build_optimizer,
     build_scheduler,
@@ -32,6 +33,7 @@ from controlnet_ray.engine import (
     resolve_amp,
 )
 from controlnet_ray.model import apply_freezing, build_model, model_signature
+from controlnet_ray.progress import WorkerProgress
 from controlnet_ray.reporting import (
     TensorBoardReporter,
     curves_path,
@@ -65,12 +67,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _log(rank: int, msg: str) -> None:
-    """Rank 0 speaks once: Ray Train's print patch would log *and* echo a plain print."""
-    if rank == 0:
-        print(msg, file=sys.__stdout__, flush=True)
-
-
 class WorkerRun:
     """One worker's training run; methods are the steps of the loop, in order."""
 
@@ -79,6 +75,7 @@ class WorkerRun:
         self.num_train_pairs = int(loop_config["num_train_pairs"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.progress = WorkerProgress(loop_config.get("progress_board"), self.rank)
         torch.manual_seed(self.cfg.ray.seed + self.rank)
         threads = int(loop_config.get("torch_threads", 1))
         torch.set_num_threads(max(1, threads))
@@ -111,13 +108,10 @@ class WorkerRun:
         )
         if restored is not None:
             self._restore_optimizer(restored)
-        if self.rank == 0:
-            print(
-                f"rank 0 of {self.world}: pid {os.getpid()}, device {self.device}, "
-                f"{self.batches_per_epoch} batches/epoch; {self.amp.description}",
-                file=sys.__stdout__,
-                flush=True,
-            )
+        self.progress.message(
+            f"rank 0 of {self.world}: pid {os.getpid()}, device {self.device}, "
+            f"{self.batches_per_epoch} batches/epoch; {self.amp.description}"
+        )
 
     def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
         """Ray checkpoint of this run first (driver restart, worker failure), then --resume."""
@@ -128,8 +122,7 @@ class WorkerRun:
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
             self._adopt_history(state, start_epoch=int(state["epoch"]) + 1)
-            _log(
-                self.rank,
+            self.progress.message(
                 f"resumed from Ray checkpoint {ray_ckpt.path} at epoch {state['epoch']}"
                 f" (continuing at epoch {self.state.start_epoch})",
             )
@@ -139,7 +132,7 @@ class WorkerRun:
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
             plan = ckpt.plan_resume(state, self.cfg, self.trainable_names)
-            _log(self.rank, f"--resume {self.cfg.output.resume}: {plan.reason}")
+            self.progress.message(f"--resume {self.cfg.output.resume}: {plan.reason}")
             if plan.restore_optimizer:
                 self._adopt_history(state, start_epoch=plan.start_epoch)
                 return state
@@ -173,12 +166,14 @@ class WorkerRun:
         with reporter:
             for epoch in range(self.state.start_epoch, cfg.optim.epochs + 1):
                 t0 = time.time()
-                train_metrics = self._train_epoch(train_shard, reporter)
+                train_metrics = self._train_epoch(epoch, train_shard, reporter)
+                train_time = time.time() - t0
                 val_sums = self._validate(val_shard)
                 val_metrics = val_sums.means()
-                dt = time.time() - t0
-                train_metrics["samples_per_sec"] = train_metrics.pop("samples") / dt
-                train_metrics["epoch_time_s"] = dt
+                # Throughput over the training pass only (as benchmarks measure it); the
+                # epoch time includes validation.
+                train_metrics["samples_per_sec"] = train_metrics.pop("samples") / train_time
+                train_metrics["epoch_time_s"] = time.time() - t0
                 self._record(epoch, train_metrics, val_metrics, val_sums, reporter)
                 self._checkpoint_and_report(
                     epoch, train_metrics, val_metrics, time.time() - t_start
@@ -196,39 +191,18 @@ class WorkerRun:
             dtypes=torch.float32,
         )
 
-    def _train_epoch(self, shard, reporter: TensorBoardReporter) -> dict[str, float]:
+    def _train_epoch(self, epoch: int, shard, reporter: TensorBoardReporter) -> dict[str, float]:
         self.model.train()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, image, pose, samples
         n_batches = self.batches_per_epoch
+        t0 = time.time()
         for i, batch in enumerate(self._batches(shard, train=True)):
             if i >= n_batches:  # equal batch counts on every rank keep DDP in step
                 break
             m = self.engine.train_micro_batch(batch, is_last_in_epoch=i == n_batches - 1)
-            if m.skipped:
-                continue
-            sums += torch.tensor(
-                [
-                    m.loss * m.batch_size,
-                    m.image_loss * m.batch_size,
-                    m.pose_loss * m.batch_size,
-                    m.batch_size,
-                ],
-                dtype=torch.float64,
-            )
-            if (
-                self.rank == 0
-                and m.optimizer_step
-                and self.engine.optimizer_steps % STEP_LOG_EVERY == 0
-            ):
-                reporter.log_step(
-                    self.engine.optimizer_steps,
-                    {
-                        "Loss": m.loss,
-                        "ImageLoss": m.image_loss,
-                        "PoseLoss": m.pose_loss,
-                        "LearningRate": m.lr,
-                    },
-                )
+            if not m.skipped:
+                self._account(m, sums, reporter)
+            self._post_step(epoch, i + 1, sums, t0)
         sums = _all_reduce_sum(sums)
         n = max(sums[3].item(), 1.0)
         return {
@@ -237,6 +211,44 @@ class WorkerRun:
             "pose_loss": sums[2].item() / n,
             "samples": sums[3].item(),
         }
+
+    def _account(self, m: StepMetrics, sums: torch.Tensor, reporter: TensorBoardReporter) -> None:
+        """Add one micro-batch to the epoch sums; rank 0 logs every STEP_LOG_EVERY steps."""
+        n = m.batch_size
+        sums += torch.tensor(
+            [m.loss * n, m.image_loss * n, m.pose_loss * n, n], dtype=torch.float64
+        )
+        if (
+            self.rank == 0
+            and m.optimizer_step
+            and self.engine.optimizer_steps % STEP_LOG_EVERY == 0
+        ):
+            scalars = {
+                "Loss": m.loss,
+                "ImageLoss": m.image_loss,
+                "PoseLoss": m.pose_loss,
+                "LearningRate": m.lr,
+            }
+            reporter.log_step(self.engine.optimizer_steps, scalars)
+
+    def _post_step(self, epoch: int, step: int, sums: torch.Tensor, t0: float) -> None:
+        """Rank 0's in-epoch state for the driver's progress bar (local, unreduced figures)."""
+        if not self.progress.due(last=step == self.batches_per_epoch):
+            return
+        elapsed = time.time() - t0
+        samples = sums[3].item() * self.world
+        self.progress.step(
+            {
+                "epoch": epoch,
+                "epochs": self.cfg.optim.epochs,
+                "phase": "train",
+                "step": step,
+                "total": self.batches_per_epoch,
+                "loss": sums[0].item() / max(sums[3].item(), 1.0),
+                "samples_per_sec": samples / max(elapsed, 1e-9),
+                "elapsed_s": elapsed,
+            }
+        )
 
     def _validate(self, shard) -> EvalSums:
         sums = evaluate(
@@ -311,6 +323,14 @@ class WorkerRun:
             ray.train.report(metrics)
             return
         state = self._state_dict(epoch)
+        self._write_files(epoch, state)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.progress.epoch(metrics)
+
+    def _write_files(self, epoch: int, state: dict) -> None:
+        """Rank 0: the original's per-epoch files in --save_dir."""
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if epoch % self.cfg.output.save_interval == 0:
             ckpt.atomic_save(state, self.save_dir / f"checkpoint_epoch_{epoch}.pth")
@@ -324,9 +344,6 @@ class WorkerRun:
             self.state.train_history,
             self.state.val_history,
         )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def _write_final(self) -> None:
         state = self._state_dict(self.cfg.optim.epochs)
@@ -344,4 +361,7 @@ class WorkerRun:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # Train logs every report (all metrics, at INFO, past LoggingConfig's level) from this
+    # module; the driver already prints one line per epoch.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     WorkerRun(loop_config).run()

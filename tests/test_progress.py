@@ -1,0 +1,217 @@
+"""Console progress: bar formatting, the driver's console thread, rank 0's poster, and the CLI
+under a real pseudo-terminal (the bar appears) and a pipe (it does not)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from controlnet_ray import progress
+from controlnet_ray.progress import (
+    ConsoleProgress,
+    ProgressBoard,
+    WorkerProgress,
+    bar_stream,
+    format_bar,
+    format_epoch_line,
+)
+from tests.train_helpers import TINY, train_env
+
+EPOCH = {
+    "epoch": 2,
+    "epochs": 4,
+    "first_epoch": 1,
+    "train_loss": 0.5,
+    "train_image_loss": 0.4,
+    "train_pose_loss": 1.0,
+    "val_loss": 0.45,
+    "val_psnr": 14.25,
+    "val_ssim": 0.31,
+    "val_pose_mae_deg": 12.5,
+    "samples_per_sec": 30.0,
+    "epoch_time_s": 10.0,
+    "elapsed_s": 20.0,
+}
+STEP = {
+    "epoch": 2,
+    "epochs": 4,
+    "phase": "train",
+    "step": 3,
+    "total": 12,
+    "loss": 0.4321,
+    "samples_per_sec": 25.0,
+    "elapsed_s": 3.0,
+}
+
+
+def test_epoch_line_eta_counts_only_epochs_run_here():
+    line = format_epoch_line({**EPOCH, "first_epoch": 2, "elapsed_s": 10.0})
+    assert line.startswith("epoch 2/4") and "PSNR 14.25 dB" in line
+    assert line.endswith("ETA 20s")  # 10 s for the one epoch run here, two left
+
+
+def test_bar_shows_position_loss_rate_and_epoch_eta():
+    bar = format_bar(STEP, width=120)
+    assert bar.startswith("epoch 2/4 train [")
+    assert " 3/12 " in bar and "loss 0.4321" in bar and "25.0 samples/s" in bar
+    assert bar.endswith("epoch ETA 9s")  # 1 s a step, 9 steps left
+    cells = re.search(r"\[([#-]+)\]", bar).group(1)
+    assert cells.count("#") == round(len(cells) * 3 / 12)
+
+
+def test_bar_fits_the_terminal_width():
+    assert len(format_bar(STEP, width=40)) == 40
+    assert format_bar({**STEP, "step": 12}, width=200).count("-") == 0
+
+
+def test_board_drains_once_and_a_posted_line_ends_the_bar():
+    board = ProgressBoard()
+    board.step(STEP)
+    assert board.drain() == ([], STEP)
+    board.post("epoch", EPOCH)
+    assert board.drain() == ([("epoch", EPOCH)], None)
+    assert board.drain() == ([], None)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_redraws_bar_in_place_and_clears_it_before_lines():
+    feed = [([], STEP), ([("message", "hello")], {**STEP, "step": 4}), ([("epoch", EPOCH)], None)]
+    lines, bar = io.StringIO(), _Tty()
+    console = ConsoleProgress(lambda: feed.pop(0) if feed else ([], None), lines, bar)
+    console.poll_once()
+    assert bar.getvalue().startswith("\repoch 2/4 train [") and " 3/12 " in bar.getvalue()
+    console.poll_once()
+    assert lines.getvalue() == "hello\n"
+    assert "\r\x1b[K" in bar.getvalue() and " 4/12 " in bar.getvalue()
+    console.close()  # drains the epoch event, leaves the terminal line clean
+    assert lines.getvalue().splitlines()[1] == format_epoch_line(EPOCH)
+    assert bar.getvalue().endswith("\r\x1b[K")
+
+
+def test_console_without_terminal_prints_lines_only():
+    lines = io.StringIO()
+    console = ConsoleProgress(lambda: ([("message", "m")], STEP), lines, None)
+    console.poll_once()
+    assert lines.getvalue() == "m\n"
+
+
+def test_console_survives_a_dead_board():
+    def dead():
+        raise RuntimeError("actor died")
+
+    lines = io.StringIO()
+    ConsoleProgress(dead, lines, _Tty()).poll_once()
+    assert lines.getvalue() == ""
+
+
+def test_bar_stream_follows_mode_and_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert bar_stream("auto") is None and bar_stream("lines") is None
+    assert bar_stream("bar") is sys.stderr
+    monkeypatch.setattr(sys, "stdout", _Tty())
+    assert bar_stream("auto") is sys.stdout and bar_stream("lines") is None
+
+
+class _RecordingBoard:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.post = self._method("post")
+        self.step = self._method("step")
+
+    def _method(self, name: str):
+        board = self
+
+        class _Remote:
+            @staticmethod
+            def remote(*args):
+                board.calls.append((name, *args))
+
+        return _Remote()
+
+
+def test_worker_progress_posts_from_rank_0_only_and_throttles_steps(monkeypatch):
+    board = _RecordingBoard()
+    other = WorkerProgress(board, rank=1)
+    other.message("not me")
+    assert not other.due(last=True) and board.calls == []
+    p = WorkerProgress(board, rank=0)
+    clock = iter([100.0, 100.1, 100.2, 101.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    assert p.due()  # first step
+    assert not p.due()  # 0.1 s later
+    assert p.due(last=True)  # the last step always goes
+    assert p.due()  # POST_INTERVAL_S later
+    p.message("hi")
+    p.epoch(EPOCH)
+    assert board.calls == [("post", "message", "hi"), ("post", "epoch", EPOCH)]
+
+
+def test_worker_progress_without_board_prints_itself(capfd):
+    p = WorkerProgress(None, rank=0)
+    assert not p.due(last=True)
+    p.epoch(EPOCH)
+    assert capfd.readouterr().out == format_epoch_line(EPOCH) + "\n"
+
+
+# --- the CLI under a terminal ----------------------------------------------------------------
+
+PTY_ARGS = [*TINY, "--image_size", "96", "--batch_size", "2", "--save_dir", "ck"]
+
+
+def _run_in_pty(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdout/stderr; return (status, raw output)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlnet_ray.train", *args],
+        cwd=cwd,
+        env=dict(train_env(cwd), COLUMNS="160"),
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_cli_draws_bar_on_a_terminal_and_plain_epoch_lines(tmp_path: Path):
+    status, out = _run_in_pty(PTY_ARGS, tmp_path)
+    assert status == 0, out[-4000:]
+    frames = re.findall(r"\repoch (\d)/2 train \[[#-]+\] (\d+)/(\d+)", out)
+    assert frames, out[-4000:]
+    assert {int(total) for _, _, total in frames} == {24}  # 48 train pairs / batch 2
+    assert any(int(step) == 24 for _, step, _ in frames)
+    # Epoch lines and rank 0's messages come from the driver, without Ray's actor prefixes.
+    lines = out.replace("\r\x1b[K", "\n").splitlines()
+    assert any(line.startswith("epoch 2/2  train loss") for line in lines), out[-4000:]
+    assert any(line.startswith("rank 0 of 1: pid") for line in lines), out[-4000:]
