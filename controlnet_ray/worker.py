@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from controlnet_ray import checkpoint as ckpt
 from controlnet_ray.config import TrainConfig
+from controlnet_ray.data.prefetch import FirstItemPrefetch
 from controlnet_ray.engine import (
     EvalSums,
     StepMetrics,
@@ -163,11 +165,14 @@ class WorkerRun:
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
         t_start = time.time()
+        next_batches = self._prefetched_train_batches(train_shard)
         with reporter:
             for epoch in range(self.state.start_epoch, cfg.optim.epochs + 1):
                 t0 = time.time()
-                train_metrics = self._train_epoch(epoch, train_shard, reporter)
+                train_metrics = self._train_epoch(epoch, next_batches, reporter)
                 train_time = time.time() - t0
+                if epoch < cfg.optim.epochs:  # the next epoch's data starts during validation
+                    next_batches = self._prefetched_train_batches(train_shard)
                 val_sums = self._validate(val_shard)
                 val_metrics = val_sums.means()
                 # Throughput over the training pass only (as benchmarks measure it); the
@@ -191,12 +196,17 @@ class WorkerRun:
             dtypes=torch.float32,
         )
 
-    def _train_epoch(self, epoch: int, shard, reporter: TensorBoardReporter) -> dict[str, float]:
+    def _prefetched_train_batches(self, shard) -> FirstItemPrefetch:
+        return FirstItemPrefetch(lambda: self._batches(shard, train=True))
+
+    def _train_epoch(
+        self, epoch: int, batches: Iterable[dict], reporter: TensorBoardReporter
+    ) -> dict[str, float]:
         self.model.train()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, image, pose, samples
         n_batches = self.batches_per_epoch
         t0 = time.time()
-        for i, batch in enumerate(self._batches(shard, train=True)):
+        for i, batch in enumerate(batches):
             if i >= n_batches:  # equal batch counts on every rank keep DDP in step
                 break
             m = self.engine.train_micro_batch(batch, is_last_in_epoch=i == n_batches - 1)
@@ -358,10 +368,17 @@ class WorkerRun:
         )
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs every report, all metrics, at INFO through a logger named after its source
+    file, so ``LoggingConfig(log_level=...)`` misses it; the driver prints one line per epoch."""
+    from ray.train.v2._internal.execution import context
+
+    if isinstance(getattr(context, "logger", None), logging.Logger):
+        context.logger.setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # Train logs every report (all metrics, at INFO, past LoggingConfig's level) from this
-    # module; the driver already prints one line per epoch.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     WorkerRun(loop_config).run()

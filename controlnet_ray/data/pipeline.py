@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +59,27 @@ def pair_kwargs(cfg: DataConfig) -> dict[str, object]:
     }
 
 
+def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
+    """PNG/JPEG bytes of equal-size images -> float32 NCHW RGB in [-1, 1].
+
+    Raises instead of returning zeros. The conversion is one OpenCV pass (BGR->RGB, scale,
+    HWC->CHW), a third of the cost of numpy's strided astype, which matters because this runs
+    every epoch on the CPU that Ray Data shares with the training workers.
+    """
+    images = []
+    for i, data in enumerate(blobs):
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if arr is None:
+            raise ValueError(f"undecodable image bytes in shard (image {i} of {len(blobs)})")
+        images.append(arr)
+    return cv2.dnn.blobFromImages(
+        images, scalefactor=1 / 127.5, mean=(127.5, 127.5, 127.5), swapRB=True
+    )
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 CHW RGB in [-1, 1]; raises instead of returning zeros."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError("undecodable image bytes in shard")
-    rgb = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-    return (rgb.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+    """One image's bytes -> float32 CHW RGB in [-1, 1]."""
+    return decode_images([data])[0]
 
 
 def decode_pairs(batch: dict[str, np.ndarray], flip: bool = False) -> dict[str, np.ndarray]:
@@ -74,8 +89,8 @@ def decode_pairs(batch: dict[str, np.ndarray], flip: bool = False) -> dict[str, 
     consistent with the pose convention (pitch is unchanged by a left-right mirror). Fresh
     randomness per batch, so every epoch sees different mirrors.
     """
-    source = np.stack([decode_image(b) for b in batch["source"]])
-    target = np.stack([decode_image(b) for b in batch["target"]])
+    source = decode_images(batch["source"])
+    target = decode_images(batch["target"])
     source_pose = np.stack(batch["source_pose"]).astype(np.float32)
     target_pose = np.stack(batch["target_pose"]).astype(np.float32)
     if flip:
