@@ -106,6 +106,11 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # A local Ray shares the machine with the training workers: without Prometheus metrics
+        # collection and event-loop stats its processes use measurably less CPU (2 DDP workers
+        # on 2 cores got 86 % of a core each instead of 80 %). The environment can override.
+        for name in ("RAY_enable_metrics_collection", "RAY_event_stats"):
+            os.environ.setdefault(name, "false")
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
         ray.init(num_cpus=plan_cpus, log_to_driver=True)
