@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlnet_ray.config import ConfigError, TrainConfig
-from controlnet_ray.progress import start_console
 
 if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
@@ -156,12 +155,13 @@ def build_trainer(
     """The TorchTrainer for this run (Train v2 API).
 
     ``progress_board``: the driver's console actor (see :mod:`controlnet_ray.progress`); without
-    one rank 0 prints its lines itself. ``callbacks``: extra Train callbacks (Tune's reporter).
+    one the lines are printed where they arise. ``callbacks``: extra Train callbacks (Tune's).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
+    from controlnet_ray.progress import EpochLines
     from controlnet_ray.worker import train_loop_per_worker
 
     scaling = ScalingConfig(
@@ -179,7 +179,7 @@ def build_trainer(
         ),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         logging_config=LoggingConfig(log_level="WARNING"),
-        callbacks=list(callbacks),
+        callbacks=[EpochLines(progress_board), *callbacks],
     )
     loop_config = {
         "config": cfg.to_dict(),
@@ -282,6 +282,8 @@ def run_training(cfg: TrainConfig) -> object:
         f"{cfg.optim.gradient_accumulation_steps} accumulation = {cfg.effective_batch_size()}",
         flush=True,
     )
+    from controlnet_ray.progress import start_console
+
     shards = resolve_shards(cfg)
     pairs = build_pairs(cfg, shards)
     board, console = start_console(cfg.output.progress)

@@ -1,13 +1,12 @@
-"""Console progress: rank 0 posts to a board actor; the driver prints lines and draws a bar.
+"""Console progress: a board actor collects lines and step state; the driver prints them.
 
 Why a board: Ray forwards worker and controller output line by line, each line prefixed with
 the actor's name and pid, so a ``\\r`` progress bar cannot render from a worker and the
-per-epoch lines come out wrapped in Ray's prefixes. Rank 0 instead posts its messages, epoch
-metrics and in-epoch step state to a tiny actor (no CPU reserved) owned by the driver; a thread
-on the driver drains it and writes plain lines to stdout and, where a terminal is attached,
-a bar to the terminal. Without a board (Tune trials) rank 0 prints the same lines itself.
-
-Nothing here imports Ray at module level: the formatting and the console are plain Python.
+per-epoch lines come out wrapped in Ray's prefixes. Instead rank 0 posts its messages and its
+in-epoch step state, and Train's controller posts each epoch's metrics once it has registered
+that report and its checkpoint, to a tiny actor (no CPU reserved) owned by the driver; a thread
+on the driver drains it and writes plain lines to stdout and, where a terminal is attached, a
+bar to the terminal. Without a board (Tune trials) the same lines are printed where they arise.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from ray.train import UserCallback
 
 POST_INTERVAL_S = 0.5  # rank 0 posts step state at most this often
 POLL_INTERVAL_S = 0.5  # the driver drains the board this often
@@ -86,9 +87,6 @@ class WorkerProgress:
     def message(self, text: str) -> None:
         self._event("message", text)
 
-    def epoch(self, metrics: dict[str, Any]) -> None:
-        self._event("epoch", metrics)
-
     def due(self, last: bool = False) -> bool:
         """Whether to post step state now: at most every POST_INTERVAL_S, and the last step."""
         if not self.enabled or self.board is None:
@@ -111,6 +109,25 @@ class WorkerProgress:
             print(render_event(kind, payload), file=sys.__stdout__, flush=True)
         else:
             self.board.post.remote(kind, payload)
+
+
+class EpochLines(UserCallback):
+    """Train callback, run in the controller after it registered a report and its checkpoint.
+
+    Posting the epoch line from here, not from rank 0, means a printed epoch is a saved epoch:
+    a run killed right after the line resumes after that epoch.
+    """
+
+    def __init__(self, board: Any | None = None) -> None:
+        self.board = board
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if not metrics or "val_psnr" not in metrics[0]:
+            return
+        if self.board is None:
+            print(format_epoch_line(metrics[0]), flush=True)
+        else:
+            self.board.post.remote("epoch", metrics[0])
 
 
 def bar_stream(mode: str) -> TextIO | None:

@@ -161,6 +161,9 @@ class WorkerRun:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
+        if self.state.start_epoch > cfg.optim.epochs:
+            self._report_finished_run()
+            return
         reporter = TensorBoardReporter(cfg.output.log_dir, enabled=self.rank == 0)
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
@@ -313,8 +316,21 @@ class WorkerRun:
             trainable=self.trainable_names,
         )
 
-    def _checkpoint_and_report(self, epoch: int, train: dict, val: dict, elapsed: float) -> None:
-        metrics = {
+    def _report_finished_run(self) -> None:
+        """The Ray checkpoint is the last epoch (e.g. a driver or Tune restarted after it): say
+        so, report that epoch's metrics again for whoever waits on a result (Tune), and write
+        the final files in case the run was stopped before it did."""
+        s, epoch = self.state, self.state.start_epoch - 1
+        self.progress.message(f"nothing to train: the run already reached epoch {epoch}")
+        if not (s.train_history and s.val_history):
+            return
+        ray.train.report(self._epoch_metrics(epoch, s.train_history[-1], s.val_history[-1], 0.0))
+        if self.rank == 0:
+            self._write_final()
+
+    def _epoch_metrics(self, epoch: int, train: dict, val: dict, elapsed: float) -> dict:
+        """What each epoch reports to Ray (and what the console line shows)."""
+        return {
             "epoch": epoch,
             "epochs": self.cfg.optim.epochs,
             "first_epoch": self.state.start_epoch,
@@ -329,6 +345,9 @@ class WorkerRun:
             "epoch_time_s": train["epoch_time_s"],
             "elapsed_s": elapsed,
         }
+
+    def _checkpoint_and_report(self, epoch: int, train: dict, val: dict, elapsed: float) -> None:
+        metrics = self._epoch_metrics(epoch, train, val, elapsed)
         if self.rank != 0:
             ray.train.report(metrics)
             return
@@ -337,7 +356,6 @@ class WorkerRun:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        self.progress.epoch(metrics)
 
     def _write_files(self, epoch: int, state: dict) -> None:
         """Rank 0: the original's per-epoch files in --save_dir."""

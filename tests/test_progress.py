@@ -18,6 +18,7 @@ import pytest
 from controlnet_ray import progress
 from controlnet_ray.progress import (
     ConsoleProgress,
+    EpochLines,
     ProgressBoard,
     WorkerProgress,
     bar_stream,
@@ -156,15 +157,24 @@ def test_worker_progress_posts_from_rank_0_only_and_throttles_steps(monkeypatch)
     assert p.due(last=True)  # the last step always goes
     assert p.due()  # POST_INTERVAL_S later
     p.message("hi")
-    p.epoch(EPOCH)
-    assert board.calls == [("post", "message", "hi"), ("post", "epoch", EPOCH)]
+    p.step(STEP)
+    assert board.calls == [("post", "message", "hi"), ("step", STEP)]
 
 
 def test_worker_progress_without_board_prints_itself(capfd):
     p = WorkerProgress(None, rank=0)
     assert not p.due(last=True)
-    p.epoch(EPOCH)
-    assert capfd.readouterr().out == format_epoch_line(EPOCH) + "\n"
+    p.message("resumed from somewhere")
+    assert capfd.readouterr().out == "resumed from somewhere\n"
+
+
+def test_epoch_lines_callback_posts_epochs_only(capsys):
+    board = _RecordingBoard()
+    EpochLines(board).after_report(None, [EPOCH, EPOCH], checkpoint=None)
+    EpochLines(board).after_report(None, [{"epoch": 1}], checkpoint=None)  # not an epoch report
+    assert board.calls == [("post", "epoch", EPOCH)]
+    EpochLines(None).after_report(None, [EPOCH], checkpoint=None)  # Tune: print in place
+    assert capsys.readouterr().out == format_epoch_line(EPOCH) + "\n"
 
 
 # --- the CLI under a terminal ----------------------------------------------------------------
