@@ -492,6 +492,10 @@ def _status(error: str | None, has_results: bool, stopped: bool) -> str:
     return "stopped early" if stopped else "finished"
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _finite(v: Any) -> bool:
     try:
         return math.isfinite(float(v))
@@ -589,7 +593,8 @@ def merge_history(*sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             merged = by_epoch.setdefault(int(row[TIME_ATTR]), {})
             for key, value in row.items():
-                merged.setdefault(key, value)
+                if not _missing(value):  # pandas fills a column a row lacks with NaN
+                    merged.setdefault(key, value)
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

@@ -234,6 +234,15 @@ def test_history_merges_tune_rows_with_the_full_run_history():
     assert (best.best_val_psnr, best.checkpoint, best.epochs_run) == (13.0, "/ck/e1", 2)
 
 
+def test_history_merge_lets_a_later_source_fill_a_missing_value():
+    """A finished run restored by Tune re-reports its last epoch without a checkpoint: pandas
+    gives that row checkpoint_path NaN, which must not hide the Train run's path."""
+    tune_rows = [{"epoch": 2, "val_psnr": 14.0, "checkpoint_path": float("nan")}]
+    train_rows = [{"epoch": 2, "val_psnr": 14.0, "checkpoint_path": "/ck/e2"}]
+    merged = merge_history(tune_rows, train_rows)
+    assert merged == [{"epoch": 2, "val_psnr": 14.0, "checkpoint_path": "/ck/e2"}]
+
+
 def test_results_are_written_as_json_and_csv_with_the_best_config(tmp_path: Path):
     cfg, opts = parse("--sweep_name", "sw")
     p = {"loss_type": "combined", "pose_loss_weight": 0.5, "lr": 2e-4}
