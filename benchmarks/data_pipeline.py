@@ -65,9 +65,16 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--loader_workers", type=int, default=1)
+    p.add_argument(
+        "--pair_mode",
+        default="any",
+        choices=("any", "front_to_video"),
+        help="'any' (default) gives ~12x the pairs of the training default, so that an epoch "
+        "lasts seconds and per-epoch start-up does not dominate the rate",
+    )
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    cfg = DataConfig(batch_size=args.batch_size)
+    cfg = DataConfig(batch_size=args.batch_size, pair_mode=args.pair_mode)
     shards = args.shards
     if shards is None:
         from controlnet_ray.config import TrainConfig
