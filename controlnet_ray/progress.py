@@ -76,6 +76,14 @@ def render_event(kind: str, payload: Any) -> str:
     return format_epoch_line(payload) if kind == "epoch" else str(payload)
 
 
+def post_or_print(board: Any | None, kind: str, payload: Any, file: TextIO | None) -> None:
+    """Post an event to the driver's board, or print its line in place where there is none."""
+    if board is None:
+        print(render_event(kind, payload), file=file, flush=True)
+    else:
+        board.post.remote(kind, payload)
+
+
 class WorkerProgress:
     """Rank 0's side: posts to the board when there is one, else prints the lines itself."""
 
@@ -102,13 +110,9 @@ class WorkerProgress:
         self.board.step.remote(state)
 
     def _event(self, kind: str, payload: Any) -> None:
-        if not self.enabled:
-            return
-        if self.board is None:
+        if self.enabled:
             # sys.__stdout__: Ray Train's print patch would both log and echo a plain print.
-            print(render_event(kind, payload), file=sys.__stdout__, flush=True)
-        else:
-            self.board.post.remote(kind, payload)
+            post_or_print(self.board, kind, payload, sys.__stdout__)
 
 
 class EpochLines(UserCallback):
@@ -122,12 +126,8 @@ class EpochLines(UserCallback):
         self.board = board
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if not metrics or "val_psnr" not in metrics[0]:
-            return
-        if self.board is None:
-            print(format_epoch_line(metrics[0]), flush=True)
-        else:
-            self.board.post.remote("epoch", metrics[0])
+        if metrics and "val_psnr" in metrics[0]:
+            post_or_print(self.board, "epoch", metrics[0], None)
 
 
 def bar_stream(mode: str) -> TextIO | None:
@@ -155,8 +155,7 @@ class ConsoleProgress:
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
-        self._bar_shown = False
-        self._drawn: dict[str, Any] | None = None
+        self._drawn: dict[str, Any] | None = None  # the state on screen; None: no bar shown
 
     def start(self) -> ConsoleProgress:
         self._thread.start()
@@ -169,12 +168,6 @@ class ConsoleProgress:
             self._thread.join(timeout=10)
         self.poll_once()
         self._clear_bar()
-
-    def __enter__(self) -> ConsoleProgress:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -189,22 +182,17 @@ class ConsoleProgress:
             self._clear_bar()
             for kind, payload in events:
                 print(render_event(kind, payload), file=self._lines, flush=True)
-        if (
-            state is not None
-            and self._bar is not None
-            and not (self._bar_shown and state == self._drawn)
-        ):
+        if state is not None and self._bar is not None and state != self._drawn:
             self._drawn = state
             width = shutil.get_terminal_size((100, 24)).columns - 1
             self._bar.write("\r" + format_bar(state, width) + "\x1b[K")
             self._bar.flush()
-            self._bar_shown = True
 
     def _clear_bar(self) -> None:
-        if self._bar is not None and self._bar_shown:
+        if self._bar is not None and self._drawn is not None:
             self._bar.write("\r\x1b[K")
             self._bar.flush()
-            self._bar_shown = False
+            self._drawn = None
 
 
 def start_console(mode: str) -> tuple[Any, ConsoleProgress]:
