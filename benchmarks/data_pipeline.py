@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from controlnet_ray.config import DataConfig
+from controlnet_ray.config import PAIR_MODES, DataConfig
 from controlnet_ray.data.pipeline import (
     build_pair_datasets,
     decode_pairs,
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument(
         "--pair_mode",
         default="any",
-        choices=("any", "front_to_video"),
+        choices=PAIR_MODES,
         help="'any' (default) gives ~12x the pairs of the training default, so that an epoch "
         "lasts seconds and per-epoch start-up does not dominate the rate",
     )

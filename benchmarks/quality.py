@@ -62,7 +62,13 @@ from common import assert_no_ray, pick_device  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
+from controlnet_ray.config import (  # noqa: E402
+    LOSS_TYPES,
+    PAIR_MODES,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+)
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.engine import (  # noqa: E402
     TrainEngine,
@@ -121,13 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup_frac", type=float, default=0.03, help="warm-up share of the budget")
     p.add_argument(
         "--pair_mode",
-        choices=("front_to_video", "any"),
+        choices=PAIR_MODES,
         default="front_to_video",
         help="training pairs (evaluation is always front_to_video)",
     )
     p.add_argument("--min_pose_distance", type=float, default=5.0)
     p.add_argument("--max_pose_distance", type=float, default=90.0)
-    p.add_argument("--loss_type", choices=("mse", "l1", "combined"), default="mse")
+    p.add_argument("--loss_type", choices=LOSS_TYPES, default="mse")
     p.add_argument("--pose_loss_weight", type=float, default=0.1)
     p.add_argument("--base_channels", type=int, default=32)
     p.add_argument("--feature_dim", type=int, default=512)

@@ -21,6 +21,7 @@ IRESNET_DEPTHS = (18, 34, 50, 100)
 PAIR_MODES = ("front_to_video", "any")
 BEST_METRICS = ("val_psnr", "val_loss")
 PROGRESS_MODES = ("auto", "bar", "lines")
+DEVICE_CHOICES = ("cpu", "cuda", "auto")  # --device of the inference CLIs and benchmarks
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from controlnet_ray.config import LOSS_TYPES, OptimConfig
+from controlnet_ray.config import DEVICE_CHOICES, LOSS_TYPES, OptimConfig
 from controlnet_ray.metrics import pose_abs_error_deg, psnr_per_image, ssim_per_image
 
 Batch = Mapping[str, torch.Tensor]
@@ -49,8 +49,6 @@ def pose_scale_deg() -> float:
 
 
 # --------------------------------------------------------------------------- device
-
-DEVICE_CHOICES = ("cpu", "cuda", "auto")
 
 
 class DeviceError(ValueError):

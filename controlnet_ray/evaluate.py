@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from controlnet_ray.config import ConfigError
+from controlnet_ray.config import DEVICE_CHOICES, PAIR_MODES, ConfigError
 from controlnet_ray.data.detect import DetectorError
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.inference import AXES, InferenceError, check_output_path, run_cli
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=1, help="shard preparation processes")
     p.add_argument(
         "--pair_mode",
-        choices=("front_to_video", "any"),
+        choices=PAIR_MODES,
         default=None,
         help="default: the checkpoint's",
     )
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grid_pairs", type=int, default=8, help="pairs shown in the grid PNG")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     return p
 
 

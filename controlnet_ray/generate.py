@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from controlnet_ray.config import DEVICE_CHOICES
 from controlnet_ray.data.detect import DETECTORS, DetectorError
 from controlnet_ray.inference import (
     AXES,
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument("--detector", choices=DETECTORS, default="auto", help="face detector (auto)")
     p.add_argument("--face_models", default=None, help="InsightFace model-pack folder (buffalo_l)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     return p
 
 

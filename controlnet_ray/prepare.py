@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from controlnet_ray.config import PAIR_MODES
 from controlnet_ray.data.layout import DataError
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("TRAIN", "VAL", "TEST"),
         help="person-level split ratios",
     )
-    p.add_argument("--pair_mode", choices=("front_to_video", "any"), default="front_to_video")
+    p.add_argument("--pair_mode", choices=PAIR_MODES, default="front_to_video")
     p.add_argument("--min_pose_distance", type=float, default=5.0)
     p.add_argument("--max_pose_distance", type=float, default=90.0)
     return p

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from controlnet_ray.config import DEVICE_CHOICES
 from controlnet_ray.data.detect import (
     DETECTORS,
     DetectedFace,
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dlib landmark model: 5 (default, permissive licence) or 68 (iBUG "
         "300-W data: non-commercial licence)",
     )
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="cpu")
     p.add_argument("--feature_dim", type=int, default=512, help="written into the metadata")
     p.add_argument("--overwrite", action="store_true", help="replace existing metadata in --out")
     return p

@@ -51,7 +51,7 @@ class SweepOptions:
     """The search space and how the sweep is run (everything that is not a training flag)."""
 
     sweep_name: str = "controlnet_sweep"
-    loss_types: tuple[str, ...] = ("mse", "l1", "combined")
+    loss_types: tuple[str, ...] = LOSS_TYPES
     pose_loss_weights: tuple[float, ...] = (0.01, 0.1, 0.5)
     lrs: tuple[float, ...] | None = None  # None: the training flag --lr for every trial
     num_samples: int = 1  # repeats of every grid point, seeds --seed + 0..num_samples-1

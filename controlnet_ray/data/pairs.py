@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from controlnet_ray.config import PAIR_MODES
 from controlnet_ray.data.layout import DataError
 
 SPLITS = ("train", "val", "test")
-PAIR_MODES = ("front_to_video", "any")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 
 
