@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from controlnet_ray.config import (
     BEST_METRICS,
     ENCODERS,
+    FRAMINGS,
     IRESNET_DEPTHS,
     LOSS_TYPES,
     PAIR_MODES,
@@ -131,6 +132,14 @@ def _add_additions(
         metavar=("TRAIN", "VAL", "TEST"),
     )
     _flag(g, "data", "skip_bad_images", "skip unreadable images (counted) instead of failing")
+    _add(
+        g,
+        "data",
+        "framing",
+        default=d.framing,
+        help=f"crop framing, one of {{{','.join(FRAMINGS)}}}: head = the fitted 3D head at the "
+        "same place and size at every pose; arcface = 5-point ArcFace alignment",
+    )
     _add(
         g,
         "data",

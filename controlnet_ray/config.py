@@ -19,6 +19,7 @@ LOSS_TYPES = ("mse", "l1", "combined")
 ENCODERS = ("auto", "iresnet", "resnet50", "cnn")
 IRESNET_DEPTHS = (18, 34, 50, 100)
 PAIR_MODES = ("front_to_video", "any")
+FRAMINGS = ("head", "arcface")
 BEST_METRICS = ("val_psnr", "val_loss")
 PROGRESS_MODES = ("auto", "bar", "lines")
 DEVICE_CHOICES = ("cpu", "cuda", "auto")  # --device of the inference CLIs and benchmarks
@@ -42,6 +43,9 @@ class DataConfig:
     max_pose_distance: float = 90.0
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     skip_bad_images: bool = False
+    # crop framing: "head" centres the fitted 3D head (same place and size at every pose);
+    # "arcface" is the 5-point similarity alignment identity encoders were trained on
+    framing: Literal["head", "arcface"] = "head"
     cache_dir: str | None = (
         None  # shards and the synthetic dataset; default ~/.cache/controlnet_ray
     )
@@ -208,6 +212,7 @@ def _validate(cfg: TrainConfig) -> None:
     if d.image_dir is not None and not Path(d.image_dir).is_dir():
         raise ConfigError(f"--image_dir does not exist or is not a directory: {d.image_dir}")
     _choice(d.pair_mode, "--pair_mode", PAIR_MODES)
+    _choice(d.framing, "--framing", FRAMINGS)
     if not 0 <= d.min_pose_distance <= d.max_pose_distance:
         raise ConfigError(
             "--min_pose_distance/--max_pose_distance must satisfy 0 <= min <= max, got "

@@ -13,10 +13,12 @@ from PIL import Image
 
 from controlnet_ray import prepare
 from controlnet_ray.config import DataConfig
-from controlnet_ray.data import shards
+from controlnet_ray.data import align, shards
 from controlnet_ray.data.align import align_face
+from controlnet_ray.data.geometry import head_to_camera, project, rotation_from_ypr
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import split_persons
+from controlnet_ray.data.pose import MEAN_FACE_3D
 from controlnet_ray.data.shards import (
     ensure_shards,
     fingerprint_source,
@@ -65,6 +67,8 @@ def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
 
     table = read_shard_table(out)
     assert table.schema.field("keypoints").type == pa.list_(pa.float32(), 15)
+    assert table.schema.field("landmarks").type == pa.list_(pa.float32(), 10)
+    assert manifest.framing == "head"
     assert table.schema.field("frame_index").type == pa.int32()
     assert table.schema.field("image").type == pa.binary()
     rows = table.to_pylist()
@@ -76,7 +80,15 @@ def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
         rel = r["image_path"].replace("\\", "/")
         record = next(x for x in fx.fronts + fx.videos if x.image_relpath == rel)
         source = np.asarray(Image.open(fx.image(rel)).convert("RGB"))
-        assert np.array_equal(crop, align_face(source, record.landmarks_2d, 112))
+        # head framing: scale + shift only; the landmarks column is the source landmarks in crop
+        # pixels, so it pins the transform, and the crop is that transform of the source
+        src_lm = np.asarray(record.landmarks_2d, np.float64).reshape(5, 2)
+        crop_lm = np.asarray(r["landmarks"], np.float64).reshape(5, 2)
+        scale = np.linalg.norm(crop_lm[1] - crop_lm[0]) / np.linalg.norm(src_lm[1] - src_lm[0])
+        shift = (crop_lm - scale * src_lm).mean(axis=0)
+        np.testing.assert_allclose(crop_lm, scale * src_lm + shift, atol=1e-3)
+        matrix = np.array([[scale, 0.0, shift[0]], [0.0, scale, shift[1]]])
+        assert np.abs(crop.astype(int) - align.crop(source, matrix, 112).astype(int)).max() <= 1
         assert all(np.isfinite([r["yaw"], r["pitch"], r["roll"]]))
         truth = fx.true_poses[rel]
         assert abs(r["yaw"] - truth[0]) < 15, (rel, r["yaw"], truth)
@@ -88,6 +100,41 @@ def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
             r["keypoints"], kp["front"][by_path[r["image_path"]]].ravel(), 1e-6
         )
     assert len(read_shard_table(out, split="val")) == manifest.counts["val"]["images"]
+
+
+def test_arcface_framing_keeps_the_5_point_alignment(fx, tmp_path):
+    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, framing="arcface")
+    assert manifest.framing == "arcface" and "ArcFace" in manifest.alignment
+    for r in read_shard_table(tmp_path / "s").to_pylist()[:6]:
+        crop = cv2.cvtColor(cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1), cv2.COLOR_BGR2RGB)
+        rel = r["image_path"].replace("\\", "/")
+        record = next(x for x in fx.fronts + fx.videos if x.image_relpath == rel)
+        source = np.asarray(Image.open(fx.image(rel)).convert("RGB"))
+        assert np.array_equal(crop, align_face(source, record.landmarks_2d, 112))
+
+
+@pytest.mark.parametrize("pose", [(0, 0, 0), (65, -10, 5), (-60, 25, -15), (20, -30, 20)])
+def test_head_framing_puts_the_head_centre_at_the_same_place_and_size(pose):
+    """Noise-free landmarks of the mean face: the crop centre is the projected head centre and
+    the crop side is 2 HEAD_HALF_SIZE_MM at its depth, whatever the pose and distance."""
+    w, h, size = 640.0, 480.0, 112
+    for trans in ([30.0, -20.0, 600.0], [-80.0, 40.0, 900.0]):
+        rot = rotation_from_ypr(*pose)
+        lm = project(head_to_camera(MEAN_FACE_3D, rot, np.array(trans)), w, h)
+        m = align.head_crop_matrix(lm, np.array(pose, float), w, h, MEAN_FACE_3D, size)
+        centre_cam = head_to_camera(align.HEAD_CENTER_MM[None], rot, np.array(trans))
+        centre = project(centre_cam, w, h)[0]
+        np.testing.assert_allclose(m[:, :2] @ centre + m[:, 2], [size / 2, size / 2], atol=1e-6)
+        half_px = w * align.HEAD_HALF_SIZE_MM / centre_cam[0, 2]
+        np.testing.assert_allclose(m[0, 0] * 2 * half_px, size, rtol=1e-9)
+        assert m[0, 1] == m[1, 0] == 0.0  # upright: roll stays in the image
+
+
+def test_a_head_crop_mostly_outside_the_image_is_a_bad_image(fx, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MIN_INSIDE_FRACTION", 1.01)  # no crop can satisfy it
+    with pytest.raises(DataError, match=r"person '.*': landmarks_2d: only 100% of the head crop"):
+        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    assert not (tmp_path / "s").exists()
 
 
 def test_cli_accepts_the_original_docs_form(fx, tmp_path, monkeypatch, capsys):

@@ -44,7 +44,13 @@ from PIL import Image
 
 from controlnet_ray.config import DataConfig
 from controlnet_ray.data import geometry
-from controlnet_ray.data.align import align_face
+from controlnet_ray.data.align import (
+    FRAMINGS,
+    alignment_matrix,
+    crop,
+    crop_inside_fraction,
+    head_crop_matrix,
+)
 from controlnet_ray.data.layout import (
     FRONT_METADATA,
     SOURCE_FILES,
@@ -67,7 +73,7 @@ from controlnet_ray.data.pairs import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: head-centred framing, landmarks in crop pixels
 MAX_ROWS_PER_SHARD = 2000
 MANIFEST = "manifest.json"
 _CHUNK = 32  # images per worker task: amortises IPC, keeps the progress bar moving
@@ -82,15 +88,24 @@ SHARD_SCHEMA = pa.schema(
         ("image_path", pa.string()),
         ("image", pa.binary()),
         ("keypoints", pa.list_(pa.float32(), 15)),
+        ("landmarks", pa.list_(pa.float32(), 10)),  # the five landmarks in crop pixels
         ("yaw", pa.float32()),
         ("pitch", pa.float32()),
         ("roll", pa.float32()),
     ]
 )
-ALIGNMENT = (
-    "ArcFace 5-point similarity (insightface.utils.face_align.estimate_norm; 112 template "
-    "scaled by image_size/112), RGB, PNG, black outside the source image"
-)
+ALIGNMENTS = {
+    "head": (
+        "head-centred: centre = projected head centre of the fitted 3D pose "
+        "(align.HEAD_CENTER_MM), side = 2 * align.HEAD_HALF_SIZE_MM at its depth, upright "
+        "(roll stays in the image), RGB, PNG, black outside the source image"
+    ),
+    "arcface": (
+        "ArcFace 5-point similarity (insightface.utils.face_align.estimate_norm; 112 template "
+        "scaled by image_size/112), RGB, PNG, black outside the source image"
+    ),
+}
+MIN_INSIDE_FRACTION = 0.5  # a crop mostly outside its source image is a data error
 
 
 @dataclass
@@ -111,7 +126,8 @@ class Manifest:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     skipped_count: int = 0
     conventions: str = ""
-    alignment: str = ALIGNMENT
+    alignment: str = ALIGNMENTS["head"]
+    framing: str = "head"
     created_at: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,9 +178,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def settings_hash(split_ratios: Sequence[float]) -> str:
-    """8 hex digits of the normalised ratios + schema version (part of the cache key)."""
-    doc = {"ratios": [round(r, 9) for r in normalise_ratios(split_ratios)], "v": SCHEMA_VERSION}
+def settings_hash(split_ratios: Sequence[float], framing: str = "head") -> str:
+    """8 hex digits of the normalised ratios, framing and schema version (part of the cache key);
+    a schema change therefore rebuilds old caches instead of misreading them."""
+    doc = {
+        "ratios": [round(r, 9) for r in normalise_ratios(split_ratios)],
+        "v": SCHEMA_VERSION,
+        "framing": framing,
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -185,10 +206,10 @@ def _decode_rgb(path: str, expected: tuple[int, int]) -> np.ndarray:
         return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
-def _align_one(path: str, landmarks: np.ndarray, size: tuple[int, int], image_size: int) -> bytes:
-    crop = align_face(_decode_rgb(path, size), landmarks, image_size)
+def _align_one(path: str, matrix: np.ndarray, size: tuple[int, int], image_size: int) -> bytes:
+    rgb = crop(_decode_rgb(path, size), matrix, image_size)
     ok, buf = cv2.imencode(
-        ".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+        ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
     )
     if not ok:
         raise ValueError("PNG encoding failed")
@@ -199,9 +220,9 @@ def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None,
     """(row, png bytes or None, error or None) for each image of a chunk."""
     items, image_size = task
     out = []
-    for row, path, landmarks, size in items:
+    for row, path, matrix, size in items:
         try:
-            out.append((row, _align_one(path, landmarks, size, image_size), None))
+            out.append((row, _align_one(path, matrix, size, image_size), None))
         except Exception as exc:  # noqa: BLE001 - any decode failure is a bad image, reported
             out.append((row, None, f"{type(exc).__name__}: {exc}"))
     return out
@@ -277,16 +298,18 @@ class _ShardWriter:
         self.rows = []
 
 
-def _row(ds: LegacyDataset, i: int, split: str, png: bytes, pose: np.ndarray) -> dict[str, Any]:
-    e = ds.entries[i]
+def _row(ds: LegacyDataset, i: int, plan: _Plan, png: bytes) -> dict[str, Any]:
+    e, pose, m = ds.entries[i], plan.poses[i], plan.matrices[i]
+    landmarks = np.asarray(e.landmarks_2d, np.float64).reshape(5, 2) @ m[:, :2].T + m[:, 2]
     return {
         "person_name": e.person_name,
-        "split": split,
+        "split": plan.splits[i],
         "role": e.role,
         "frame_index": int(e.frame_index),
         "image_path": e.image_path,
         "image": png,
         "keypoints": e.keypoints.reshape(15).astype(np.float32).tolist(),
+        "landmarks": landmarks.reshape(10).astype(np.float32).tolist(),
         "yaw": float(pose[0]),
         "pitch": float(pose[1]),
         "roll": float(pose[2]),
@@ -305,6 +328,9 @@ class _Plan:
     pose_report: dict[str, Any]
     order: list[int]  # entry indices grouped by split
     ratios: tuple[float, float, float]
+    framing: str
+    matrices: np.ndarray  # [N,2,3] source image -> crop
+    framing_errors: dict[int, str]  # entries that cannot be cropped -> reason
 
 
 def prepare_shards(
@@ -319,6 +345,7 @@ def prepare_shards(
     pair_mode: str = "front_to_video",
     min_pose_distance: float = 5.0,
     max_pose_distance: float = 90.0,
+    framing: str = "head",
     cwd: str | Path | None = None,
 ) -> Manifest:
     """Read, validate, split, estimate poses, align and publish shards atomically at out_dir.
@@ -336,6 +363,7 @@ def prepare_shards(
         skip_bad_images,
         split_ratios,
         (pair_mode, min_pose_distance, max_pose_distance),
+        framing=framing,
     )
 
 
@@ -348,14 +376,17 @@ def _prepare(
     split_ratios: Sequence[float],
     pairing: tuple[str, float, float],
     fingerprint: str | None = None,
+    framing: str = "head",
 ) -> Manifest:
     if image_size <= 0:
         raise ValueError(f"image_size must be > 0, got {image_size}")
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     if not ds.entries:
         raise DataError(f"{ds.data_dir}: the dataset has no usable images")
     _refuse_foreign_dir(out)
     print(f"image root: {ds.image_root_used}")
-    plan = _plan(ds, split_ratios, pairing, num_workers)
+    plan = _plan(ds, split_ratios, pairing, num_workers, image_size, framing)
     fp = fingerprint or _fingerprint(ds.data_dir, ds.image_root_used, ds.source_image_paths)
     tmp = _temp_dir(out)
     try:
@@ -374,8 +405,10 @@ def _plan(
     split_ratios: Sequence[float],
     pairing: tuple[str, float, float],
     workers: int,
+    image_size: int,
+    framing: str,
 ) -> _Plan:
-    """Split by person, estimate poses, check every positive-ratio split has pairs."""
+    """Split by person, estimate poses, frame every crop, check every split has pairs."""
     from controlnet_ray.data.pose import estimate_dataset_poses
 
     ratios = normalise_ratios(split_ratios)
@@ -390,7 +423,35 @@ def _plan(
     _check_poses(ds, poses)
     _check_pairs(names, roles, poses, splits, ratios, pairing)
     order = [i for s in SPLITS for i, si in enumerate(splits) if si == s]
-    return _Plan(splits, np.asarray(poses, np.float32), report.to_dict(), order, ratios)
+    mean_face = np.asarray(report.mean_face, np.float64)
+    matrices, errors = _crop_matrices(ds, poses, mean_face, image_size, framing)
+    poses = np.asarray(poses, np.float32)
+    return _Plan(splits, poses, report.to_dict(), order, ratios, framing, matrices, errors)
+
+
+def _crop_matrices(
+    ds: LegacyDataset, poses: np.ndarray, mean_face: np.ndarray, image_size: int, framing: str
+) -> tuple[np.ndarray, dict[int, str]]:
+    """[N,2,3] crop transforms and the entries that cannot be framed (index -> reason), decided
+    before decoding: a head crop mostly outside its image would train on black borders."""
+    out, errors = np.zeros((len(ds.entries), 2, 3)), {}
+    for i, e in enumerate(ds.entries):
+        w, h = e.image_size
+        try:
+            if framing == "arcface":
+                out[i] = alignment_matrix(e.landmarks_2d, image_size)
+                continue
+            out[i] = head_crop_matrix(e.landmarks_2d, poses[i], w, h, mean_face, image_size)
+        except ValueError as exc:
+            errors[i] = f"landmarks_2d: cannot frame the head ({exc})"
+            continue
+        inside = crop_inside_fraction(out[i], w, h, image_size)
+        if inside < MIN_INSIDE_FRACTION:
+            errors[i] = (
+                f"landmarks_2d: only {inside:.0%} of the head crop lies inside the "
+                f"{w}x{h} image (at least {MIN_INSIDE_FRACTION:.0%} needed)"
+            )
+    return out, errors
 
 
 def _check_poses(ds: LegacyDataset, poses: np.ndarray) -> None:
@@ -440,16 +501,15 @@ def _write_all(
 ) -> Manifest:
     """Decode+align in workers, write shards in split order, then verify and write the manifest."""
     writers = {s: _ShardWriter(tmp, s, MAX_ROWS_PER_SHARD) for s in SPLITS}
-    tasks = _tasks(ds, plan.order, image_size)
-    bad: list[SkippedImage] = []
+    tasks = _tasks(ds, plan, image_size)
+    bad = [_skipped(ds.entries[i], err) for i, err in sorted(plan.framing_errors.items())]
     kept: list[int] = []
     t0 = time.perf_counter()
     for i, png, err in _run_alignment(tasks, num_workers, len(plan.order)):
         if png is None:
-            e = ds.entries[i]
-            bad.append(SkippedImage(e.role, e.index, e.person_name, e.image_path, str(err)))
+            bad.append(_skipped(ds.entries[i], str(err)))
             continue
-        writers[plan.splits[i]].add(_row(ds, i, plan.splits[i], png, plan.poses[i]))
+        writers[plan.splits[i]].add(_row(ds, i, plan, png))
         kept.append(i)
     elapsed = time.perf_counter() - t0
     print(f"aligned {len(kept)} images in {elapsed:.1f} s ({len(kept) / max(elapsed, 1e-9):.0f}/s)")
@@ -466,10 +526,15 @@ def _write_all(
     return manifest
 
 
-def _tasks(ds: LegacyDataset, order: list[int], image_size: int) -> list[tuple[list[tuple], int]]:
+def _skipped(entry: Any, reason: str) -> SkippedImage:
+    return SkippedImage(entry.role, entry.index, entry.person_name, entry.image_path, reason)
+
+
+def _tasks(ds: LegacyDataset, plan: _Plan, image_size: int) -> list[tuple[list[tuple], int]]:
     items = [
-        (i, str(ds.entries[i].resolved_path), ds.entries[i].landmarks_2d, ds.entries[i].image_size)
-        for i in order
+        (i, str(ds.entries[i].resolved_path), plan.matrices[i], ds.entries[i].image_size)
+        for i in plan.order
+        if i not in plan.framing_errors
     ]
     return [(items[k : k + _CHUNK], image_size) for k in range(0, len(items), _CHUNK)]
 
@@ -532,6 +597,8 @@ def _manifest(
         pairs={"mode": mode, "min_deg": lo, "max_deg": hi, "per_split": pair_counts},
         persons_without_video=persons_without_video(ds.person_names(), ds.roles()),
         conventions=(geometry.__doc__ or "").strip(),
+        alignment=ALIGNMENTS[plan.framing],
+        framing=plan.framing,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
 
@@ -637,7 +704,8 @@ def read_shard_table(
 
 def shard_cache_dir(data_cfg: DataConfig, fingerprint: str) -> Path:
     """``<cache>/shards/<fingerprint[:16]>-<image_size>-<settings hash>``."""
-    key = f"{fingerprint[:16]}-{data_cfg.image_size}-{settings_hash(data_cfg.split_ratios)}"
+    settings = settings_hash(data_cfg.split_ratios, data_cfg.framing)
+    key = f"{fingerprint[:16]}-{data_cfg.image_size}-{settings}"
     return data_cfg.resolved_cache_dir() / "shards" / key
 
 
@@ -673,6 +741,7 @@ def ensure_shards(
         data_cfg.split_ratios,
         pairing,
         fingerprint=fp,
+        framing=data_cfg.framing,
     )
     return target
 
@@ -687,6 +756,8 @@ def _reusable(
     except (DataError, json.JSONDecodeError):
         return False
     if manifest.fingerprint != fingerprint or manifest.image_size != data_cfg.image_size:
+        return False
+    if manifest.schema_version != SCHEMA_VERSION or manifest.framing != data_cfg.framing:
         return False
     if manifest.skipped_count and not data_cfg.skip_bad_images:
         bad = [SkippedImage(**s) for s in manifest.skipped]
