@@ -16,6 +16,7 @@ from controlnet_ray.config import (
     BEST_METRICS,
     ENCODERS,
     FRAMINGS,
+    GENERATORS,
     IRESNET_DEPTHS,
     LOSS_TYPES,
     PAIR_MODES,
@@ -190,7 +191,23 @@ def _add_additions(
     )
     _flag(g, "model", "freeze_backbone", "freeze the pretrained encoder, BatchNorm stats included")
     _add(g, "model", "base_channels", type=int, default=m.base_channels)
+    _add(
+        g,
+        "model",
+        "generator",
+        default=m.generator,
+        help=f"one of {{{','.join(GENERATORS)}}}: warp = warp the source by a 3D head proxy and "
+        "refine (needs --framing head); plain = the seed's U-Net",
+    )
     g = p.add_argument_group("training (additions)")
+    _add(
+        g,
+        "optim",
+        "background_loss_weight",
+        type=float,
+        default=o.background_loss_weight,
+        help="image-loss weight of pixels outside the target's head, in [0, 1]",
+    )
     _add(
         g,
         "optim",

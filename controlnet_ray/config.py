@@ -20,6 +20,7 @@ ENCODERS = ("auto", "iresnet", "resnet50", "cnn")
 IRESNET_DEPTHS = (18, 34, 50, 100)
 PAIR_MODES = ("front_to_video", "any")
 FRAMINGS = ("head", "arcface")
+GENERATORS = ("warp", "plain")
 BEST_METRICS = ("val_psnr", "val_loss")
 PROGRESS_MODES = ("auto", "bar", "lines")
 DEVICE_CHOICES = ("cpu", "cuda", "auto")  # --device of the inference CLIs and benchmarks
@@ -77,6 +78,9 @@ class ModelConfig:
     iresnet_depth: int = 50
     freeze_backbone: bool = False
     base_channels: int = 32  # width of the generator/cnn encoder at full resolution
+    # "warp": warp-and-refine from a 3D head proxy (needs --framing head); "plain": the seed's
+    # U-Net whose skips carry the source's layout (checkpoints from before this field)
+    generator: Literal["warp", "plain"] = "warp"
 
 
 @dataclass
@@ -89,6 +93,9 @@ class OptimConfig:
     pose_loss_weight: float = 0.1
     loss_type: Literal["mse", "l1", "combined"] = "mse"
     identity_loss_weight: float = 0.0
+    # image-loss weight of pixels outside the target's head: a video frame's background cannot
+    # be predicted from the ID photo, so it should not take the generator's capacity
+    background_loss_weight: float = 0.1
     use_amp: bool = False
     gradient_accumulation_steps: int = 1
     grad_clip: float = 1.0
@@ -146,7 +153,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of to_dict; unknown keys (from newer versions) are rejected by name."""
+        """Inverse of to_dict; unknown keys (from newer versions) are rejected by name, and
+        fields missing from an older dict take their old behaviour (``_LEGACY_DEFAULTS``)."""
         parts = {}
         for f in dataclasses.fields(cls):
             sub_cls = {
@@ -163,6 +171,7 @@ class TrainConfig:
                 raise ConfigError(f"unknown config keys in section {f.name!r}: {sorted(unknown)}")
             if "split_ratios" in values:
                 values["split_ratios"] = tuple(values["split_ratios"])
+            values = {**_LEGACY_DEFAULTS.get(f.name, {}), **values}
             parts[f.name] = sub_cls(**values)
         return cls(**parts)
 
@@ -186,6 +195,15 @@ class TrainConfig:
         return (
             self.data.batch_size * self.ray.num_ray_workers * self.optim.gradient_accumulation_steps
         )
+
+
+#: Values of fields added after checkpoints were first written, for configs that lack them:
+#: a stored config describes what that run did, so a missing field means the old behaviour.
+_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"framing": "arcface"},
+    "model": {"generator": "plain"},
+    "optim": {"background_loss_weight": 1.0},
+}
 
 
 def _positive(value: float, flag: str) -> None:
@@ -230,6 +248,12 @@ def _validate(cfg: TrainConfig) -> None:
     if m.num_control_layers < 1 or m.num_control_layers > 5:
         raise ConfigError(f"--num_control_layers must be in 1..5, got {m.num_control_layers}")
     _choice(m.encoder, "--encoder", ENCODERS)
+    _choice(m.generator, "--generator", GENERATORS)
+    if m.generator == "warp" and d.framing != "head":
+        raise ConfigError(
+            "--generator warp needs --framing head (its 3D proxy assumes head-centred crops); "
+            "use --generator plain with --framing arcface"
+        )
     _choice(m.iresnet_depth, "--iresnet_depth", IRESNET_DEPTHS)
     if m.encoder_weights is not None and not Path(m.encoder_weights).is_file():
         raise ConfigError(f"--encoder_weights file not found: {m.encoder_weights}")
@@ -239,6 +263,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--weight_decay must be >= 0, got {o.weight_decay}")
     if o.pose_loss_weight < 0:
         raise ConfigError(f"--pose_loss_weight must be >= 0, got {o.pose_loss_weight}")
+    if not 0 <= o.background_loss_weight <= 1:
+        raise ConfigError(
+            f"--background_loss_weight must be in [0, 1], got {o.background_loss_weight}"
+        )
     if o.identity_loss_weight < 0:
         raise ConfigError(f"--identity_loss_weight must be >= 0, got {o.identity_loss_weight}")
     _choice(o.loss_type, "--loss_type", LOSS_TYPES)

@@ -191,20 +191,41 @@ def build_scheduler(
 # --------------------------------------------------------------------------- losses
 
 
-def image_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """Reconstruction loss, computed in float32.
+def image_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    loss_type: str,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reconstruction loss, computed in float32; a weighted mean over pixels with ``weight``.
 
     ``mse``; ``l1``; ``combined`` = MSE + L1 with weight 1.0 each.  (The original script's
-    "combined" silently computed plain MSE; that was a bug, not a design.)
+    "combined" silently computed plain MSE; that was a bug, not a design.)  ``weight``
+    ([B,1,H,W], broadcast over channels) is normalised by its own mean, so the loss keeps the
+    scale of an unweighted one and the learning rate means the same with or without it.
     """
-    pred, target = pred.float(), target.float()
-    if loss_type == "mse":
-        return nn.functional.mse_loss(pred, target)
-    if loss_type == "l1":
-        return nn.functional.l1_loss(pred, target)
-    if loss_type == "combined":
-        return nn.functional.mse_loss(pred, target) + nn.functional.l1_loss(pred, target)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    diff = pred.float() - target.float()
+    per_pixel = torch.zeros_like(diff)
+    if loss_type in ("mse", "combined"):
+        per_pixel = per_pixel + diff.pow(2)
+    if loss_type in ("l1", "combined"):
+        per_pixel = per_pixel + diff.abs()
+    if weight is None:
+        return per_pixel.mean()
+    w = weight.float().expand_as(per_pixel)
+    return (per_pixel * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def pixel_weights(output: Any, background_weight: float) -> torch.Tensor | None:
+    """Per-pixel image-loss weights: 1 on the target's head (``output.region``), the
+    background weight elsewhere; None (uniform) when the model gives no region or the
+    background counts fully."""
+    region = getattr(output, "region", None)
+    if region is None or background_weight >= 1.0:
+        return None
+    return background_weight + (1.0 - background_weight) * region.float()
 
 
 def pose_loss(output: Any, target_pose_deg: torch.Tensor, scale_deg: float) -> torch.Tensor:
@@ -251,7 +272,8 @@ class LossTerms:
 
 def compute_losses(output: Any, batch: Batch, cfg: OptimConfig, scale_deg: float) -> LossTerms:
     """``total = image + pose_loss_weight * pose + identity_loss_weight * identity``."""
-    img = image_loss(output.image, batch["target"], cfg.loss_type)
+    weights = pixel_weights(output, cfg.background_loss_weight)
+    img = image_loss(output.image, batch["target"], cfg.loss_type, weights)
     pose = pose_loss(output, batch["target_pose"], scale_deg)
     ident = identity_loss(output, cfg.identity_loss_weight)
     total = img + cfg.pose_loss_weight * pose

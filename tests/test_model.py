@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from controlnet_ray.config import ModelConfig
+from controlnet_ray.config import ConfigError, ModelConfig, TrainConfig
 from controlnet_ray.model import (
     POSE_SCALE_DEG,
     ModelOutput,
@@ -28,6 +28,8 @@ from controlnet_ray.model import (
     resolve_encoder,
     trainable_parameters,
 )
+from controlnet_ray.model.controlnet import MASK_PRIOR
+from controlnet_ray.model.warp import pixel_grid, proxy_flow, warp
 
 SMALL_ARCFACE = 32  # iresnet input size used where the test does not need InsightFace's 112
 
@@ -152,15 +154,17 @@ def iresnet_onnx(weights_dir: Path) -> tuple[Path, nn.Module]:
 # --------------------------------------------------------------------------- forward contract
 
 
+@pytest.mark.parametrize("generator", ["warp", "plain"])
 @pytest.mark.parametrize("size", [64, 112])
-def test_forward_shapes_and_range(size: int) -> None:
-    model = build_model(ModelConfig(image_size=size))
+def test_forward_shapes_and_range(size: int, generator: str) -> None:
+    model = build_model(ModelConfig(image_size=size, generator=generator))
     b = _batch(2, size)
     out = _run(model, b)
     assert out.image.shape == (2, 3, size, size)
     assert out.image.min() >= -1 and out.image.max() <= 1
     assert out.pose_pred.shape == (2, 3) and out.pose_pred_real.shape == (2, 3)
     assert out.identity_cos is None
+    assert out.region.shape == (2, 1, size, size) and set(out.region.unique().tolist()) <= {0, 1}
     no_target = _run(model, b, target=False)
     assert no_target.pose_pred_real is None and no_target.identity_cos is None
 
@@ -406,6 +410,7 @@ def test_signature_and_flops() -> None:
         "num_control_layers": 3,
         "image_size": 112,
         "base_channels": 32,
+        "generator": "warp",
     }
     model = build_model(cfg)
     flops = flops_per_sample(model, 112)
@@ -438,7 +443,7 @@ def test_default_cnn_overfits_eight_samples() -> None:
     src, tgt = _smooth_images(n, size, g), _smooth_images(n, size, g)
     src_pose = (torch.rand(n, 3, generator=g) * 2 - 1) * 60
     tgt_pose = (torch.rand(n, 3, generator=g) * 2 - 1) * 60
-    model = build_model(ModelConfig(image_size=size))
+    model = build_model(ModelConfig(image_size=size, generator="plain"))
     opt = torch.optim.Adam(trainable_parameters(model), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
     with torch.no_grad():
@@ -452,3 +457,68 @@ def test_default_cnn_overfits_eight_samples() -> None:
     with torch.no_grad():
         end = _psnr(model.generate(src, src_pose, tgt_pose), tgt)
     assert start < 15 and end > 25, (start, end)
+
+
+# --------------------------------------------------------------------------- warp generator
+
+
+def test_proxy_flow_is_the_identity_at_the_same_pose() -> None:
+    pose = torch.tensor([[0.0, 0.0, 0.0], [35.0, -12.0, 8.0]])
+    flow = proxy_flow(pose, pose, 32, 32)
+    expected = pixel_grid(32, 32, pose.device).expand(2, -1, -1, -1)
+    torch.testing.assert_close(flow.grid, expected, atol=1e-5, rtol=0)
+    assert torch.equal(flow.visible, flow.head)  # everything the target shows, the source showed
+    assert 0.25 < flow.head.mean() < 0.6  # the head fills a good part of a head-centred crop
+
+
+@pytest.mark.parametrize("axis,sign", [(0, 1), (0, -1), (1, 1), (1, -1)])
+def test_proxy_flow_moves_the_face_the_way_the_pose_convention_says(axis: int, sign: int) -> None:
+    """yaw > 0 turns the nose to the image's right, so a target pixel samples the source to its
+    left (grid x < pixel x); pitch > 0 lifts it, so the sample lies below (grid y > pixel y).
+    Turning hides some of the source's head: not everything the target shows was visible."""
+    target = torch.zeros(1, 3)
+    target[0, axis] = 30.0 * sign
+    flow = proxy_flow(torch.zeros(1, 3), target, 48, 48)
+    head = flow.head[0, 0] > 0
+    shift = (flow.grid[0] - pixel_grid(48, 48, target.device))[head]
+    if axis == 0:
+        assert sign * shift[:, 0].mean() < -0.05
+    else:
+        assert sign * shift[:, 1].mean() > 0.05
+    assert 0 < flow.visible.sum() < flow.head.sum()
+
+
+def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source() -> None:
+    """Zero-initialised mask, flow and gain: the output is the proxy's warp of the source,
+    blended by the visibility prior with the fill (here zeroed too, so exactly mid-grey)."""
+    model = build_model(ModelConfig(image_size=64)).eval()
+    with torch.no_grad():
+        model.generator.to_rgb[0].weight.zero_()
+        model.generator.to_rgb[0].bias.zero_()
+    b = _batch(2, 64)
+    with torch.no_grad():
+        out = model.generate(b["source"], b["source_pose"], b["target_pose"])
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64)
+    mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
+    torch.testing.assert_close(out, mask * warp(b["source"], flow.grid), atol=1e-5, rtol=0)
+
+
+def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> None:
+    stored = TrainConfig().to_dict()
+    del stored["model"]["generator"], stored["data"]["framing"]
+    del stored["optim"]["background_loss_weight"]
+    cfg = TrainConfig.from_dict(stored)
+    assert (cfg.model.generator, cfg.data.framing) == ("plain", "arcface")
+    assert cfg.optim.background_loss_weight == 1.0  # the old loss: every pixel counts
+    plain = build_model(cfg.model)
+    assert plain.generator.to_rgb[0].out_channels == 12  # the seed's layout: old files load
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).model.generator == "warp"
+
+
+def test_warp_generator_needs_head_framing() -> None:
+    cfg = TrainConfig()
+    cfg.data.framing = "arcface"
+    with pytest.raises(ConfigError, match="--generator warp needs --framing head"):
+        cfg.validate()
+    cfg.model.generator = "plain"
+    cfg.validate()

@@ -7,6 +7,13 @@
   poses and injects FiLM scale/shift plus an additive feature map into the first
   ``num_control_layers`` decoder scales through zero-initialised projections, so an untrained
   branch leaves the generator's output exactly unchanged while gradients still reach it.
+* ``generator="warp"`` (the default) moves pixels instead of averaging them: the encoder's maps
+  are warped by the analytic motion of a 3D head proxy from the source to the target pose
+  (:mod:`controlnet_ray.model.warp`), so the U-Net's skips carry the *target's* layout; the
+  decoder then predicts a residual flow (zero-initialised), a visibility mask and a fill image,
+  and the output is ``mask * warp(source, proxy + residual) * gain + (1 - mask) * fill``.
+  ``generator="plain"`` is the seed's U-Net (skips in the source's layout), kept for old
+  checkpoints and comparison.
 * ``pose_head`` regresses (yaw, pitch, roll) / ``POSE_SCALE_DEG`` from an image.
 * An optional frozen ArcFace iresnet scores identity (cosine of embeddings); it is kept out of
   ``parameters()`` and ``state_dict()`` so optimisers and checkpoints do not depend on it.
@@ -32,10 +39,14 @@ from controlnet_ray.model.encoders import (
     resolve_encoder,
 )
 from controlnet_ray.model.iresnet import IResNet, load_iresnet
+from controlnet_ray.model.warp import ProxyFlow, head_region, proxy_flow, warp
 
 POSE_SCALE_DEG = 90.0
 NUM_SCALES = 5  # decoder levels at strides 16, 8, 4, 2, 1
 POSE_FEATURES = 21  # sin/cos of source, target and difference (18) + difference / 90 deg (3)
+WARP_CHANNELS = 7  # fill RGB, mask logit, residual flow (x, y), log gain of the warped source
+MASK_PRIOR = 3.0  # mask logit where the proxy says the source showed (+) / hid (-) the point
+FLOW_RESIDUAL_SCALE = 0.25  # the residual flow's reach, crop half-sides (tanh-bounded)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class ModelOutput:
     pose_pred: torch.Tensor
     pose_pred_real: torch.Tensor | None = None
     identity_cos: torch.Tensor | None = None
+    region: torch.Tensor | None = None  # [B,1,H,W] head pixels of the target pose (loss weight)
 
 
 @dataclass
@@ -113,7 +125,11 @@ class Generator(nn.Module):
     """
 
     def __init__(
-        self, map_channels: tuple[int, ...], channels: tuple[int, ...], feature_dim: int
+        self,
+        map_channels: tuple[int, ...],
+        channels: tuple[int, ...],
+        feature_dim: int,
+        out_channels: int = 3,
     ) -> None:
         super().__init__()
         self.channels = channels
@@ -127,11 +143,14 @@ class Generator(nn.Module):
         ups.append(nn.Conv2d(channels[-2], channels[-1], 1))  # already stride-2 space-to-depth
         self.up = nn.ModuleList(ups)
         self.blocks = nn.ModuleList(conv_act(c, c) for c in channels)
-        self.to_rgb = nn.Sequential(nn.Conv2d(channels[-1], 12, 3, padding=1), nn.PixelShuffle(2))
+        self.to_rgb = nn.Sequential(
+            nn.Conv2d(channels[-1], 4 * out_channels, 3, padding=1), nn.PixelShuffle(2)
+        )
 
     def forward(
         self, feats: EncoderFeatures, injections: list[Injection] | None = None
     ) -> torch.Tensor:
+        """Raw decoder output at full resolution (``out_channels``; no activation)."""
         maps = decoder_view(feats.maps)
         h = self.skip[0](maps[0]) + self.code(feats.code)[:, :, None, None]
         for level in range(NUM_SCALES):
@@ -142,7 +161,7 @@ class Generator(nn.Module):
                 inj = injections[level]
                 h = h * (1 + inj.scale[:, :, None, None]) + inj.shift[:, :, None, None]
                 h = h + inj.residual
-        return torch.tanh(self.to_rgb(h))
+        return self.to_rgb(h)
 
 
 class ControlBranch(nn.Module):
@@ -218,9 +237,13 @@ class ImageControlNet(nn.Module):
     def __init__(self, cfg: ModelConfig, identity_weights: str | None = None) -> None:
         super().__init__()
         self.image_size = cfg.image_size
+        self.warp_mode = cfg.generator == "warp"
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
-        self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim)
+        out_channels = WARP_CHANNELS if self.warp_mode else 3
+        self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim, out_channels)
+        if self.warp_mode:
+            _zero_warp_controls(self.generator.to_rgb[0])
         self.control = ControlBranch(
             self.encoder.map_channels, dec, cfg.num_control_layers, hidden=4 * cfg.base_channels
         )
@@ -245,10 +268,28 @@ class ImageControlNet(nn.Module):
         use_control: bool = True,
     ) -> torch.Tensor:
         """The generated image only; ``use_control=False`` runs the bare generator."""
+        return self._generate(source, source_pose, target_pose, use_control)[0]
+
+    def _generate(
+        self,
+        source: torch.Tensor,
+        source_pose: torch.Tensor,
+        target_pose: torch.Tensor,
+        use_control: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, head region of the target pose)."""
         _check_inputs(source, source_pose, target_pose)
         feats = self.encoder(source)
+        height, width = source.shape[-2:]
+        if not self.warp_mode:
+            injections = self.control(feats, source_pose, target_pose) if use_control else None
+            image = torch.tanh(self.generator(feats, injections))
+            return image, head_region(target_pose, height, width).to(image.dtype)
+        flow = proxy_flow(source_pose, target_pose, height, width)
+        feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
-        return self.generator(feats, injections)
+        image = compose(source, flow, self.generator(feats, injections))
+        return image, flow.head.to(image.dtype)
 
     def forward(
         self,
@@ -257,13 +298,14 @@ class ImageControlNet(nn.Module):
         target_pose: torch.Tensor,
         target: torch.Tensor | None = None,
     ) -> ModelOutput:
-        image = self.generate(source, source_pose, target_pose)
+        image, region = self._generate(source, source_pose, target_pose)
         # Pose head with detached parameters: the pose loss on generated images moves only the
         # generator side.  Done inside forward so DDP sees one ordinary graph.
         params = {k: v.detach() for k, v in self.pose_head.named_parameters()}
         pose_pred = functional_call(self.pose_head, params, (image,))
         pose_pred_real = self.pose_head(target) if target is not None else None
-        return ModelOutput(image, pose_pred, pose_pred_real, self._identity_cos(image, target))
+        identity = self._identity_cos(image, target)
+        return ModelOutput(image, pose_pred, pose_pred_real, identity, region)
 
     def _identity_cos(
         self,
@@ -277,6 +319,26 @@ class ImageControlNet(nn.Module):
             ref = net(_resize(target, net.input_size))
         emb = net(_resize(image, net.input_size))
         return F.cosine_similarity(emb.float(), ref.float(), dim=1)
+
+
+def _zero_warp_controls(conv: nn.Conv2d) -> None:
+    """Zero the output channels of mask, residual flow and gain (PixelShuffle puts output
+    channel k at conv channels 4k..4k+3): an untrained warp generator returns the proxy's warp
+    of the source where the proxy saw it, exactly, and learns corrections from there."""
+    with torch.no_grad():
+        conv.weight[12:].zero_()
+        conv.bias[12:].zero_()
+
+
+def compose(source: torch.Tensor, flow: ProxyFlow, raw: torch.Tensor) -> torch.Tensor:
+    """The warp generator's image from its raw decoder output (``WARP_CHANNELS``)."""
+    fill = torch.tanh(raw[:, 0:3])
+    prior = MASK_PRIOR * (2.0 * flow.visible - 1.0) * flow.head
+    mask = torch.sigmoid(raw[:, 3:4] + prior.to(raw.dtype))
+    residual = FLOW_RESIDUAL_SCALE * torch.tanh(raw[:, 4:6]).permute(0, 2, 3, 1)
+    moved = warp(source, flow.grid + residual.to(flow.grid.dtype))
+    gain = torch.exp(raw[:, 6:7].clamp(-2.0, 2.0))
+    return (mask * (moved * gain + gain - 1.0) + (1.0 - mask) * fill).clamp(-1.0, 1.0)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -340,6 +402,7 @@ def model_signature(cfg: ModelConfig) -> dict[str, object]:
         "num_control_layers": cfg.num_control_layers,
         "image_size": cfg.image_size,
         "base_channels": cfg.base_channels,
+        "generator": cfg.generator,
     }
 
 

@@ -1,0 +1,123 @@
+"""Analytic head motion between two poses: the 3D proxy that seeds the warp generator.
+
+Crops are framed on the head (``data.align`` with ``--framing head``): the head centre sits at
+the crop centre and the crop's half-side is a fixed size at the head centre's depth, at every
+pose.  In those crop units (grid_sample's normalised coordinates, x right, y down, ``[-1, 1]``
+edge to edge) the head is approximately an ellipsoid rotating about the crop centre, so the
+motion of every visible head point from the source pose to the target pose is known without
+learning anything:
+
+* a target pixel's ray (orthographic, along the view axis) is intersected with the ellipsoid
+  rotated to the target pose; no hit is background, which is left in place;
+* the hit point, rotated to the source pose and projected, is where to sample the source;
+* it was visible in the source when the ellipsoid's normal there faced the camera.
+
+The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
+ears, hair), and fills what the source could not show.  Angles follow
+``data.geometry``: ``R = Rz(roll) Rx(-pitch) Ry(yaw)``, head frame x right, y up, z to the
+viewer.  This module imports only torch: the model package never imports the data package, so
+the proxy is stated in crop units here and a test ties it to ``data.align``'s framing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Proxy ellipsoid in crop units (1 = the crop's half-side, ``data.align.HEAD_HALF_SIZE_MM``
+#: = 140 mm), head frame, relative to the head centre the crop is framed on
+#: (``data.align.HEAD_CENTER_MM``): the skull with its hair, slightly above and behind it.
+PROXY_CENTER = (0.0, 0.09, -0.07)
+PROXY_RADII = (0.58, 0.78, 0.70)
+
+
+@dataclass
+class ProxyFlow:
+    """The proxy's answer for a batch of target images (all ``[B, ...]``)."""
+
+    grid: torch.Tensor  # [B,H,W,2] where to sample the source, grid_sample coordinates
+    head: torch.Tensor  # [B,1,H,W] 1 where the target pixel shows the head (the proxy's hit)
+    visible: torch.Tensor  # [B,1,H,W] 1 where that head point was visible in the source
+
+
+def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
+    """[B,3] degrees -> [B,3,3] head rotations, ``Rz(roll) @ Rx(-pitch) @ Ry(yaw)``."""
+    yaw, pitch, roll = torch.deg2rad(pose_deg.float()).unbind(dim=1)
+    one, zero = torch.ones_like(yaw), torch.zeros_like(yaw)
+
+    def mat(rows: list[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+    cy, sy, cp, sp, cr, sr = yaw.cos(), yaw.sin(), pitch.cos(), pitch.sin(), roll.cos(), roll.sin()
+    ry = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rx = mat([[one, zero, zero], [zero, cp, sp], [zero, -sp, cp]])  # Rx(-pitch)
+    rz = mat([[cr, -sr, zero], [sr, cr, zero], [zero, zero, one]])
+    return rz @ rx @ ry
+
+
+def pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """[H,W,2] pixel centres in grid_sample coordinates (align_corners=False)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
+    xs = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)
+
+
+def proxy_flow(
+    source_pose: torch.Tensor, target_pose: torch.Tensor, height: int, width: int
+) -> ProxyFlow:
+    """Where each target pixel's head point was in the source (see the module docstring)."""
+    device = source_pose.device
+    pix = pixel_grid(height, width, device)  # [H,W,2]
+    rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
+    centre = torch.tensor(PROXY_CENTER, device=device)
+    radii = torch.tensor(PROXY_RADII, device=device)
+    # camera frame (x right, y up, z to the viewer) of the target pixel at depth 0
+    cam = torch.stack([pix[..., 0], -pix[..., 1], torch.zeros_like(pix[..., 0])], dim=-1)
+    inv_t = rot_t.transpose(1, 2)  # head <- camera, target pose
+    p0 = torch.einsum("bij,hwj->bhwi", inv_t, cam)  # [B,H,W,3] head frame
+    d = inv_t[:, :, 2][:, None, None, :]  # view axis in the head frame, [B,1,1,3]
+    u, v = (p0 - centre) / radii, d / radii
+    a = (v * v).sum(-1)
+    b = 2 * (u * v).sum(-1)
+    c = (u * u).sum(-1) - 1
+    disc = b * b - 4 * a * c
+    hit = disc > 0
+    s = (-b + disc.clamp(min=0).sqrt()) / (2 * a)  # the intersection nearer the viewer
+    p_hit = p0 + s[..., None] * d
+    q = torch.einsum("bij,bhwj->bhwi", rot_s, p_hit)  # camera frame, source pose
+    src = torch.stack([q[..., 0], -q[..., 1]], dim=-1)
+    normal = (p_hit - centre) / (radii * radii)
+    facing = torch.einsum("bj,bhwj->bhw", rot_s[:, 2], normal) > 0
+    grid = torch.where(hit[..., None], src, pix.expand_as(src))
+    head = hit.float()[:, None]
+    return ProxyFlow(grid, head, (hit & facing).float()[:, None])
+
+
+def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B,1,H,W] the proxy's silhouette at the target pose: the head pixels a loss should weigh."""
+    return proxy_flow(target_pose, target_pose, height, width).head
+
+
+def warp(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Sample ``image`` [B,C,h,w] at ``grid`` [B,H,W,2] resized to the image's resolution."""
+    if grid.shape[1:3] != image.shape[-2:]:
+        grid = resize_grid(grid, image.shape[-2], image.shape[-1])
+    return torch.nn.functional.grid_sample(
+        image, grid.to(image.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def resize_grid(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A sampling grid at another resolution (values are resolution-free coordinates)."""
+    g = grid.permute(0, 3, 1, 2)
+    factor = max(1, math.ceil(grid.shape[1] / height))
+    if factor > 1:
+        g = torch.nn.functional.avg_pool2d(g, factor, ceil_mode=True)
+    if g.shape[-2:] != (height, width):
+        g = torch.nn.functional.interpolate(
+            g, size=(height, width), mode="bilinear", align_corners=False
+        )
+    return g.permute(0, 2, 3, 1)
