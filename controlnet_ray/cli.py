@@ -199,6 +199,13 @@ def _add_additions(
         help=f"one of {{{','.join(GENERATORS)}}}: warp = warp the source by a 3D head proxy and "
         "refine (needs --framing head); plain = the seed's U-Net",
     )
+    _add(
+        g,
+        "model",
+        "identity_weights",
+        default=m.identity_weights,
+        help="local ArcFace .onnx/.pth for the identity loss (frozen, never downloaded)",
+    )
     g = p.add_argument_group("training (additions)")
     _add(
         g,
@@ -214,7 +221,7 @@ def _add_additions(
         "identity_loss_weight",
         type=float,
         default=o.identity_loss_weight,
-        help="weight of the ArcFace identity loss (needs --encoder_weights); 0 = off",
+        help="weight of the ArcFace identity loss (needs --identity_weights); 0 = off",
     )
     _add(g, "optim", "grad_clip", type=float, default=o.grad_clip)
     _add(g, "optim", "warmup_epochs", type=int, default=o.warmup_epochs)

@@ -81,6 +81,9 @@ class ModelConfig:
     # "warp": warp-and-refine from a 3D head proxy (needs --framing head); "plain": the seed's
     # U-Net whose skips carry the source's layout (checkpoints from before this field)
     generator: Literal["warp", "plain"] = "warp"
+    # frozen ArcFace (local .onnx/.pth) scoring identity for --identity_loss_weight; kept out of
+    # the model's parameters and checkpoints
+    identity_weights: str | None = None
 
 
 @dataclass
@@ -269,6 +272,13 @@ def _validate(cfg: TrainConfig) -> None:
         )
     if o.identity_loss_weight < 0:
         raise ConfigError(f"--identity_loss_weight must be >= 0, got {o.identity_loss_weight}")
+    if o.identity_loss_weight > 0 and m.identity_weights is None:
+        raise ConfigError(
+            f"--identity_loss_weight {o.identity_loss_weight} needs --identity_weights "
+            "(a local ArcFace .onnx or .pth; nothing is downloaded)"
+        )
+    if m.identity_weights is not None and not Path(m.identity_weights).is_file():
+        raise ConfigError(f"--identity_weights file not found: {m.identity_weights}")
     _choice(o.loss_type, "--loss_type", LOSS_TYPES)
     _positive(o.gradient_accumulation_steps, "--gradient_accumulation_steps")
     _positive(o.grad_clip, "--grad_clip")

@@ -397,6 +397,19 @@ def test_identity_cos_uses_frozen_hidden_arcface(iresnet_onnx: tuple) -> None:
     assert next(model.identity_net.parameters()).dtype == torch.float64
 
 
+def test_identity_weights_from_the_config_reach_the_model(iresnet_onnx: tuple) -> None:
+    """--identity_weights is how the CLI's identity loss gets its frozen ArcFace."""
+    cfg = TrainConfig()
+    cfg.optim.identity_loss_weight = 0.5
+    with pytest.raises(ConfigError, match="--identity_loss_weight 0.5 needs --identity_weights"):
+        cfg.validate()
+    cfg.model.identity_weights = str(iresnet_onnx[0])
+    cfg.model.image_size = cfg.data.image_size = 64
+    model = build_model(cfg.validate().model)
+    assert model.identity_net is not None
+    assert _run(model, _batch(2, 64)).identity_cos.shape == (2,)
+
+
 # --------------------------------------------------------------------------- bookkeeping
 
 

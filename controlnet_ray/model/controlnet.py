@@ -39,7 +39,7 @@ from controlnet_ray.model.encoders import (
     resolve_encoder,
 )
 from controlnet_ray.model.iresnet import IResNet, load_iresnet
-from controlnet_ray.model.warp import ProxyFlow, head_region, proxy_flow, warp
+from controlnet_ray.model.warp import ProxyFlow, face_grid, head_region, proxy_flow, warp
 
 POSE_SCALE_DEG = 90.0
 NUM_SCALES = 5  # decoder levels at strides 16, 8, 4, 2, 1
@@ -249,7 +249,7 @@ class ImageControlNet(nn.Module):
         )
         self.pose_head = PoseHead(cfg.base_channels)
         # Plain attribute, not a submodule: frozen, outside parameters()/state_dict().
-        self.__dict__["identity_net"] = _load_identity(identity_weights)
+        self.__dict__["identity_net"] = _load_identity(identity_weights or cfg.identity_weights)
 
     def _apply(
         self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
@@ -304,17 +304,23 @@ class ImageControlNet(nn.Module):
         params = {k: v.detach() for k, v in self.pose_head.named_parameters()}
         pose_pred = functional_call(self.pose_head, params, (image,))
         pose_pred_real = self.pose_head(target) if target is not None else None
-        identity = self._identity_cos(image, target)
+        identity = self._identity_cos(image, target, target_pose)
         return ModelOutput(image, pose_pred, pose_pred_real, identity, region)
 
     def _identity_cos(
         self,
         image: torch.Tensor,
         target: torch.Tensor | None,
+        target_pose: torch.Tensor,
     ) -> torch.Tensor | None:
+        """ArcFace cosine of output and target, on face crops where the crops are head-framed
+        (ArcFace was trained on aligned faces, a third of a head-framed crop)."""
         net = self.identity_net
         if net is None or target is None:
             return None
+        if self.warp_mode:
+            grid = face_grid(target_pose, net.input_size).to(image.dtype)
+            image, target = warp(image, grid), warp(target, grid)
         with torch.no_grad():
             ref = net(_resize(target, net.input_size))
         emb = net(_resize(image, net.input_size))

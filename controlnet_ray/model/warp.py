@@ -101,6 +101,21 @@ def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Ten
     return proxy_flow(target_pose, target_pose, height, width).head
 
 
+#: The ArcFace crop in the same units: its centre (4 mm below the eyes, 80 mm in front of the
+#: head centre) and half-side (100 mm: the 112-px template puts 63 mm between the eyes at
+#: 35.2 px).  Identity encoders see this part of a head-framed crop.
+FACE_CENTER = (0.0, 0.05, 0.57)
+FACE_HALF_SIDE = 100.0 / 140.0
+
+
+def face_grid(pose: torch.Tensor, size: int) -> torch.Tensor:
+    """[B,size,size,2] sampling grid of the face square at ``pose`` (yaw and pitch move it;
+    roll is left in, as a few degrees of tilt do not matter to an identity embedding)."""
+    centre = rotation_from_ypr(pose) @ torch.tensor(FACE_CENTER, device=pose.device)
+    shift = torch.stack([centre[:, 0], -centre[:, 1]], dim=-1)[:, None, None, :]
+    return shift + FACE_HALF_SIDE * pixel_grid(size, size, pose.device)
+
+
 def warp(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Sample ``image`` [B,C,h,w] at ``grid`` [B,H,W,2] resized to the image's resolution."""
     if grid.shape[1:3] != image.shape[-2:]:
