@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from controlnet_ray import prepare
@@ -322,3 +323,24 @@ def test_ensure_shards_rechecks_skipped_images_and_pairs(fx, tmp_path):
     cfg.skip_bad_images, cfg.min_pose_distance, cfg.max_pose_distance = True, 89.0, 90.0
     with pytest.raises(DataError, match="has no front_to_video pairs"):
         ensure_shards(cfg)
+
+
+def test_model_proxy_units_match_the_head_framing():
+    """model.warp states the face square in crop units; data.align defines those units. At a
+    frontal pose, the face square of a head-framed crop must be the ArcFace square: eyes
+    35.2 px apart at 112 px and its centre just below the eye line."""
+    from controlnet_ray.model.warp import face_grid
+
+    w, h, size = 640.0, 480.0, 112
+    lm = project(head_to_camera(MEAN_FACE_3D, np.eye(3), np.array([0.0, 0.0, 700.0])), w, h)
+    m = align.head_crop_matrix(lm, np.zeros(3), w, h, MEAN_FACE_3D, size)
+    crop_lm = lm @ m[:, :2].T + m[:, 2]  # pixels of the head-framed crop
+    grid = face_grid(torch.zeros(1, 3), size)[0].numpy()  # crop coordinates in [-1, 1]
+    face_px = (grid + 1) * size / 2  # the face square's pixel centres in the crop
+    scale = (face_px[0, -1, 0] - face_px[0, 0, 0]) / (size - 1)  # crop px per face px
+    iod_face_px = (crop_lm[1, 0] - crop_lm[0, 0]) / scale
+    assert abs(iod_face_px - 35.2) < 2.5, iod_face_px
+    centre = face_px[size // 2, size // 2]
+    eye_y = crop_lm[:2, 1].mean()
+    assert abs(centre[0] - crop_lm[2, 0]) < 1.0
+    assert eye_y < centre[1] < crop_lm[2, 1]  # between the eyes and the nose tip

@@ -102,10 +102,11 @@ def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Ten
 
 
 #: The ArcFace crop in the same units: its centre (4 mm below the eyes, 80 mm in front of the
-#: head centre) and half-side (100 mm: the 112-px template puts 63 mm between the eyes at
-#: 35.2 px).  Identity encoders see this part of a head-framed crop.
+#: head centre) and half-side (the 112-px template puts 63 mm between the eyes at 35.2 px, a
+#: 100 mm half-side, seen ~10 % larger than at the head centre's depth because the face is
+#: nearer the camera at usual distances).  Identity encoders see this part of a head crop.
 FACE_CENTER = (0.0, 0.05, 0.57)
-FACE_HALF_SIDE = 100.0 / 140.0
+FACE_HALF_SIDE = 110.0 / 140.0
 
 
 def face_grid(pose: torch.Tensor, size: int) -> torch.Tensor:
