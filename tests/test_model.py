@@ -480,7 +480,9 @@ def test_proxy_flow_is_the_identity_at_the_same_pose() -> None:
     flow = proxy_flow(pose, pose, 32, 32)
     expected = pixel_grid(32, 32, pose.device).expand(2, -1, -1, -1)
     torch.testing.assert_close(flow.grid, expected, atol=1e-5, rtol=0)
-    assert torch.equal(flow.visible, flow.head)  # everything the target shows, the source showed
+    assert torch.equal(flow.source_head, flow.head)
+    assert (flow.visible <= flow.head).all()  # grazing points count as only partly visible
+    assert flow.visible[:, :, 16, 16].min() == 1  # the middle of the face faces the camera
     assert 0.25 < flow.head.mean() < 0.6  # the head fills a good part of a head-centred crop
 
 
@@ -503,7 +505,8 @@ def test_proxy_flow_moves_the_face_the_way_the_pose_convention_says(axis: int, s
 
 def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source() -> None:
     """Zero-initialised mask, flow and gain: the output is the proxy's warp of the source,
-    blended by the visibility prior with the fill (here zeroed too, so exactly mid-grey)."""
+    blended by the visibility prior with the fill (here zeroed too, so exactly the mean colour
+    of the source's head)."""
     model = build_model(ModelConfig(image_size=64)).eval()
     with torch.no_grad():
         model.generator.to_rgb[0].weight.zero_()
@@ -513,7 +516,10 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source() -> None
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
     flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64)
     mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
-    torch.testing.assert_close(out, mask * warp(b["source"], flow.grid), atol=1e-5, rtol=0)
+    seen = flow.source_head
+    colour = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
+    expected = mask * warp(b["source"], flow.grid) + (1 - mask) * colour
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> None:

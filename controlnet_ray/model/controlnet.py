@@ -243,7 +243,7 @@ class ImageControlNet(nn.Module):
         out_channels = WARP_CHANNELS if self.warp_mode else 3
         self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim, out_channels)
         if self.warp_mode:
-            _zero_warp_controls(self.generator.to_rgb[0])
+            _init_warp_head(self.generator.to_rgb[0])
         self.control = ControlBranch(
             self.encoder.map_channels, dec, cfg.num_control_layers, hidden=4 * cfg.base_channels
         )
@@ -327,24 +327,38 @@ class ImageControlNet(nn.Module):
         return F.cosine_similarity(emb.float(), ref.float(), dim=1)
 
 
-def _zero_warp_controls(conv: nn.Conv2d) -> None:
+def _init_warp_head(conv: nn.Conv2d) -> None:
     """Zero the output channels of mask, residual flow and gain (PixelShuffle puts output
     channel k at conv channels 4k..4k+3): an untrained warp generator returns the proxy's warp
-    of the source where the proxy saw it, exactly, and learns corrections from there."""
+    of the source where the proxy saw it, exactly, and learns corrections from there.  The fill
+    channels get the same kernel for all four sub-pixels (ICNR), so the fill starts smooth
+    instead of with PixelShuffle's checkerboard."""
     with torch.no_grad():
         conv.weight[12:].zero_()
         conv.bias[12:].zero_()
+        for k in range(3):
+            conv.weight[4 * k : 4 * k + 4] = conv.weight[4 * k].clone()
+            conv.bias[4 * k : 4 * k + 4] = conv.bias[4 * k].clone()
 
 
 def compose(source: torch.Tensor, flow: ProxyFlow, raw: torch.Tensor) -> torch.Tensor:
-    """The warp generator's image from its raw decoder output (``WARP_CHANNELS``)."""
-    fill = torch.tanh(raw[:, 0:3])
+    """The warp generator's image from its raw decoder output (``WARP_CHANNELS``).
+
+    The fill is a residual on the source head's mean colour, so what the source could not show
+    starts skin- and hair-coloured rather than grey."""
+    fill = (head_colour(source, flow) + raw[:, 0:3]).clamp(-1.0, 1.0)
     prior = MASK_PRIOR * (2.0 * flow.visible - 1.0) * flow.head
     mask = torch.sigmoid(raw[:, 3:4] + prior.to(raw.dtype))
     residual = FLOW_RESIDUAL_SCALE * torch.tanh(raw[:, 4:6]).permute(0, 2, 3, 1)
     moved = warp(source, flow.grid + residual.to(flow.grid.dtype))
     gain = torch.exp(raw[:, 6:7].clamp(-2.0, 2.0))
     return (mask * (moved * gain + gain - 1.0) + (1.0 - mask) * fill).clamp(-1.0, 1.0)
+
+
+def head_colour(source: torch.Tensor, flow: ProxyFlow) -> torch.Tensor:
+    """[B,3,1,1] mean colour of the source where the proxy saw the head (its own silhouette)."""
+    mask = flow.source_head.to(source.dtype)
+    return (source * mask).sum((2, 3), keepdim=True) / mask.sum((2, 3), keepdim=True).clamp(1.0)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

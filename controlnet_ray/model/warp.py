@@ -31,6 +31,9 @@ import torch
 #: (``data.align.HEAD_CENTER_MM``): the skull with its hair, slightly above and behind it.
 PROXY_CENTER = (0.0, 0.09, -0.07)
 PROXY_RADII = (0.58, 0.78, 0.70)
+#: Visibility in the source ramps from 0 to 1 as the cosine between the proxy's normal and the
+#: view axis goes from 0.15 to 0.45 (about 81 to 63 degrees off the view axis).
+VISIBLE_COS = (0.15, 0.45)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ProxyFlow:
     grid: torch.Tensor  # [B,H,W,2] where to sample the source, grid_sample coordinates
     head: torch.Tensor  # [B,1,H,W] 1 where the target pixel shows the head (the proxy's hit)
     visible: torch.Tensor  # [B,1,H,W] 1 where that head point was visible in the source
+    source_head: torch.Tensor  # [B,1,H,W] the head's silhouette in the source image
 
 
 def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
@@ -65,40 +69,50 @@ def pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1)
 
 
-def proxy_flow(
-    source_pose: torch.Tensor, target_pose: torch.Tensor, height: int, width: int
-) -> ProxyFlow:
-    """Where each target pixel's head point was in the source (see the module docstring)."""
-    device = source_pose.device
-    pix = pixel_grid(height, width, device)  # [H,W,2]
-    rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
-    centre = torch.tensor(PROXY_CENTER, device=device)
-    radii = torch.tensor(PROXY_RADII, device=device)
-    # camera frame (x right, y up, z to the viewer) of the target pixel at depth 0
+def _cast(rot: torch.Tensor, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit [B,H,W] bool, head-frame hit point [B,H,W,3]) of each pixel's ray (orthographic,
+    along the view axis, nearest the viewer) on the proxy ellipsoid seen at rotation ``rot``."""
+    centre = torch.tensor(PROXY_CENTER, device=pix.device)
+    radii = torch.tensor(PROXY_RADII, device=pix.device)
+    # camera frame (x right, y up, z to the viewer) of the pixel at depth 0
     cam = torch.stack([pix[..., 0], -pix[..., 1], torch.zeros_like(pix[..., 0])], dim=-1)
-    inv_t = rot_t.transpose(1, 2)  # head <- camera, target pose
-    p0 = torch.einsum("bij,hwj->bhwi", inv_t, cam)  # [B,H,W,3] head frame
-    d = inv_t[:, :, 2][:, None, None, :]  # view axis in the head frame, [B,1,1,3]
+    inv = rot.transpose(1, 2)  # head <- camera
+    p0 = torch.einsum("bij,hwj->bhwi", inv, cam)  # [B,H,W,3] head frame
+    d = inv[:, :, 2][:, None, None, :]  # view axis in the head frame, [B,1,1,3]
     u, v = (p0 - centre) / radii, d / radii
     a = (v * v).sum(-1)
     b = 2 * (u * v).sum(-1)
     c = (u * u).sum(-1) - 1
     disc = b * b - 4 * a * c
-    hit = disc > 0
     s = (-b + disc.clamp(min=0).sqrt()) / (2 * a)  # the intersection nearer the viewer
-    p_hit = p0 + s[..., None] * d
+    return disc > 0, p0 + s[..., None] * d
+
+
+def proxy_flow(
+    source_pose: torch.Tensor, target_pose: torch.Tensor, height: int, width: int
+) -> ProxyFlow:
+    """Where each target pixel's head point was in the source (see the module docstring)."""
+    pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
+    rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
+    hit, p_hit = _cast(rot_t, pix)
     q = torch.einsum("bij,bhwj->bhwi", rot_s, p_hit)  # camera frame, source pose
     src = torch.stack([q[..., 0], -q[..., 1]], dim=-1)
+    centre = torch.tensor(PROXY_CENTER, device=pix.device)
+    radii = torch.tensor(PROXY_RADII, device=pix.device)
     normal = (p_hit - centre) / (radii * radii)
-    facing = torch.einsum("bj,bhwj->bhw", rot_s[:, 2], normal) > 0
+    normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    cos_view = torch.einsum("bj,bhwj->bhw", rot_s[:, 2], normal)
+    # soft: a point seen at a grazing angle in the source is smeared there (or background)
+    facing = ((cos_view - VISIBLE_COS[0]) / (VISIBLE_COS[1] - VISIBLE_COS[0])).clamp(0.0, 1.0)
     grid = torch.where(hit[..., None], src, pix.expand_as(src))
-    head = hit.float()[:, None]
-    return ProxyFlow(grid, head, (hit & facing).float()[:, None])
+    source_head = _cast(rot_s, pix)[0].float()[:, None]
+    return ProxyFlow(grid, hit.float()[:, None], (hit.float() * facing)[:, None], source_head)
 
 
 def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B,1,H,W] the proxy's silhouette at the target pose: the head pixels a loss should weigh."""
-    return proxy_flow(target_pose, target_pose, height, width).head
+    pix = pixel_grid(height, width, target_pose.device)
+    return _cast(rotation_from_ypr(target_pose), pix)[0].float()[:, None]
 
 
 #: The ArcFace crop in the same units: its centre (4 mm below the eyes, 80 mm in front of the
