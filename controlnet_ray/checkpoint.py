@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import random
 import uuid
@@ -50,6 +51,9 @@ LEGACY_KEYS = (
     "val_metrics_history",
     "args",
 )
+# sha256 of everything else in the file (see content_digest), verified by load_checkpoint:
+# flipped bytes inside a tensor record load without complaint from torch's zip reader.
+CONTENT_DIGEST_KEY = "content_sha256"
 _MAX_LISTED = 5  # mismatches named per category in error messages
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
@@ -187,7 +191,57 @@ def build_checkpoint(
         engine_state=_to_plain(dict(engine_state or {})),
         rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
     )
-    return state.to_dict()
+    bad = nonfinite_tensor_names(state.model_state_dict)
+    if bad:
+        raise CheckpointError(
+            f"refusing to save epoch {int(epoch)}: non-finite weights in {_listed(bad)} "
+            "(the run diverged); nothing of this epoch was written. Lower --lr, check "
+            "--pose_loss_weight/--identity_loss_weight, or try without --use_amp."
+        )
+    out = state.to_dict()
+    out[CONTENT_DIGEST_KEY] = content_digest(out)
+    return out
+
+
+def nonfinite_tensor_names(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf: the one finite check for weights,
+    used before saving and after loading, so a broken model is never written or used."""
+    return [
+        str(name)
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and not bool(torch.isfinite(t).all())
+    ]
+
+
+def content_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over every value of ``state`` but the digest itself, in a canonical order.
+
+    Tensors contribute dtype, shape and raw bytes; containers their keys and items; other
+    values their type and repr (what ``torch.load(weights_only=True)`` gives back unchanged).
+    """
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in state.items() if k != CONTENT_DIGEST_KEY})
+    return h.hexdigest()
+
+
+def _feed_digest(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"M{len(value)}".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed_digest(h, key)
+            _feed_digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed_digest(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:
@@ -308,7 +362,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: checkpoint format_version {version!r} is newer than this controlnet-ray "
             f"supports ({FORMAT_VERSION}); upgrade controlnet-ray to read it"
         )
+    _verify_integrity(obj, path)
     return _normalise(obj, path, version)
+
+
+def _verify_integrity(obj: Mapping[str, Any], path: Path) -> None:
+    """The recorded content hash must match (files written before it existed have none), and
+    the weights must be finite whatever wrote them."""
+    recorded = obj.get(CONTENT_DIGEST_KEY)
+    if recorded is not None and recorded != content_digest(obj):
+        raise CheckpointError(
+            f"{path}: content hash mismatch: the file was changed or damaged after it was "
+            "written (disk or copy error?); use another checkpoint (e.g. checkpoint_epoch_N.pth)"
+        )
+    sd = obj["model_state_dict"]
+    bad = nonfinite_tensor_names(sd) if isinstance(sd, Mapping) else []
+    if bad:
+        raise CheckpointError(
+            f"{path}: non-finite weights (NaN/inf) in {_listed(bad)}: the run that wrote it "
+            "had diverged; use an earlier checkpoint"
+        )
 
 
 def _load_failure_message(path: Path, exc: Exception) -> str:
