@@ -7,8 +7,10 @@ retried forever instead of failing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,18 @@ if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
 
 DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors our own checks raise for bad input (flags, data, checkpoints, weights)."""
+    from controlnet_ray.checkpoint import CheckpointError
+    from controlnet_ray.data.layout import DataError
+    from controlnet_ray.model.iresnet import WeightsError
+
+    return (ConfigError, DataError, CheckpointError, WeightsError)
+
+
+EXPECTED_ERRORS = _expected_errors()
 
 
 @dataclass
@@ -215,6 +229,59 @@ def existing_run(cfg: TrainConfig) -> Path | None:
     return run_dir if run_dir.exists() else None
 
 
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run
+
+
+def latest_ray_checkpoint(run_dir: Path) -> Path | None:
+    """The state file of the checkpoint Ray will resume ``run_dir`` from (None: none yet).
+
+    Read from Ray's own snapshot, not guessed from folder names: a folder written but never
+    registered (a worker killed while reporting) is not what Ray restores.
+    """
+    from controlnet_ray.checkpoint import RAY_STATE_FILE
+
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{snapshot}: unreadable Ray run record ({exc}); --fresh starts the run over"
+        ) from exc
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name / RAY_STATE_FILE if name else None
+
+
+def check_rerun(cfg: TrainConfig) -> None:
+    """A re-run continues its Ray run only when its flags agree with that run's latest
+    checkpoint; otherwise stop before Ray starts, naming each difference and the ways out."""
+    from controlnet_ray import checkpoint as ckpt
+
+    run_dir = None if cfg.ray.fresh else existing_run(cfg)
+    state_file = latest_ray_checkpoint(run_dir) if run_dir is not None else None
+    if state_file is None:
+        return
+    ways_out = (
+        "--fresh starts this run over (its Ray checkpoints are deleted), a new --save_dir "
+        f"starts a separate run, or --resume {cfg.output.save_dir}/final_model.pth with a new "
+        "--save_dir starts a new stage from its weights"
+    )
+    try:
+        state = ckpt.load_checkpoint(state_file)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"cannot continue Ray run {cfg.run_name()}: {exc}. {ways_out}") from exc
+    plan = ckpt.plan_rerun(state, cfg)
+    if plan.conflicts:
+        raise ConfigError(
+            f"--save_dir {cfg.output.save_dir} holds Ray run {cfg.run_name()} (at epoch "
+            f"{plan.epoch}) trained with other settings: {'; '.join(plan.conflicts)}. "
+            f"Re-run with its settings to continue it, or: {ways_out}"
+        )
+    for note in plan.notes:
+        print(f"continuing Ray run {cfg.run_name()}: {note}", flush=True)
+
+
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Resolve every relative path against the driver's cwd: Ray workers run elsewhere."""
     import dataclasses
@@ -255,11 +322,51 @@ def check_resume_file(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: {exc}") from exc
 
 
+def output_dirs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, folder) of everything a run writes locally; URIs (s3://...) are Ray's business."""
+    dirs = [
+        ("--save_dir", cfg.output.save_dir),
+        ("--log_dir", cfg.output.log_dir),
+        ("--cache_dir", str(cfg.data.resolved_cache_dir())),
+        ("--storage_path", cfg.storage_path()),
+    ]
+    return [(flag, d) for flag, d in dirs if "://" not in d]
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Create ``path`` if needed and write a probe file in it; ConfigError naming ``flag``.
+
+    A real write, not ``os.access``: that answers yes to root on a read-only mount, and the
+    failure would otherwise surface inside a Ray actor, once per retry.
+    """
+    p = Path(path)
+    blocker = next((a for a in (p, *p.parents) if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == p else f" ({blocker} is a file)"
+        raise ConfigError(f"{flag} {path} is not a folder{where}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".write_probe_"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path} is not writable: {exc.strerror or exc}") from exc
+
+
+def check_before_ray(cfg: TrainConfig) -> Path:
+    """Everything that can be known before Ray starts: output folders writable, --resume
+    fits, a re-run agrees with its Ray run, data readable and prepared; returns the shards."""
+    for flag, folder in output_dirs(cfg):
+        check_writable_dir(folder, flag)
+    check_resume_file(cfg)
+    check_rerun(cfg)
+    return resolve_shards(cfg)
+
+
 def run_training(cfg: TrainConfig) -> object:
-    """Prepare data, start Ray, train; returns Ray's Result."""
+    """Check inputs and prepare data, then start Ray and train; returns Ray's Result."""
     t0 = time.time()
     cfg = absolute_paths(cfg)
-    check_resume_file(cfg)
+    shards = check_before_ray(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if cfg.ray.fresh:
         discard_previous_run(cfg)
@@ -284,7 +391,6 @@ def run_training(cfg: TrainConfig) -> object:
     )
     from controlnet_ray.progress import start_console
 
-    shards = resolve_shards(cfg)
     pairs = build_pairs(cfg, shards)
     board, console = start_console(cfg.output.progress)
     try:

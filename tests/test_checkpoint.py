@@ -159,7 +159,7 @@ def test_atomic_save_failure_mid_write_keeps_old_file(tmp_path, monkeypatch) -> 
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", half_then_crash)
-    with pytest.raises(OSError, match=r"disk full"):
+    with pytest.raises(OSError, match=r"cannot write .*best_model.pth: disk full"):
         ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(100_000)}}, path)
     monkeypatch.undo()
 
@@ -375,3 +375,18 @@ def test_non_finite_weights_in_a_file_are_refused_at_load(tmp_path: Path) -> Non
     with pytest.raises(ckpt.CheckpointError, match="non-finite weights") as exc:
         ckpt.load_checkpoint(path)
     assert str(path) in str(exc.value) and "b" in str(exc.value)
+
+
+def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch) -> None:
+    """torch's zip writer reports ENOSPC as ``RuntimeError: [enforce fail at
+    inline_container.cc:672] ...``, naming no file; the error must say which one."""
+
+    def enospc(obj, f) -> None:
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    path = tmp_path / "final_model.pth"
+    with pytest.raises(OSError, match=r"cannot write .*final_model\.pth: \[enforce fail"):
+        ckpt.atomic_save({"model_state_dict": {}}, path)
+    assert list(tmp_path.iterdir()) == []
