@@ -60,8 +60,8 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path: Path):
     proc = run_train(args, tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("training failed: ") and "non-finite" in last, out[-4000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("training failed: ")]
+    assert "NonFiniteLossError" in line and "non-finite" in line, out[-4000:]
     assert not list((tmp_path / "ck").glob("*.pth"))
     assert not (tmp_path / "ck" / "training_history.json").exists()
 
