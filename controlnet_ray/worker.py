@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -46,6 +47,7 @@ from controlnet_ray.reporting import (
 
 RAY_CKPT_FILE = ckpt.RAY_STATE_FILE
 STEP_LOG_EVERY = 10
+STAGING_DIR = ".ray_staging"
 
 
 @dataclass
@@ -85,6 +87,7 @@ class WorkerRun:
         self.device = ray.train.torch.get_device()
         self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
         self.save_dir = Path(self.cfg.output.save_dir)
+        self.staging = staging_dir(self.save_dir) if self.rank == 0 else None
         self.state = RunState()
         self._build()
 
@@ -372,7 +375,7 @@ class WorkerRun:
             return
         state = self._state_dict(epoch)
         self._write_files(epoch, state)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
             ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -403,6 +406,16 @@ class WorkerRun:
             self.state.train_history,
             self.state.val_history,
         )
+
+
+def staging_dir(save_dir: Path) -> Path:
+    """``<save_dir>/.ray_staging``, emptied: where rank 0 writes a Ray checkpoint before Ray
+    copies it to storage. A worker or driver killed mid-report leaves its ~20 MB there (not in
+    /tmp, where nothing would find it); the next attempt's rank 0 starts by removing it."""
+    path = save_dir / STAGING_DIR
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _require_finite(metrics: dict[str, float], what: str) -> dict[str, float]:

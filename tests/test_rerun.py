@@ -124,3 +124,28 @@ def test_load_of_saved_state_round_trips_the_digest(tmp_path: Path) -> None:
     assert isinstance(state[ckpt.CONTENT_DIGEST_KEY], str) and torch.is_tensor(
         state["model_state_dict"]["control.0.bias"]
     )
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def test_unregistered_checkpoint_folders_are_pruned_registered_kept(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    run_dir = _ray_run(cfg)
+    doc = json.loads((run_dir / launcher.RAY_SNAPSHOT_FILE).read_text())
+    doc["checkpoint_results"] = [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-02"}]
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text(json.dumps(doc))
+    for name in ("checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-04"):
+        (run_dir / name).mkdir()
+        (run_dir / name / ckpt.RAY_STATE_FILE).write_bytes(b"x" * 100)
+    launcher.check_rerun(cfg)  # before Ray starts
+    left = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert left == ["checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"]
+
+
+def test_nothing_is_pruned_on_an_unreadable_record(tmp_path: Path) -> None:
+    run_dir = _ray_run(_cfg(tmp_path))
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text("{truncated")
+    (run_dir / "checkpoint_x").mkdir()
+    assert launcher.prune_unregistered_checkpoints(run_dir) == []
+    assert (run_dir / "checkpoint_x").is_dir()
