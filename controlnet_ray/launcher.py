@@ -106,18 +106,20 @@ def _replace_data_dir(cfg: TrainConfig, data_dir: str):
     return dataclasses.replace(cfg.data, data_dir=data_dir, image_dir=None)
 
 
-def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
-    """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan."""
+def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
+    """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan; True when
+    this call started a local Ray (its caller then owns its shutdown)."""
     import ray
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        return False
     else:
         # A local Ray shares the machine with the training workers: without Prometheus metrics
         # collection and event-loop stats its processes use measurably less CPU (2 DDP workers
@@ -127,6 +129,7 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
         ray.init(num_cpus=plan_cpus, log_to_driver=True)
+        return True
 
 
 def check_gpus(cfg: TrainConfig) -> None:
@@ -398,7 +401,7 @@ def run_training(cfg: TrainConfig) -> object:
             flush=True,
         )
     plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
-    init_ray(cfg, plan.ray_num_cpus if plan else None)
+    started_ray = init_ray(cfg, plan.ray_num_cpus if plan else None)
     if plan is None:
         import ray
 
@@ -420,7 +423,7 @@ def run_training(cfg: TrainConfig) -> object:
         console.close()
     if (run_dir := existing_run(cfg)) is not None:
         prune_unregistered_checkpoints(run_dir)
-    if local:
+    if started_ray:
         shutdown_local_ray()
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return result
