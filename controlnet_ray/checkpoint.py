@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import random
 import uuid
@@ -32,6 +33,7 @@ from controlnet_ray.config import TrainConfig
 
 FORMAT_VERSION = 1
 LEGACY_FORMAT_VERSION = 0  # files without ``format_version``: written by the original script
+RAY_STATE_FILE = "state.pth"  # the file inside each Ray checkpoint folder
 BEST_MODEL_NAME = "best_model.pth"
 FINAL_MODEL_NAME = "final_model.pth"
 # Epochs are 1-based: the loop is ``for epoch in range(start_epoch, epochs + 1)`` and ``epoch``
@@ -50,6 +52,9 @@ LEGACY_KEYS = (
     "val_metrics_history",
     "args",
 )
+# sha256 of everything else in the file (see content_digest), verified by load_checkpoint:
+# flipped bytes inside a tensor record load without complaint from torch's zip reader.
+CONTENT_DIGEST_KEY = "content_sha256"
 _MAX_LISTED = 5  # mismatches named per category in error messages
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
@@ -187,7 +192,57 @@ def build_checkpoint(
         engine_state=_to_plain(dict(engine_state or {})),
         rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
     )
-    return state.to_dict()
+    bad = nonfinite_tensor_names(state.model_state_dict)
+    if bad:
+        raise CheckpointError(
+            f"refusing to save epoch {int(epoch)}: non-finite weights in {_listed(bad)} "
+            "(the run diverged); nothing of this epoch was written. Lower --lr, check "
+            "--pose_loss_weight/--identity_loss_weight, or try without --use_amp."
+        )
+    out = state.to_dict()
+    out[CONTENT_DIGEST_KEY] = content_digest(out)
+    return out
+
+
+def nonfinite_tensor_names(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf: the one finite check for weights,
+    used before saving and after loading, so a broken model is never written or used."""
+    return [
+        str(name)
+        for name, t in tensors.items()
+        if isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and not bool(torch.isfinite(t).all())
+    ]
+
+
+def content_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over every value of ``state`` but the digest itself, in a canonical order.
+
+    Tensors contribute dtype, shape and raw bytes; containers their keys and items; other
+    values their type and repr (what ``torch.load(weights_only=True)`` gives back unchanged).
+    """
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in state.items() if k != CONTENT_DIGEST_KEY})
+    return h.hexdigest()
+
+
+def _feed_digest(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"M{len(value)}".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed_digest(h, key)
+            _feed_digest(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed_digest(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int]:
@@ -230,18 +285,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _is_write_failure(exc):
+            errno = getattr(exc, "errno", None)
+            raise OSError(errno, f"cannot write {path}: {_first_line(exc)}") from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An I/O failure (full disk, read-only folder): the message must name the file. torch's
+    zip writer reports it as ``RuntimeError: [enforce fail at inline_container.cc...]``."""
+    return isinstance(exc, OSError) or (
+        isinstance(exc, RuntimeError) and "inline_container" in str(exc)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -308,7 +381,26 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: checkpoint format_version {version!r} is newer than this controlnet-ray "
             f"supports ({FORMAT_VERSION}); upgrade controlnet-ray to read it"
         )
+    _verify_integrity(obj, path)
     return _normalise(obj, path, version)
+
+
+def _verify_integrity(obj: Mapping[str, Any], path: Path) -> None:
+    """The recorded content hash must match (files written before it existed have none), and
+    the weights must be finite whatever wrote them."""
+    recorded = obj.get(CONTENT_DIGEST_KEY)
+    if recorded is not None and recorded != content_digest(obj):
+        raise CheckpointError(
+            f"{path}: content hash mismatch: the file was changed or damaged after it was "
+            "written (disk or copy error?); use another checkpoint (e.g. checkpoint_epoch_N.pth)"
+        )
+    sd = obj["model_state_dict"]
+    bad = nonfinite_tensor_names(sd) if isinstance(sd, Mapping) else []
+    if bad:
+        raise CheckpointError(
+            f"{path}: non-finite weights (NaN/inf) in {_listed(bad)}: the run that wrote it "
+            "had diverged; use an earlier checkpoint"
+        )
 
 
 def _load_failure_message(path: Path, exc: Exception) -> str:
@@ -513,6 +605,80 @@ def _hparam_changes(state: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
 
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-12 + 1e-9 * max(abs(a), abs(b))
+
+
+# Settings a re-run of the same Ray run may change: they do not change what is computed
+# (console, file cadence, data-loading parallelism, placement, retry budget). --epochs is
+# handled apart (the run is extended or shortened); every other difference stops the re-run.
+RERUN_FREE_FIELDS = frozenset(
+    {
+        ("data", "num_workers"),
+        ("data", "cache_dir"),
+        ("output", "log_dir"),
+        ("output", "save_interval"),
+        ("output", "image_log_interval"),
+        ("output", "progress"),
+        ("ray", "address"),
+        ("ray", "max_failures"),
+        ("ray", "num_to_keep"),
+        ("ray", "fresh"),
+        ("ray", "cpus_per_worker"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class RerunPlan:
+    """How a re-run's flags compare with the config stored in its run's latest checkpoint.
+
+    ``conflicts``: differences that would be silently ignored or mixed with the old run's
+    state (``--lr 0.0001 -> 0.005``): the re-run must stop. ``notes``: differences it
+    continues with, said aloud (``--epochs 3 -> 4``).
+    """
+
+    epoch: int
+    conflicts: list[str]
+    notes: list[str]
+
+
+def plan_rerun(state: Mapping[str, Any], cfg: TrainConfig) -> RerunPlan:
+    """Compare ``cfg`` with the config a Ray checkpoint of the same run was written with."""
+    epoch = int(state.get("epoch", 0))
+    if not state.get("config"):
+        return RerunPlan(epoch, [], [])
+    try:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+    except (TypeError, ValueError) as exc:
+        return RerunPlan(epoch, [f"its stored config is not readable here ({exc})"], [])
+    current = cfg.to_dict()
+    conflicts, notes = [], []
+    for section, fields in current.items():
+        for name, new in fields.items():
+            old = saved[section][name]
+            if _same_setting(old, new) or (section, name) in RERUN_FREE_FIELDS:
+                continue
+            change = f"--{name} {_setting(old)} -> {_setting(new)}"
+            if (section, name) != ("optim", "epochs"):
+                conflicts.append(change)
+            elif new < epoch:
+                conflicts.append(f"{change} (the run already completed epoch {epoch})")
+            else:
+                notes.append(f"{change}: continuing to epoch {new}, LR schedule re-planned")
+    return RerunPlan(epoch, conflicts, notes)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and _close(a, b)
+    return a == b
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_setting(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 @dataclass

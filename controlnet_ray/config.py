@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,26 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _finite_floats(cfg: TrainConfig) -> None:
+    """Every float flag must be a finite number: NaN and inf pass ``x < 0`` / ``not x > 0``
+    style checks and would train (and save) a broken model. Walks all sections, so fields
+    added later are covered without being listed here."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            values = value if isinstance(value, tuple | list) else (value,)
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"--{f.name} must be a finite number, got {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple | list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def _positive(value: float, flag: str) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be > 0, got {value}")
@@ -222,6 +243,7 @@ def _choice(value: object, flag: str, allowed: tuple) -> None:
 
 def _validate(cfg: TrainConfig) -> None:
     d, m, o, out, r = cfg.data, cfg.model, cfg.optim, cfg.output, cfg.ray
+    _finite_floats(cfg)
     _positive(d.batch_size, "--batch_size")
     if d.num_workers < 0:
         raise ConfigError(f"--num_workers must be >= 0, got {d.num_workers}")

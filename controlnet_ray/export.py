@@ -19,6 +19,7 @@ exporter (``dynamo=False``): the dynamo exporter needs onnxscript, which is not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -195,8 +196,13 @@ def run(args: argparse.Namespace, out: Path) -> int:
     loaded = load_model(args.checkpoint, "cpu")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
     try:
-        export_onnx(loaded, tmp, args.opset)
-        add_metadata(tmp, loaded)
+        try:
+            export_onnx(loaded, tmp, args.opset)
+            add_metadata(tmp, loaded)
+        except OSError as exc:  # read-only or full folder: one line naming it, not a traceback
+            raise InferenceError(
+                f"--out {out}: cannot write in {out.parent}: {exc.strerror or exc}"
+            ) from exc
         diffs = check_against_torch(loaded, tmp, args.seed)
         worst = max(diffs.values())
         detail = ", ".join(f"batch {b}: {d:.3g}" for b, d in diffs.items())
@@ -209,7 +215,8 @@ def run(args: argparse.Namespace, out: Path) -> int:
             return 1
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # clean-up must not hide the error being reported
+            tmp.unlink(missing_ok=True)
     print(f"wrote {out} (opset {args.opset}, image size {loaded.image_size}, dynamic batch)")
     return 0
 

@@ -7,8 +7,10 @@ retried forever instead of failing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,18 @@ if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
 
 DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors our own checks raise for bad input (flags, data, checkpoints, weights)."""
+    from controlnet_ray.checkpoint import CheckpointError
+    from controlnet_ray.data.layout import DataError
+    from controlnet_ray.model.iresnet import WeightsError
+
+    return (ConfigError, DataError, CheckpointError, WeightsError)
+
+
+EXPECTED_ERRORS = _expected_errors()
 
 
 @dataclass
@@ -92,18 +106,20 @@ def _replace_data_dir(cfg: TrainConfig, data_dir: str):
     return dataclasses.replace(cfg.data, data_dir=data_dir, image_dir=None)
 
 
-def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
-    """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan."""
+def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
+    """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan; True when
+    this call started a local Ray (its caller then owns its shutdown)."""
     import ray
 
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        return False
     else:
         # A local Ray shares the machine with the training workers: without Prometheus metrics
         # collection and event-loop stats its processes use measurably less CPU (2 DDP workers
@@ -113,6 +129,7 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> None:
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
         ray.init(num_cpus=plan_cpus, log_to_driver=True)
+        return True
 
 
 def check_gpus(cfg: TrainConfig) -> None:
@@ -215,6 +232,80 @@ def existing_run(cfg: TrainConfig) -> Path | None:
     return run_dir if run_dir.exists() else None
 
 
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train v2's record of a run
+
+
+def latest_ray_checkpoint(run_dir: Path) -> Path | None:
+    """The state file of the checkpoint Ray will resume ``run_dir`` from (None: none yet).
+
+    Read from Ray's own snapshot, not guessed from folder names: a folder written but never
+    registered (a worker killed while reporting) is not what Ray restores.
+    """
+    from controlnet_ray.checkpoint import RAY_STATE_FILE
+
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"{snapshot}: unreadable Ray run record ({exc}); --fresh starts the run over"
+        ) from exc
+    name = latest.get("checkpoint_dir_name")
+    return run_dir / name / RAY_STATE_FILE if name else None
+
+
+def prune_unregistered_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove checkpoint folders Ray never registered (a worker or driver killed between the
+    upload and the report): Ray never resumes from them and never deletes them, so with
+    ``--num_to_keep 2`` they pile up. Only folders absent from Ray's own record go."""
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    try:
+        doc = json.loads(snapshot.read_text()) if snapshot.is_file() else {}
+    except (OSError, ValueError):
+        return []  # unreadable record: check_rerun reports it; delete nothing on a guess
+    results = [*(doc.get("checkpoint_results") or []), doc.get("latest_checkpoint_result")]
+    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)}
+    stale = [d for d in run_dir.glob("checkpoint_*") if d.is_dir() and d.name not in registered]
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    if stale:
+        print(f"removed {len(stale)} unregistered checkpoint folder(s) from {run_dir}", flush=True)
+    return stale
+
+
+def check_rerun(cfg: TrainConfig) -> None:
+    """A re-run continues its Ray run only when its flags agree with that run's latest
+    checkpoint; otherwise stop before Ray starts, naming each difference and the ways out."""
+    from controlnet_ray import checkpoint as ckpt
+
+    run_dir = None if cfg.ray.fresh else existing_run(cfg)
+    state_file = latest_ray_checkpoint(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        prune_unregistered_checkpoints(run_dir)
+    if state_file is None:
+        return
+    ways_out = (
+        "--fresh starts this run over (its Ray checkpoints are deleted), a new --save_dir "
+        f"starts a separate run, or --resume {cfg.output.save_dir}/final_model.pth with a new "
+        "--save_dir starts a new stage from its weights"
+    )
+    try:
+        state = ckpt.load_checkpoint(state_file)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"cannot continue Ray run {cfg.run_name()}: {exc}. {ways_out}") from exc
+    plan = ckpt.plan_rerun(state, cfg)
+    if plan.conflicts:
+        raise ConfigError(
+            f"--save_dir {cfg.output.save_dir} holds Ray run {cfg.run_name()} (at epoch "
+            f"{plan.epoch}) trained with other settings: {'; '.join(plan.conflicts)}. "
+            f"Re-run with its settings to continue it, or: {ways_out}"
+        )
+    for note in plan.notes:
+        print(f"continuing Ray run {cfg.run_name()}: {note}", flush=True)
+
+
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Resolve every relative path against the driver's cwd: Ray workers run elsewhere."""
     import dataclasses
@@ -255,11 +346,51 @@ def check_resume_file(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: {exc}") from exc
 
 
+def output_dirs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, folder) of everything a run writes locally; URIs (s3://...) are Ray's business."""
+    dirs = [
+        ("--save_dir", cfg.output.save_dir),
+        ("--log_dir", cfg.output.log_dir),
+        ("--cache_dir", str(cfg.data.resolved_cache_dir())),
+        ("--storage_path", cfg.storage_path()),
+    ]
+    return [(flag, d) for flag, d in dirs if "://" not in d]
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Create ``path`` if needed and write a probe file in it; ConfigError naming ``flag``.
+
+    A real write, not ``os.access``: that answers yes to root on a read-only mount, and the
+    failure would otherwise surface inside a Ray actor, once per retry.
+    """
+    p = Path(path)
+    blocker = next((a for a in (p, *p.parents) if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == p else f" ({blocker} is a file)"
+        raise ConfigError(f"{flag} {path} is not a folder{where}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".write_probe_"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path} is not writable: {exc.strerror or exc}") from exc
+
+
+def check_before_ray(cfg: TrainConfig) -> Path:
+    """Everything that can be known before Ray starts: output folders writable, --resume
+    fits, a re-run agrees with its Ray run, data readable and prepared; returns the shards."""
+    for flag, folder in output_dirs(cfg):
+        check_writable_dir(folder, flag)
+    check_resume_file(cfg)
+    check_rerun(cfg)
+    return resolve_shards(cfg)
+
+
 def run_training(cfg: TrainConfig) -> object:
-    """Prepare data, start Ray, train; returns Ray's Result."""
+    """Check inputs and prepare data, then start Ray and train; returns Ray's Result."""
     t0 = time.time()
     cfg = absolute_paths(cfg)
-    check_resume_file(cfg)
+    shards = check_before_ray(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if cfg.ray.fresh:
         discard_previous_run(cfg)
@@ -270,7 +401,7 @@ def run_training(cfg: TrainConfig) -> object:
             flush=True,
         )
     plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
-    init_ray(cfg, plan.ray_num_cpus if plan else None)
+    started_ray = init_ray(cfg, plan.ray_num_cpus if plan else None)
     if plan is None:
         import ray
 
@@ -284,12 +415,30 @@ def run_training(cfg: TrainConfig) -> object:
     )
     from controlnet_ray.progress import start_console
 
-    shards = resolve_shards(cfg)
     pairs = build_pairs(cfg, shards)
     board, console = start_console(cfg.output.progress)
     try:
         result = build_trainer(cfg, plan, pairs, progress_board=board).fit()
     finally:
         console.close()
+    if (run_dir := existing_run(cfg)) is not None:
+        prune_unregistered_checkpoints(run_dir)
+    if started_ray:
+        shutdown_local_ray()
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return result
+
+
+def shutdown_local_ray() -> None:
+    """Stop the local Ray this run started and delete its session folder (logs, sockets;
+    ~2 MB a run, never pruned by Ray). Only after a successful run: a failed one keeps its
+    logs for diagnosis."""
+    import ray
+
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+    except AttributeError:  # Ray's private layout changed: leave the folder alone
+        session = None
+    ray.shutdown()
+    if session is not None and session.name.startswith("session_"):
+        shutil.rmtree(session, ignore_errors=True)

@@ -6,26 +6,26 @@ outputs went. Also the entrypoint of ``ray job submit``.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from controlnet_ray.cli import parse_train_args
-from controlnet_ray.config import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_train_args(argv)
-    from controlnet_ray.launcher import run_training
+    from controlnet_ray.launcher import EXPECTED_ERRORS, run_training
 
     try:
         run_training(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:  # bad input found by our own checks: one line, rc 2
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:  # Ray wraps worker errors; show them without a driver traceback
         if type(exc).__module__.startswith("ray."):
-            print(f"training failed: {exc}", file=sys.stderr)
+            print(f"training failed: {worker_error_line(str(exc))}", file=sys.stderr)
             return 1
         raise
     save_dir = Path(cfg.output.save_dir).resolve()
@@ -43,6 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  Ray checkpoints   {cfg.storage_path()}/{cfg.run_name()}")
     return 0
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (e.g. a list of mismatches) joined into one line."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def worker_error_line(message: str) -> str:
+    """The worker's own error line out of Ray's wrapped message (its traceback included)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return errors[-1] if errors else one_line(message)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from controlnet_ray.config import TrainConfig
 from controlnet_ray.data.prefetch import FirstItemPrefetch
 from controlnet_ray.engine import (
     EvalSums,
+    NonFiniteLossError,
     StepMetrics,
     TrainEngine,
     build_optimizer,
@@ -43,8 +45,9 @@ from controlnet_ray.reporting import (
     write_history_json,
 )
 
-RAY_CKPT_FILE = "state.pth"
+RAY_CKPT_FILE = ckpt.RAY_STATE_FILE
 STEP_LOG_EVERY = 10
+STAGING_DIR = ".ray_staging"
 
 
 @dataclass
@@ -84,6 +87,7 @@ class WorkerRun:
         self.device = ray.train.torch.get_device()
         self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
         self.save_dir = Path(self.cfg.output.save_dir)
+        self.staging = staging_dir(self.save_dir) if self.rank == 0 else None
         self.state = RunState()
         self._build()
 
@@ -177,7 +181,7 @@ class WorkerRun:
                 if epoch < cfg.optim.epochs:  # the next epoch's data starts during validation
                     next_batches = self._prefetched_train_batches(train_shard)
                 val_sums = self._validate(val_shard)
-                val_metrics = val_sums.means()
+                val_metrics = _require_finite(val_sums.means(), f"epoch {epoch}: validation")
                 # Throughput over the training pass only (as benchmarks measure it); the
                 # epoch time includes validation.
                 train_metrics["samples_per_sec"] = train_metrics.pop("samples") / train_time
@@ -208,6 +212,7 @@ class WorkerRun:
         self.model.train()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, image, pose, samples
         n_batches = self.batches_per_epoch
+        steps_before, skipped_before = self.engine.optimizer_steps, self.engine.skipped_steps
         t0 = time.time()
         for i, batch in enumerate(batches):
             if i >= n_batches:  # equal batch counts on every rank keep DDP in step
@@ -216,14 +221,29 @@ class WorkerRun:
             if not m.skipped:
                 self._account(m, sums, reporter)
             self._post_step(epoch, i + 1, sums, t0)
+        if self.engine.optimizer_steps == steps_before:
+            self._fail_untrained_epoch(epoch, self.engine.skipped_steps - skipped_before)
         sums = _all_reduce_sum(sums)
-        n = max(sums[3].item(), 1.0)
+        n = sums[3].item()
         return {
             "loss": sums[0].item() / n,
             "image_loss": sums[1].item() / n,
             "pose_loss": sums[2].item() / n,
             "samples": sums[3].item(),
         }
+
+    def _fail_untrained_epoch(self, epoch: int, skipped: int) -> None:
+        """An epoch without one successful optimizer step trained nothing: recording it (as loss
+        0.0, the mean of no samples) and saving the unchanged weights would pass an untrained
+        model off as trained. The skip decisions are all-reduced, so every rank raises here."""
+        o = self.cfg.optim
+        raise NonFiniteLossError(
+            f"epoch {epoch}: no optimizer step succeeded ({skipped} of {self.batches_per_epoch} "
+            "micro-batches had a non-finite loss, the rest non-finite gradients); nothing of "
+            f"this epoch is recorded or saved. Check --lr {o.lr:g}, --pose_loss_weight "
+            f"{o.pose_loss_weight:g}, --identity_loss_weight {o.identity_loss_weight:g}, "
+            f"--weight_decay {o.weight_decay:g} and the data"
+        )
 
     def _account(self, m: StepMetrics, sums: torch.Tensor, reporter: TensorBoardReporter) -> None:
         """Add one micro-batch to the epoch sums; rank 0 logs every STEP_LOG_EVERY steps."""
@@ -329,8 +349,9 @@ class WorkerRun:
             self._write_final()
 
     def _epoch_metrics(self, epoch: int, train: dict, val: dict, elapsed: float) -> dict:
-        """What each epoch reports to Ray (and what the console line shows)."""
-        return {
+        """What each epoch reports to Ray (and what the console line shows); never a NaN score
+        (Ray's checkpoint ranking and Tune's schedulers break on one)."""
+        metrics = {
             "epoch": epoch,
             "epochs": self.cfg.optim.epochs,
             "first_epoch": self.state.start_epoch,
@@ -345,6 +366,7 @@ class WorkerRun:
             "epoch_time_s": train["epoch_time_s"],
             "elapsed_s": elapsed,
         }
+        return _require_finite(metrics, f"epoch {epoch}")
 
     def _checkpoint_and_report(self, epoch: int, train: dict, val: dict, elapsed: float) -> None:
         metrics = self._epoch_metrics(epoch, train, val, elapsed)
@@ -353,7 +375,7 @@ class WorkerRun:
             return
         state = self._state_dict(epoch)
         self._write_files(epoch, state)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
             ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -384,6 +406,28 @@ class WorkerRun:
             self.state.train_history,
             self.state.val_history,
         )
+
+
+def staging_dir(save_dir: Path) -> Path:
+    """``<save_dir>/.ray_staging``, emptied: where rank 0 writes a Ray checkpoint before Ray
+    copies it to storage. A worker or driver killed mid-report leaves its ~20 MB there (not in
+    /tmp, where nothing would find it); the next attempt's rank 0 starts by removing it."""
+    path = save_dir / STAGING_DIR
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _require_finite(metrics: dict[str, float], what: str) -> dict[str, float]:
+    """``metrics`` unchanged when every value is finite, else NonFiniteLossError naming them."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
+    if bad:
+        shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"{what} gave non-finite metrics ({shown}): the model diverged; nothing of this "
+            "epoch is recorded or saved. Lower --lr or check the loss weights and the data."
+        )
+    return metrics
 
 
 def _quiet_report_log() -> None:

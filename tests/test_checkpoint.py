@@ -159,7 +159,7 @@ def test_atomic_save_failure_mid_write_keeps_old_file(tmp_path, monkeypatch) -> 
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", half_then_crash)
-    with pytest.raises(OSError, match=r"disk full"):
+    with pytest.raises(OSError, match=r"cannot write .*best_model.pth: disk full"):
         ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(100_000)}}, path)
     monkeypatch.undo()
 
@@ -337,3 +337,56 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> No
     assert torch.equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
     assert got[2] == expected[2]
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def test_flipped_bytes_inside_a_weight_record_are_detected(tmp_path: Path) -> None:
+    model, opt, sched = _setup(0)
+    path = _save(tmp_path, model, opt, sched)
+    assert ckpt.CONTENT_DIGEST_KEY in ckpt.load_checkpoint(path)  # intact: loads
+    raw = bytearray(path.read_bytes())
+    weight = model.generator[0].weight.detach().numpy().tobytes()  # 512 bytes, stored as is
+    at = raw.find(weight)
+    assert at > 0 and raw.find(weight, at + 1) < 0  # exactly one place: inside the record
+    raw[at : at + len(weight)] = bytes(b ^ 0xFF for b in raw[at : at + len(weight)])
+    path.write_bytes(bytes(raw))
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    with pytest.raises(ckpt.CheckpointError, match="content hash mismatch") as exc:
+        ckpt.load_checkpoint(path)
+    assert str(path) in str(exc.value)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    model, opt, sched = _setup(0)
+    with torch.no_grad():
+        model.control[2].bias[0] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to save epoch 2.*control\.2\.bias"):
+        _save(tmp_path, model, opt, sched)
+    assert not list(tmp_path.iterdir())
+
+
+def test_non_finite_weights_in_a_file_are_refused_at_load(tmp_path: Path) -> None:
+    """Files written without the checks (the original script, older versions) are checked too."""
+    path = tmp_path / "diverged.pth"
+    sd = {"w": torch.ones(3), "b": torch.tensor([float("inf")]), "n": torch.tensor(3)}
+    torch.save({"model_state_dict": sd, "epoch": 3}, path)
+    with pytest.raises(ckpt.CheckpointError, match="non-finite weights") as exc:
+        ckpt.load_checkpoint(path)
+    assert str(path) in str(exc.value) and "b" in str(exc.value)
+
+
+def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch) -> None:
+    """torch's zip writer reports ENOSPC as ``RuntimeError: [enforce fail at
+    inline_container.cc:672] ...``, naming no file; the error must say which one."""
+
+    def enospc(obj, f) -> None:
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    path = tmp_path / "final_model.pth"
+    with pytest.raises(OSError, match=r"cannot write .*final_model\.pth: \[enforce fail"):
+        ckpt.atomic_save({"model_state_dict": {}}, path)
+    assert list(tmp_path.iterdir()) == []

@@ -110,6 +110,18 @@ def test_ray_options_and_stable_run_name(tmp_path: Path):
         (["--bogus_flag", "1"], "--bogus_flag", "unrecognized"),
         (["bogus_key", "1"], "bogus_key", "unrecognized"),
         (["--resume", "/nonexistent/x.pth"], "--resume", "not found"),
+        # NaN and inf pass `x < 0` / `not x > 0` checks; every float flag must be finite.
+        (["--lr", "inf"], "--lr", "finite"),
+        (["--lr", "nan"], "--lr", "finite"),
+        (["--weight_decay", "nan"], "--weight_decay", "finite"),
+        (["--pose_loss_weight", "nan"], "--pose_loss_weight", "finite"),
+        (["--pose_loss_weight=-inf"], "--pose_loss_weight", "finite"),
+        (["--identity_loss_weight", "nan"], "--identity_loss_weight", "finite"),
+        (["--grad_clip", "inf"], "--grad_clip", "finite"),
+        (["--max_pose_distance", "inf"], "--max_pose_distance", "finite"),
+        (["--min_pose_distance", "nan"], "--min_pose_distance", "finite"),
+        (["--split_ratios", "nan", "0.5", "0.5"], "--split_ratios", "nan 0.5 0.5"),
+        (["--cpus_per_worker", "nan"], "--cpus_per_worker", "finite"),
     ],
 )
 def test_invalid_values_name_the_flag(argv, flag, detail, capsys):

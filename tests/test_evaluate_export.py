@@ -252,6 +252,24 @@ def test_export_failing_check_writes_nothing(tiny_checkpoint, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # no file, no temp left behind
 
 
+def test_export_to_a_read_only_folder_is_one_line(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """As root a chmod'ed folder stays writable, so the refusal is the OS's, simulated: the
+    write fails and so does the clean-up; one line, rc 2, no second traceback."""
+
+    def refuse(loaded, path, opset) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    def refuse_unlink(self, missing_ok=False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(export, "export_onnx", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse_unlink)
+    out = tmp_path / "m.onnx"
+    code, _, err = _run(export, capsys, checkpoint=tiny_checkpoint, out=out)
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and f"--out {out}" in err and "Permission denied" in err
+
+
 @pytest.mark.parametrize("case", ["wrong_kind", "missing_folder", "opset", "suffix"])
 def test_export_bad_input(case, tiny_checkpoint, tmp_path, capsys):
     ckpt, out, extra, expect = tiny_checkpoint, tmp_path / "m.onnx", {}, ""

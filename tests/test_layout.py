@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,82 @@ def test_split_without_pairs_is_an_error_naming_it():
         count_split_pairs(rows, splits, required=("train", "val"))
     counts = count_split_pairs(rows, splits, mode="any", required=("train", "val"))
     assert counts == {"train": 4, "val": 2, "test": 0}
+
+
+# ------------------------------------------------------------------------------- plausibility
+
+
+def _set_landmarks(fx, role: str, index: int, lm) -> str:
+    doc = fx.load_json(role)
+    doc["landmarks_2d"][index] = np.asarray(lm, dtype=float).tolist()
+    fx.save_json(role, doc)
+    return doc["metadata"][index]["person_name"]
+
+
+def _frontal(size: float = 96.0) -> np.ndarray:
+    """ArcFace's template landmarks scaled to a ``size`` px image: a plausible frontal face."""
+    t = np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
+    return t * size / 112.0
+
+
+@pytest.mark.parametrize(
+    ("case", "landmarks", "reason"),
+    [
+        ("outside", _frontal() + [5e3, -3e3], r"landmark 0 at \(5032\.8, -2955\.7\) is outside"),
+        ("collapsed", np.full((5, 2), 40.0), "landmarks collapsed onto one point"),
+        ("mirrored", _frontal()[[1, 0, 2, 4, 3]], "landmarks mirrored"),
+        ("eyes_apart", [[0, 50], [96, 50], [45, 51], [40, 52], [56, 52]], "implausible inter-oc"),
+    ],
+)  # fmt: skip
+def test_impossible_landmarks_are_a_data_error_or_skipped(fx, case, landmarks, reason):
+    person = _set_landmarks(fx, "video", 7, landmarks)
+    where = rf"video_metadata\.json: entry 7 \(person '{person}'\): field 'landmarks_2d': "
+    with pytest.raises(DataError, match=where + reason) as err:
+        read_legacy_dataset(fx.data_dir)
+    assert "--skip_bad_images" in str(err.value) and "\n" not in str(err.value)
+    ds = read_legacy_dataset(fx.data_dir, skip_bad_images=True)
+    assert len(ds) == 19 and not any(e.role == "video" and e.index == 7 for e in ds.entries)
+    (skipped,) = ds.skipped
+    assert (skipped.role, skipped.index, skipped.person_name) == ("video", 7, person)
+    assert re.search(reason, skipped.reason)
+
+
+def test_strong_poses_of_the_fixture_and_template_are_plausible():
+    from controlnet_ray.data.plausibility import landmark_problem
+
+    for yaw in (-80, -45, 0, 45, 80):
+        for pitch in (-30, 0, 30):
+            for roll in (-90, 0, 150):
+                lm = project_landmarks((yaw, pitch, roll), (200, 200), 60, (100, 100))
+                assert landmark_problem(lm, (200, 200)) is None, (yaw, pitch, roll)
+
+
+def test_huge_keypoints_name_the_npy_entry(fx):
+    """1e30 is finite (also in float32) but no normalised face: a data error, like NaN."""
+    kp = np.load(fx.data_dir / "front_keypoints.npy")
+    kp[2, 1, 0] = 1e30
+    np.save(fx.data_dir / "front_keypoints.npy", kp)
+    person = fx.fronts[2].person_name
+    pattern = rf"front_keypoints\.npy: entry 2 \(person '{person}'\): field 'keypoints': .*1e\+30"
+    with pytest.raises(DataError, match=pattern):
+        read_legacy_dataset(fx.data_dir)
+    assert read_legacy_dataset(fx.data_dir, skip_bad_images=True).skipped[0].index == 2
+
+
+def test_the_same_image_listed_twice_is_refused_naming_both_entries(fx):
+    doc = fx.load_json("front")
+    doc["metadata"][3]["image_path"] = doc["metadata"][1]["image_path"]
+    doc["metadata"][3]["person_name"] = doc["metadata"][1]["person_name"]
+    fx.save_json("front", doc)
+    person = doc["metadata"][1]["person_name"]
+    pattern = rf"front_metadata\.json: entry 3 \(person '{person}'\): .* repeats "
+    pattern += r"front_metadata\.json entry 1"
+    with pytest.raises(DataError, match=pattern):
+        read_legacy_dataset(fx.data_dir)
+
+
+def test_several_different_front_photos_of_a_person_are_fine(fx):
+    doc = fx.load_json("front")
+    doc["metadata"][3]["person_name"] = doc["metadata"][1]["person_name"]  # a 2nd photo of bob
+    fx.save_json("front", doc)
+    assert len(read_legacy_dataset(fx.data_dir)) == 20

@@ -32,6 +32,7 @@ from controlnet_ray.data.legacy import (
     legacy_fit,
     legacy_keypoints,
 )
+from controlnet_ray.data.plausibility import keypoint_problem, landmark_problem
 
 logger = logging.getLogger(__name__)
 
@@ -297,14 +298,18 @@ def read_legacy_dataset(
     parts = [_read_part(ddir, role) for role in ROLES]
     all_paths = [p for part in parts for p in part.image_paths]
     rels = _safe_relpaths(parts)
+    implausible = _implausible_entries(parts, rels, skip_bad_images)
     idir = _absolute(image_dir, base) if image_dir is not None else None
     if idir is not None and not idir.is_dir():
         raise DataError(f"image directory not found: {idir}")
     root, tried = _choose_root(ddir, idir, base, [r for part in rels for r in part])
     logger.info("image root used: %s", root)
-    entries, bad = _build_entries(parts, rels, root)
+    left_out = {(s.role, s.index) for s in implausible}
+    entries, bad = _build_entries(parts, rels, root, left_out)
     skipped = _handle_missing(bad, root, tried, skip_bad_images, len(all_paths))
-    return LegacyDataset(ddir, root, entries, skipped, parts[0].standard_info, all_paths)
+    return LegacyDataset(
+        ddir, root, entries, implausible + skipped, parts[0].standard_info, all_paths
+    )
 
 
 def _absolute(path: str | Path, base: Path) -> Path:
@@ -590,13 +595,17 @@ def _choose_root(
 
 
 def _build_entries(
-    parts: list[_Part], rels: list[list[str]], root: Path
+    parts: list[_Part], rels: list[list[str]], root: Path, left_out: set[tuple[str, int]]
 ) -> tuple[list[LegacyEntry], list[SkippedImage]]:
-    """Resolve each path under root; symlinks out of the root are refused, missing files noted."""
+    """Resolve each path under root; symlinks out of the root are refused, missing files noted.
+
+    ``left_out``: (role, index) of entries already skipped as implausible."""
     entries, missing = [], []
     for part, part_rels in zip(parts, rels, strict=True):
         file = _FILES[part.role][0]
         for i, rel in enumerate(part_rels):
+            if (part.role, i) in left_out:
+                continue
             resolved = (root / rel).resolve()
             if not resolved.is_relative_to(root):
                 raise DataError(
@@ -626,6 +635,66 @@ def _entry(part: _Part, i: int, resolved: Path) -> LegacyEntry:
         landmarks_2d=part.landmarks_2d[i].astype(np.float32),
         keypoints=part.keypoints[i],
     )
+
+
+# ---- plausibility (before any image is decoded)
+
+
+def _implausible_entries(
+    parts: list[_Part], rels: list[list[str]], skip: bool
+) -> list[SkippedImage]:
+    """Entries whose numbers cannot describe a face, or that repeat an earlier entry's image.
+
+    An error naming file, entry, person and field, unless ``skip`` (then skipped, recorded).
+    A person with several different front photos is fine; the same image listed twice would
+    count its pairs twice, so the repeat is refused.
+    """
+    found: list[tuple[str, SkippedImage]] = []
+    seen: dict[str, str] = {}
+    for part, part_rels in zip(parts, rels, strict=True):
+        file, npy = _FILES[part.role]
+        for i, rel in enumerate(part_rels):
+            where, reason = _entry_problem(part, i, file, npy, seen.get(rel))
+            seen.setdefault(rel, f"{file} entry {i}")
+            if reason:
+                found.append(
+                    (
+                        where,
+                        SkippedImage(part.role, i, part.persons[i], part.image_paths[i], reason),
+                    )
+                )
+    if not found:
+        return []
+    where, first = found[0]
+    if not skip:
+        more = f" ({len(found)} such entries)" if len(found) > 1 else ""
+        raise DataError(
+            f"{where}: {first.reason}{more}. Fix the data, or pass --skip_bad_images to skip "
+            "such entries (they are recorded in the manifest)."
+        )
+    logger.warning(
+        "skipping %d implausible entries; first: %s: %s", len(found), where, first.reason
+    )
+    return [s for _, s in found]
+
+
+def _entry_problem(
+    part: _Part, i: int, file: str, npy: str, earlier: str | None
+) -> tuple[str, str | None]:
+    """(where, why) for entry ``i``; why is None when the entry is plausible."""
+    size = (int(part.sizes[i, 0]), int(part.sizes[i, 1]))
+    problem = landmark_problem(part.landmarks_2d[i], size)
+    if problem:
+        return _where(file, i, part.persons), f"field 'landmarks_2d': {problem}"
+    problem = keypoint_problem(part.keypoints[i])
+    if problem:
+        return _where(npy, i, part.persons), f"field 'keypoints': {problem}"
+    if earlier is not None:
+        return (
+            _where(file, i, part.persons),
+            f"field 'image_path' {part.image_paths[i]!r} repeats {earlier}",
+        )
+    return "", None
 
 
 def describe_bad_images(bad: Sequence[SkippedImage], total: int, root: Path) -> str:

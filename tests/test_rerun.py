@@ -1,0 +1,151 @@
+"""Checks the driver makes before Ray starts: a re-run's flags against its Ray run's latest
+checkpoint, and output folders that cannot be written. Real files, no Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from controlnet_ray import checkpoint as ckpt
+from controlnet_ray import launcher
+from controlnet_ray.cli import parse_train_args
+from controlnet_ray.config import ConfigError, TrainConfig
+from tests.test_checkpoint import SIGNATURE, _setup
+
+
+def _cfg(tmp_path: Path, *flags: str) -> TrainConfig:
+    args = ["--save_dir", str(tmp_path / "ck"), "--epochs", "3", *flags]
+    return launcher.absolute_paths(parse_train_args(args))
+
+
+def _ray_run(cfg: TrainConfig, epoch: int = 3, nan: bool = False) -> Path:
+    """A Ray run folder as Ray Train v2 leaves it: snapshot + registered checkpoint + state."""
+    model, opt, sched = _setup(0)
+    state = ckpt.build_checkpoint(
+        epoch=epoch, model=model, optimizer=opt, scheduler=sched, cfg=cfg,
+        model_signature=SIGNATURE, best_val_loss=0.5, best_val_psnr=20.0,
+        train_history=[], val_history=[],
+    )  # fmt: skip
+    if nan:  # as written before non-finite weights were refused
+        state["model_state_dict"]["control.0.bias"][0] = float("nan")
+        state.pop(ckpt.CONTENT_DIGEST_KEY)
+    run_dir = Path(cfg.storage_path()) / cfg.run_name()
+    ckpt.atomic_save(state, run_dir / "checkpoint_2026-01-01_00-00-03" / ckpt.RAY_STATE_FILE)
+    snapshot = {
+        "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-03"}
+    }
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    return run_dir
+
+
+def test_same_flags_continue_silently(tmp_path: Path, capsys) -> None:
+    cfg = _cfg(tmp_path)
+    _ray_run(cfg)
+    launcher.check_rerun(_cfg(tmp_path, "--progress", "lines", "--num_to_keep", "5"))
+    assert capsys.readouterr().out == ""
+
+
+def test_changed_flags_stop_naming_each_difference_and_the_ways_out(tmp_path: Path) -> None:
+    _ray_run(_cfg(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        launcher.check_rerun(_cfg(tmp_path, "--epochs", "4", "--lr", "5e-3", "--batch_size", "8"))
+    msg = str(exc.value)
+    assert "--lr 0.0001 -> 0.005" in msg and "--batch_size 16 -> 8" in msg
+    assert "--epochs" not in msg.split("settings:")[1].split(".")[0]  # extending is fine
+    assert "--fresh" in msg and "new --save_dir" in msg and "--resume" in msg
+    assert "\n" not in msg
+
+
+def test_longer_epochs_continue_and_say_so(tmp_path: Path, capsys) -> None:
+    _ray_run(_cfg(tmp_path))
+    launcher.check_rerun(_cfg(tmp_path, "--epochs", "5"))
+    assert "--epochs 3 -> 5: continuing to epoch 5" in capsys.readouterr().out
+
+
+def test_fewer_epochs_than_already_trained_stop(tmp_path: Path) -> None:
+    _ray_run(_cfg(tmp_path), epoch=3)
+    with pytest.raises(ConfigError, match=r"--epochs 3 -> 2 \(the run already completed epoch 3"):
+        launcher.check_rerun(_cfg(tmp_path, "--epochs", "2"))
+
+
+def test_fresh_ignores_the_old_run(tmp_path: Path) -> None:
+    _ray_run(_cfg(tmp_path))
+    launcher.check_rerun(_cfg(tmp_path, "--lr", "5e-3", "--fresh"))
+
+
+def test_a_run_whose_state_is_nan_stops_before_ray_naming_the_file(tmp_path: Path) -> None:
+    run_dir = _ray_run(_cfg(tmp_path), nan=True)
+    with pytest.raises(ConfigError, match="non-finite weights") as exc:
+        launcher.check_rerun(_cfg(tmp_path))
+    assert str(run_dir) in str(exc.value) and "--fresh" in str(exc.value)
+
+
+def test_plan_rerun_free_fields_and_newer_configs(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    state = {"epoch": 2, "config": cfg.to_dict()}
+    moved = dataclasses.replace(cfg.output, log_dir=str(tmp_path / "other"), save_interval=1)
+    plan = ckpt.plan_rerun(state, dataclasses.replace(cfg, output=moved))
+    assert plan.conflicts == [] and plan.notes == []
+    future = cfg.to_dict()
+    future["optim"]["new_knob"] = 1.0
+    plan = ckpt.plan_rerun({"epoch": 2, "config": future}, cfg)
+    assert plan.conflicts and "new_knob" in plan.conflicts[0]
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_save_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=r"--save_dir .*/f is not a folder"):
+        launcher.check_writable_dir(tmp_path / "f", "--save_dir")
+    with pytest.raises(ConfigError, match=r"--log_dir .*/f/logs is not a folder \(.*/f is a file"):
+        launcher.check_writable_dir(tmp_path / "f" / "logs", "--log_dir")
+
+
+def test_writable_dir_is_created(tmp_path: Path) -> None:
+    launcher.check_writable_dir(tmp_path / "a" / "b", "--cache_dir")
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
+def test_output_dirs_cover_every_local_folder(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "--storage_path", "s3://bucket/x", "--cache_dir", str(tmp_path / "c"))
+    flags = [flag for flag, _ in launcher.output_dirs(cfg)]
+    assert flags == ["--save_dir", "--log_dir", "--cache_dir"]
+
+
+def test_load_of_saved_state_round_trips_the_digest(tmp_path: Path) -> None:
+    run_dir = _ray_run(_cfg(tmp_path))
+    state = ckpt.load_checkpoint(launcher.latest_ray_checkpoint(run_dir))
+    assert isinstance(state[ckpt.CONTENT_DIGEST_KEY], str) and torch.is_tensor(
+        state["model_state_dict"]["control.0.bias"]
+    )
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def test_unregistered_checkpoint_folders_are_pruned_registered_kept(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    run_dir = _ray_run(cfg)
+    doc = json.loads((run_dir / launcher.RAY_SNAPSHOT_FILE).read_text())
+    doc["checkpoint_results"] = [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-02"}]
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text(json.dumps(doc))
+    for name in ("checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-04"):
+        (run_dir / name).mkdir()
+        (run_dir / name / ckpt.RAY_STATE_FILE).write_bytes(b"x" * 100)
+    launcher.check_rerun(cfg)  # before Ray starts
+    left = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
+    assert left == ["checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"]
+
+
+def test_nothing_is_pruned_on_an_unreadable_record(tmp_path: Path) -> None:
+    run_dir = _ray_run(_cfg(tmp_path))
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text("{truncated")
+    (run_dir / "checkpoint_x").mkdir()
+    assert launcher.prune_unregistered_checkpoints(run_dir) == []
+    assert (run_dir / "checkpoint_x").is_dir()

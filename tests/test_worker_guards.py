@@ -1,0 +1,65 @@
+"""The worker's guards against recording or reporting what was not trained (no Ray started).
+
+A ``WorkerRun`` is assembled around a real ``TrainEngine`` and stand-in model (the pieces its
+epoch loop uses), so these run in-process in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from controlnet_ray import worker as wk
+from controlnet_ray.config import OptimConfig, TrainConfig
+from controlnet_ray.engine import NonFiniteLossError
+from controlnet_ray.progress import WorkerProgress
+from tests.test_engine import make_batch, make_engine, nan_batch
+
+
+def _run(batches_per_epoch: int) -> tuple[wk.WorkerRun, object]:
+    """A rank-0 WorkerRun whose engine trains the engine tests' TinyNet (no Ray context)."""
+    run = object.__new__(wk.WorkerRun)
+    run.cfg = TrainConfig()
+    run.rank, run.world = 0, 1
+    run.batches_per_epoch = batches_per_epoch
+    run.progress = WorkerProgress(None, 1)  # not rank 0: prints nothing
+    run.engine = make_engine(OptimConfig(max_nonfinite_steps=100))
+    run.model = run.engine.model
+
+    class NoReporter:
+        def log_step(self, *_: object) -> None:
+            raise AssertionError("skipped steps must not be logged")
+
+    return run, NoReporter()
+
+
+def test_epoch_where_every_step_was_skipped_fails_instead_of_loss_zero() -> None:
+    run, reporter = _run(batches_per_epoch=3)
+    before = [p.clone() for p in run.model.parameters()]
+    with pytest.raises(NonFiniteLossError, match=r"epoch 4: no optimizer step succeeded \(3 of 3"):
+        run._train_epoch(4, [nan_batch() for _ in range(3)], reporter)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
+
+
+def test_epoch_with_some_skipped_steps_averages_the_trained_ones() -> None:
+    run, _ = _run(batches_per_epoch=3)
+    run.rank = 1  # no step logging
+    metrics = run._train_epoch(1, [nan_batch(), make_batch(4), nan_batch()], None)
+    assert metrics["samples"] == 4 and math.isfinite(metrics["loss"]) and metrics["loss"] > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_metrics_never_reach_ray(bad: float) -> None:
+    assert wk._require_finite({"val_psnr": 20.0}, "epoch 1") == {"val_psnr": 20.0}
+    with pytest.raises(NonFiniteLossError, match=f"epoch 2: validation.*val_psnr {bad}"):
+        wk._require_finite({"val_loss": 0.1, "val_psnr": bad}, "epoch 2: validation")
+
+
+def test_staging_folder_left_by_a_killed_report_is_emptied(tmp_path) -> None:
+    left = tmp_path / wk.STAGING_DIR / "tmpabc123"
+    left.mkdir(parents=True)
+    (left / wk.RAY_CKPT_FILE).write_bytes(b"\0" * 1000)
+    assert wk.staging_dir(tmp_path) == tmp_path / wk.STAGING_DIR
+    assert list((tmp_path / wk.STAGING_DIR).iterdir()) == []
