@@ -1,23 +1,18 @@
 """Independent judges of generated faces, never used as a training loss (issue #12).
 
-Ray-free (never imports ray or ray.data); the engine and model packages do not import it. Typical
-use, from a script or ``controlnet_ray.evaluate``::
+Ray-free (never imports ray or ray.data); the engine and model packages do not import it.
 
-    from controlnet_ray.judging import (
-        build_eval_set, ensure_pose_judge, fit_trivial_predictors, load_rows, Scorer,
-        evaluate_predictors, format_report,
-    )
-    rows = load_rows(shards_dir)
-    train, held = rows.subset(rows.split == "train"), rows.subset(rows.split != "train")
-    judge = ensure_pose_judge(shards_dir, cache_root)          # frozen, cached per dataset
-    scorer = Scorer(build_eval_set(held, pairs), judge)        # pairs: make_pairs(held.columns())
-    trivial = fit_trivial_predictors(train_video.images, train_video.poses, scorer.mask)
-    report = evaluate_predictors({**trivial.as_dict(), "model": model.generate}, scorer)
+From a script (``benchmarks/judge.py``, ``controlnet_ray.evaluate``)::
+
+    from controlnet_ray.judging import format_report, prepare_judging
+    judging = prepare_judging(shards_dir, cache_root)      # judge (cached), pairs, baselines
+    report = judging.report(model.generate, device)        # rows floor/trivial/model, headline
     print(format_report(report))
 
-A training loop keeps one ``Scorer`` and the trivial rows (``scorer.run(fn)`` once each) and per
-epoch calls ``build_report(scorer, {**trivial_rows, "model": scorer.run(model.generate)})`` and
-``summary_line(report)``.
+From a training loop: build ``judging`` once (rank 0, before the first epoch; the judge is trained
+once per dataset and then loaded from the cache), then per validation
+``print(summary_line(judging.report(model.generate, device)))``; the trivial rows are scored on
+the first call and reused.
 """
 
 from controlnet_ray.judging.data import EvalSet, Rows, build_eval_set, load_rows
@@ -36,11 +31,13 @@ from controlnet_ray.judging.report import (
     format_report,
     summary_line,
 )
+from controlnet_ray.judging.session import Judging, prepare_judging
 
 __all__ = [
     "TRIVIAL",
     "EvalSet",
     "JudgeSettings",
+    "Judging",
     "PoseJudge",
     "Rows",
     "Scorer",
@@ -53,6 +50,7 @@ __all__ = [
     "format_report",
     "judge_cache_path",
     "load_rows",
+    "prepare_judging",
     "summary_line",
     "train_pose_judge",
 ]
