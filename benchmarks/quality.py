@@ -47,7 +47,6 @@ import concurrent.futures as cf  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
@@ -76,7 +75,18 @@ from controlnet_ray.engine import (  # noqa: E402
     lr_factor,
     resolve_amp,
 )
-from controlnet_ray.metrics import PSNR_MSE_FLOOR, psnr_per_image, to_unit_range  # noqa: E402
+from controlnet_ray.judging import TRIVIAL, TrivialPredictors, fit_trivial_predictors  # noqa: E402
+from controlnet_ray.judging.data import decode_rgb  # noqa: E402
+from controlnet_ray.judging.predictors import BIN_DEG, pose_bin  # noqa: E402
+from controlnet_ray.judging.report import format_report, summary_line  # noqa: E402
+from controlnet_ray.judging.session import even_subset, prepare_judging  # noqa: E402
+from controlnet_ray.metrics import (  # noqa: E402
+    FACE_ELLIPSE_112,
+    PSNR_MSE_FLOOR,
+    face_mask,
+    psnr_per_image,
+    to_unit_range,
+)
 from controlnet_ray.model import build_model  # noqa: E402
 
 try:
@@ -96,10 +106,7 @@ except ModuleNotFoundError as exc:  # a bare GPU box may lack pandas, used only 
         if _saved is not None:
             sys.modules["pandas"] = _saved
 
-FACE_ELLIPSE_112 = (56.0, 68.0, 38.0, 50.0)  # cx, cy, rx, ry in a 112-px ArcFace-aligned crop
-BIN_DEG = 10.0
-PREDICTORS = ("model", "source", "mean", "pose_bin")
-TRIVIAL = PREDICTORS[1:]
+PREDICTORS = ("model", *TRIVIAL)
 TARGETS_DB = {"whole": 0.7, "face": 2.0}  # the issue's targets: margin over the best trivial
 _COLUMNS = ["person_name", "split", "role", "frame_index", "image", "yaw", "pitch", "roll"]
 
@@ -347,51 +354,20 @@ def train_batches(
                 yield e, fut.result()
 
 
-@dataclass
-class Trivial:
-    """The non-learned predictors' statistics, from the training targets."""
-
-    mean: torch.Tensor  # [3, H, W] in [-1, 1]
-    bins: dict[tuple[int, int], torch.Tensor]
-    frames: int
-    bins_used: int = 0
-
-
-def pose_bin(pose: np.ndarray) -> list[tuple[int, int]]:
-    return [(int(math.floor(y / BIN_DEG)), int(math.floor(p / BIN_DEG))) for y, p, _ in pose]
-
-
-def trivial_stats(rows: dict[str, np.ndarray], train_pairs_ftv: np.ndarray) -> Trivial:
-    """Global and pose-bin means over the training targets (unique frames of f2v pairs)."""
+def trivial_predictors(
+    rows: dict[str, np.ndarray], train_pairs_ftv: np.ndarray, mask: torch.Tensor
+) -> TrivialPredictors:
+    """``controlnet_ray.judging``'s trivial predictors fitted on the training targets (the unique
+    frames of the train persons' front_to_video pairs)."""
     frames = np.unique(train_pairs_ftv[:, 1])
-    sums: dict[tuple[int, int], np.ndarray] = {}
-    counts: dict[tuple[int, int], int] = {}
-    total = None
-    for i in frames:
-        img = decode_image(rows["image"][i]).astype(np.float64)
-        total = img if total is None else total + img
-        key = pose_bin(rows["pose"][i : i + 1])[0]
-        sums[key] = sums.get(key, 0.0) + img
-        counts[key] = counts.get(key, 0) + 1
-    mean = torch.from_numpy((total / len(frames)).astype(np.float32))
-    bins = {k: torch.from_numpy((s / counts[k]).astype(np.float32)) for k, s in sums.items()}
-    return Trivial(mean, bins, len(frames))
+    images = decode_rgb(list(rows["image"][frames]))
+    return fit_trivial_predictors(images, rows["pose"][frames], mask)
 
 
-def face_mask(size: int) -> torch.Tensor:
-    """[H, W] bool: the face ellipse (FACE_ELLIPSE_112 scaled to ``size``)."""
-    cx, cy, rx, ry = (v * size / 112.0 for v in FACE_ELLIPSE_112)
-    c = torch.arange(size, dtype=torch.float32) + 0.5
-    y, x = torch.meshgrid(c, c, indexing="ij")
-    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
-
-
-def face_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR over the mask's pixels only (all channels), [0, 1] data."""
-    err = (to_unit_range(pred) - to_unit_range(target)).pow(2)
-    m = mask.to(err.device, torch.float32)
-    mse = (err * m).sum(dim=(1, 2, 3)) / (m.sum() * err.shape[1])
-    return 10.0 * torch.log10(1.0 / mse.clamp(min=PSNR_MSE_FLOOR))
+def bin_coverage(trivial: TrivialPredictors, target_pose: np.ndarray) -> float:
+    """Share of requested poses whose (yaw, pitch) bin has training frames (else: nearest bin)."""
+    hits = [pose_bin(y, p) in trivial.bins.means for y, p, _ in target_pose]
+    return float(np.mean(hits)) if hits else 0.0
 
 
 def export_shards(src: Path, dst: Path, quality: int) -> None:
@@ -443,7 +419,7 @@ class Scores:
 
     def add(self, name: str, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
         self.sums[name]["whole"] += float(psnr_per_image(pred, target).double().sum())
-        self.sums[name]["face"] += float(face_psnr(pred, target, mask).double().sum())
+        self.sums[name]["face"] += float(psnr_per_image(pred, target, mask).double().sum())
 
     def means(self, names: tuple[str, ...] = PREDICTORS) -> dict[str, dict[str, float]]:
         return {p: {r: v / max(self.n, 1) for r, v in self.sums[p].items()} for p in names}
@@ -467,7 +443,7 @@ def evaluate_pairs(
     model: torch.nn.Module,
     rows: dict[str, np.ndarray],
     pairs: np.ndarray,
-    trivial: Trivial | None,
+    trivial: TrivialPredictors | None,
     mask: torch.Tensor,
     device: torch.device,
     amp_dtype: torch.dtype | None,
@@ -491,12 +467,9 @@ def evaluate_pairs(
                 out = model.generate(src, b["source_pose"].to(device), b["target_pose"].to(device))
             scores.add("model", out.float(), tgt, mask)
             if trivial is not None:
-                scores.add("source", src, tgt, mask)
-                scores.add("mean", trivial.mean.to(device).expand_as(tgt), tgt, mask)
-                keys = pose_bin(b["target_pose"].numpy())
-                binned = torch.stack([trivial.bins.get(k, trivial.mean) for k in keys]).to(device)
-                trivial.bins_used += sum(k in trivial.bins for k in keys)
-                scores.add("pose_bin", binned, tgt, mask)
+                poses = (b["source_pose"].to(device), b["target_pose"].to(device))
+                for name, predict in trivial.as_dict().items():
+                    scores.add(name, predict(src, *poses), tgt, mask)
             scores.n += len(idx)
     model.train(was_training)
     return scores
@@ -507,7 +480,7 @@ def write_samples(
     model: torch.nn.Module,
     rows: dict[str, np.ndarray],
     pairs: np.ndarray,
-    trivial: Trivial,
+    trivial: TrivialPredictors,
     device: torch.device,
 ) -> None:
     """One row per pair: source | target | pose-bin mean | model output (PNG via OpenCV)."""
@@ -523,9 +496,7 @@ def write_samples(
             .float()
             .cpu()
         )
-    binned = torch.stack(
-        [trivial.bins.get(k, trivial.mean) for k in pose_bin(b["target_pose"].numpy())]
-    )
+    binned = trivial.pose_bin(b["source"], b["source_pose"], b["target_pose"])
     grid = torch.cat(
         [
             torch.cat([b["source"][i], b["target"][i], binned[i], out[i]], dim=2)
@@ -548,6 +519,7 @@ def fmt_table(means: dict[str, dict[str, float]], marg: dict[str, dict[str, obje
         "source": "output = source",
         "mean": "output = mean train target",
         "pose_bin": "output = pose-bin mean",
+        "pose_bin_colour": "  same, source's colours",
     }
     for p in PREDICTORS:
         lines.append(f"{labels[p]:<28}{means[p]['whole']:>12.2f}{means[p]['face']:>12.2f}")
@@ -559,6 +531,25 @@ def fmt_table(means: dict[str, dict[str, float]], marg: dict[str, dict[str, obje
     met = [f">= +{m['target_db']:.1f} {'yes' if m['met'] else 'no'}" for m in (w, f)]
     lines.append(f"{'  target / met':<28}{met[0]:>12}{met[1]:>12}")
     return "\n".join(lines)
+
+
+def judge_final(
+    args: argparse.Namespace, shards: Path, model: torch.nn.Module, device: torch.device
+) -> dict:
+    """The full judged report (``controlnet_ray.judging``) of ``model`` on the held-out pairs,
+    with the pose judge trained on (or loaded for) these shards' train persons."""
+    cache = DataConfig(cache_dir=args.cache_dir).resolved_cache_dir()
+    judging = prepare_judging(
+        shards,
+        cache,
+        min_deg=args.min_pose_distance,
+        max_deg=args.max_pose_distance,
+        max_pairs=args.eval_max_pairs or 0,
+    )
+    model.eval()
+    report = judging.report(model.generate, device)
+    report.pop("per_image")  # the figures, not 10^4 per-image values, go to --json
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -594,14 +585,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     eval_pairs = pairs_of(held_rows, "front_to_video", args)
     rng = np.random.default_rng(args.seed)
-    if args.eval_max_pairs is not None and len(eval_pairs) > args.eval_max_pairs:
-        eval_pairs = eval_pairs[np.sort(rng.choice(len(eval_pairs), args.eval_max_pairs, False))]
+    if args.eval_max_pairs is not None:  # the judged report below takes the same subset
+        eval_pairs = even_subset(eval_pairs, args.eval_max_pairs)
     val_idx = np.flatnonzero(held_rows["split"][eval_pairs[:, 0]] == "val")
     val_idx = val_idx if len(val_idx) else np.arange(len(eval_pairs))
     subset = eval_pairs[np.sort(rng.choice(val_idx, min(args.eval_subset, len(val_idx)), False))]
     persons = {s: len(set(rows["person_name"][split == s])) for s in ("train", "val", "test")}
-    trivial = trivial_stats(train_rows, train_ftv)
     mask = face_mask(args.image_size)
+    trivial = trivial_predictors(train_rows, train_ftv, mask)
     prep = {"wall_s": time.perf_counter() - t_wall0, "cpu_s": time.process_time() - t_cpu0}
     data_info = {
         "shards": str(shards),
@@ -610,7 +601,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_pairs": int(len(eval_pairs)),
         "eval_subset_pairs": int(len(subset)),
         "trivial_frames": trivial.frames,
-        "pose_bins": len(trivial.bins),
+        "pose_bins": len(trivial.bins.means),
         "face_mask_fraction": float(mask.float().mean()),
     }
     print(
@@ -663,7 +654,6 @@ def main(argv: list[str] | None = None) -> dict:
     subset_trivial = evaluate_pairs(
         model, held_rows, subset, trivial, mask, device, amp_dtype, args.eval_batch_size
     ).means(TRIVIAL)
-    trivial.bins_used = 0
     subset_best = {r: max(v[r] for v in subset_trivial.values()) for r in ("whole", "face")}
     print(
         "  subset trivial PSNR (whole/face): "
@@ -734,6 +724,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, held_rows, eval_pairs, trivial, mask, device, amp_dtype, args.eval_batch_size
     )
     final_means = final.means()
+    judged = judge_final(args, shards, model, device)  # the final model, before "best" loads
     if args.samples:  # the final model, before the best checkpoint is loaded below
         write_samples(
             args.samples, model, held_rows, subset[:: max(1, len(subset) // 8)][:8], trivial, device
@@ -781,7 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final": {
             "psnr": final_means,
             "margins": margins(final_means),
-            "pose_bin_coverage": trivial.bins_used / max(final.n, 1),
+            "pose_bin_coverage": bin_coverage(trivial, held_rows["pose"][eval_pairs[:, 1]]),
         },
         "best": (
             None
@@ -792,6 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "margins": margins(best_means),
             }
         ),
+        "judged": judged,
         "subset_trivial_psnr": subset_trivial,
         "curve": curve,
     }
@@ -809,6 +801,9 @@ def main(argv: list[str] | None = None) -> dict:
             "selected on val-person pairs that are part of the held-out set):"
         )
         print(fmt_table(best_means, result["best"]["margins"]))
+    print("\nJUDGED final model (controlnet_ray.judging, the same held-out pairs):")
+    print(format_report(judged))
+    print(summary_line(judged))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -19,6 +19,14 @@ it can share the generator's biases, so read it as a consistency check), and, wi
 ``--arcface``, the ArcFace cosine to the target.  It writes a strict JSON report (no NaN), a
 comparison grid PNG (rows: source / target / output) and prints a table, including PSNR by
 10-degree target-yaw bin.  Exit status 2 on bad input.
+
+The report's ``judged`` section (skipped with ``--no_judges``) is ``controlnet_ray.judging``'s:
+the same pairs judged by judges the model never trained against -- a frozen pose judge (trained
+on the train split's real crops, cached per dataset under the cache dir), identity retrieval
+among the split's persons, face-region PSNR and sharpness -- for the model and the trivial
+predictors (source, mean, pose-bin mean with mirrors, colour-shifted pose-bin mean), with the
+headline figures (judged yaw/pitch error over the judge's floor, face PSNR margin over the best
+pose-bin mean, identity top-1, sharpness).  The same module scores the benchmarks.
 """
 
 from __future__ import annotations
@@ -80,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training targets averaged for the mean_target baseline (even sample)",
     )
     p.add_argument("--grid_pairs", type=int, default=8, help="pairs shown in the grid PNG")
+    p.add_argument(
+        "--no_judges",
+        action="store_true",
+        help="skip the independent judges (controlnet_ray.judging; the first run on a dataset "
+        "trains the pose judge, about a minute of CPU)",
+    )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     return p
@@ -457,6 +471,31 @@ def write_grid(path: Path, split: SplitData, outputs: dict[int, np.ndarray], n: 
 # --------------------------------------------------------------------------- main
 
 
+def judge_split(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    split: SplitData,
+    arcface: ArcFaceScorer | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``controlnet_ray.judging``'s report of the model and the trivial predictors on the same
+    pairs (same split, pair rule and ``--max_pairs`` subset)."""
+    from controlnet_ray.judging.session import prepare_judging
+
+    cfg = split.data_config
+    judging = prepare_judging(
+        split.shards_dir,
+        cfg.resolved_cache_dir(),
+        held_splits=(args.split,),
+        pair_mode=cfg.pair_mode,
+        min_deg=cfg.min_pose_distance,
+        max_deg=cfg.max_pose_distance,
+        max_pairs=args.max_pairs,
+        embed=arcface.embed if arcface is not None else None,
+    )
+    return judging.report(loaded.model.generate, device)
+
+
 def run(args: argparse.Namespace, out: Path, grid_path: Path) -> int:
     from controlnet_ray.inference import dumps_strict, load_model, resolve_torch_device
 
@@ -474,9 +513,15 @@ def run(args: argparse.Namespace, out: Path, grid_path: Path) -> int:
         print(f"ArcFace: {arcface.path} on {arcface.session.get_providers()[0]}")
     acc, outputs = score_pairs(loaded, split, args.batch_size, device, arcface)
     report = build_report(args, loaded, split, acc, grid_path)
+    if not args.no_judges:
+        report["judged"] = judge_split(args, loaded, split, arcface, device)
     write_grid(grid_path, split, outputs, args.grid_pairs)
     out.write_text(dumps_strict(report) + "\n", encoding="utf-8")
     print(format_table(report))
+    if "judged" in report:
+        from controlnet_ray.judging import format_report
+
+        print(format_report(report["judged"]))
     print(f"wrote {out} and {grid_path}")
     return 0
 

@@ -19,6 +19,11 @@ SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 _SSIM_C1 = 0.01**2  # (K1 * L)^2 with data range L = 1
 _SSIM_C2 = 0.03**2
+# The face region's default: an ellipse of the 112-px ArcFace-aligned crop (eyes at y~52, nose 72,
+# mouth 92; forehead to chin, cheek to cheek of a frontal face), scaled by image_size / 112.
+# Callers whose crops are framed differently pass their own mask instead.
+FACE_ELLIPSE_112 = (56.0, 68.0, 38.0, 50.0)  # cx, cy, rx, ry
+SHARPNESS_FLOOR = 1e-12  # a flat target still gives a finite sharpness ratio
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -34,15 +39,60 @@ def _check_images(pred: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def face_mask(size: int) -> torch.Tensor:
+    """``[size, size]`` bool: the default face region (``FACE_ELLIPSE_112`` scaled to ``size``).
+
+    Pixel centres at ``i + 0.5``. A fixed region (not a segmentation) so every predictor is
+    scored on the same pixels.
+    """
+    cx, cy, rx, ry = (v * size / 112.0 for v in FACE_ELLIPSE_112)
+    c = torch.arange(size, dtype=torch.float32) + 0.5
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over ``[C, H, W]`` per image, or over the ``[H, W]`` mask's pixels (all channels)."""
+    if mask is None:
+        return x.flatten(1).mean(dim=1)
+    if mask.shape != x.shape[-2:] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be bool {tuple(x.shape[-2:])}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    m = mask.to(x.device, torch.float32)
+    if float(m.sum()) == 0:
+        raise ValueError("mask selects no pixel")
+    return (x * m).sum(dim=(1, 2, 3)) / (m.sum() * x.shape[1])
+
+
+def psnr_per_image(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """PSNR in dB per image (``[B]``) on ``[0, 1]`` data; 100 dB for identical images.
 
     The MSE is floored at ``PSNR_MSE_FLOOR`` so a perfect reconstruction gives a finite
-    value that can still be summed and averaged (an inf would poison every mean).
+    value that can still be summed and averaged (an inf would poison every mean). With
+    ``mask`` (bool ``[H, W]``, e.g. :func:`face_mask`) the MSE is taken over its pixels only.
     """
     _check_images(pred, target)
-    mse = (to_unit_range(pred) - to_unit_range(target)).pow(2).flatten(1).mean(dim=1)
+    mse = _masked_mean((to_unit_range(pred) - to_unit_range(target)).pow(2), mask)
     return 10.0 * torch.log10(1.0 / mse.clamp(min=PSNR_MSE_FLOOR))
+
+
+def laplacian_energy_per_image(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared 3x3 Laplacian of the luma (``[B]``), over ``mask`` when given; [0, 1] data.
+
+    High-frequency energy: an MSE-trained generator that hedges between poses or identities
+    outputs blurs, which PSNR rewards and this exposes (a blurred image scores less than its
+    original). Border pixels, where the filter would need padding, count as zero.
+    """
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected [B, 3, H, W] images, got {tuple(x.shape)}")
+    rgb = to_unit_range(x)
+    luma = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device)
+    lap = F.pad(F.conv2d(luma, kernel.view(1, 1, 3, 3)), (1, 1, 1, 1))
+    return _masked_mean(lap.pow(2), mask)
 
 
 def _gaussian_kernel_1d(size: int, sigma: float, device: torch.device) -> torch.Tensor:

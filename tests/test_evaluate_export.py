@@ -111,6 +111,28 @@ def test_report_contents(report, tiny_data):
     assert first["source_image"].startswith("train") and len(first["target_pose"]) == 3
 
 
+def test_judged_section_scores_model_and_trivial_predictors_on_the_same_pairs(report):
+    judged = report["judged"]
+    assert judged["num_pairs"] == report["num_pairs"]
+    assert set(judged["rows"]) == {
+        "floor",
+        "source",
+        "mean",
+        "pose_bin",
+        "pose_bin_colour",
+        "model",
+    }
+    h = judged["headline"]
+    assert h["predictor"] == "model" and h["best_trivial"] in ("pose_bin", "pose_bin_colour")
+    rows = judged["rows"]
+    assert h["face_psnr_margin_db"] == pytest.approx(
+        rows["model"]["psnr_face"] - rows[h["best_trivial"]]["psnr_face"]
+    )
+    # The judged whole-crop PSNR of the model is evaluate's own (one PSNR, same pairs).
+    assert rows["model"]["psnr"] == pytest.approx(report["summary"]["model"]["psnr"], abs=1e-4)
+    assert rows["model"]["arcface_cos"] is not None  # --arcface reaches the judged rows too
+
+
 def test_source_baseline_is_scored_against_the_right_target(report):
     from controlnet_ray.data.pipeline import decode_image
     from controlnet_ray.data.shards import read_shard_table
@@ -207,7 +229,7 @@ def test_evaluate_subprocess_smoke(tiny_checkpoint, tiny_data, tmp_path):
         cache_dir=tiny_data.cache_dir,
         max_pairs=2,
     )
-    proc = run_module("evaluate", *argv, timeout=300)
+    proc = run_module("evaluate", *argv, "--no_judges", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "reusing shards" in proc.stdout and _strict_json(out)["num_pairs"] == 2
 

@@ -90,3 +90,29 @@ def test_pose_abs_error_in_degrees() -> None:
     assert torch.allclose(err, torch.tensor([[10.0, 0.0, 10.0]]), atol=1e-4)
     with pytest.raises(ValueError, match="pose_scale_deg"):
         pose_abs_error_deg(pred, target, 0.0)
+
+
+def test_masked_psnr_only_counts_the_mask_and_refuses_bad_masks() -> None:
+    from controlnet_ray.metrics import face_mask
+
+    target = torch.zeros(2, 3, 16, 16)
+    pred = target.clone()
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:8, 4:8] = True
+    pred[..., ~mask] = 0.5  # error only outside the mask
+    assert torch.allclose(psnr_per_image(pred, target, mask), torch.full((2,), 100.0))
+    with pytest.raises(ValueError, match="mask"):
+        psnr_per_image(pred, target, mask.float())
+    with pytest.raises(ValueError, match="no pixel"):
+        psnr_per_image(pred, target, torch.zeros(16, 16, dtype=torch.bool))
+    assert 0.3 < float(face_mask(112).float().mean()) < 0.6
+
+
+def test_laplacian_energy_is_zero_on_flat_images_and_drops_with_blur() -> None:
+    from controlnet_ray.metrics import laplacian_energy_per_image
+
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert float(laplacian_energy_per_image(flat)) == pytest.approx(0.0, abs=1e-12)
+    x = _images(2, 32)
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+    assert (laplacian_energy_per_image(blurred) < 0.5 * laplacian_energy_per_image(x)).all()

@@ -1,0 +1,86 @@
+"""Everything judging needs for one shard directory, set up once: judge, pairs, baselines.
+
+``prepare_judging`` is what ``evaluate``, the benchmarks and a training loop call; afterwards
+``judging.report(model_fn)`` scores a model against the cached trivial rows (the baselines are
+run once, the model as often as it changes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from controlnet_ray.judging.data import Rows, build_eval_set, load_rows
+from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
+from controlnet_ray.judging.predictors import TrivialPredictors, fit_trivial_predictors
+from controlnet_ray.judging.report import Embedder, Predictor, Scorer, build_report
+
+
+def even_subset(items: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` items spread evenly over ``items`` (deterministic, covers every person)."""
+    if limit <= 0 or len(items) <= limit:
+        return items
+    return items[np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+@dataclass
+class Judging:
+    """A ready scorer on the held-out pairs, the fitted trivial predictors and their rows."""
+
+    scorer: Scorer
+    trivial: TrivialPredictors
+    held: Rows
+    pairs: np.ndarray  # [P, 2] indices into ``held``
+    trivial_rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def score_trivial(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-image metrics of every trivial predictor (computed on the first call)."""
+        if not self.trivial_rows:
+            self.trivial_rows = {k: self.scorer.run(f) for k, f in self.trivial.as_dict().items()}
+        return self.trivial_rows
+
+    def report(
+        self, model_fn: Predictor | None = None, device: torch.device | None = None
+    ) -> dict[str, Any]:
+        """The judged report of the trivial predictors, plus ``model`` when ``model_fn`` given."""
+        rows = dict(self.score_trivial())
+        if model_fn is not None:
+            rows["model"] = self.scorer.run(model_fn, device)
+        return build_report(self.scorer, rows, "model")
+
+
+def prepare_judging(
+    shards_dir: str | Path,
+    cache_root: str | Path,
+    held_splits: Sequence[str] = ("val", "test"),
+    pair_mode: str = "front_to_video",
+    min_deg: float = 5.0,
+    max_deg: float = 90.0,
+    max_pairs: int = 0,
+    mask: torch.Tensor | None = None,
+    embed: Embedder | None = None,
+    settings: JudgeSettings | None = None,
+    judge: PoseJudge | None = None,
+    verbose: bool = True,
+) -> Judging:
+    """Judge (cached), held-out pairs of ``held_splits`` (``data.pairs.make_pairs``, an even
+    subset of ``max_pairs`` when > 0) and trivial predictors fitted on the train split's frames
+    of the targets' role."""
+    from controlnet_ray.data.pairs import make_pairs
+
+    rows = load_rows(shards_dir)
+    held = rows.subset(np.isin(rows.split, list(held_splits)))
+    pairs = even_subset(make_pairs(held.columns(), pair_mode, min_deg, max_deg), max_pairs)
+    if len(pairs) == 0:
+        raise ValueError(f"{shards_dir}: no {pair_mode} pairs in splits {list(held_splits)}")
+    judge = judge or ensure_pose_judge(shards_dir, cache_root, settings, verbose)
+    scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed)
+    roles = np.unique(held.role[pairs[:, 1]])
+    train = rows.subset((rows.split == "train") & np.isin(rows.role, roles))
+    trivial = fit_trivial_predictors(train.images, train.poses, scorer.mask)
+    return Judging(scorer, trivial, held, pairs)

@@ -1,0 +1,298 @@
+"""controlnet_ray.judging: the pose judge learns, the trivial predictors' definitions, identity
+retrieval, sharpness and the report's margins, on small hand-made images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from controlnet_ray.judging import (
+    JudgeSettings,
+    PoseJudge,
+    Rows,
+    Scorer,
+    build_eval_set,
+    build_report,
+    ensure_pose_judge,
+    fit_trivial_predictors,
+    format_report,
+    judge_cache_path,
+    summary_line,
+    train_pose_judge,
+)
+from controlnet_ray.judging.data import to_model_range
+from controlnet_ray.judging.pose_judge import PoseJudgeNet, mirror
+from controlnet_ray.judging.predictors import fit_pose_bins, shift_face_colour
+from controlnet_ray.metrics import face_mask, laplacian_energy_per_image
+
+SIZE = 32
+TINY = JudgeSettings(input_size=32, width=8, epochs=40, batch_size=32, lr=5e-3, blur_prob=0.0)
+
+
+def draw_head(yaw: float, pitch: float, roll: float, tone: tuple, size: int = SIZE) -> np.ndarray:
+    """A cartoon head whose eyes/nose move with yaw and pitch and which rolls with roll."""
+    s = size / 32.0
+    img = np.full((size, size, 3), 90, np.uint8)
+    c = np.array([16.0, 16.0]) * s
+    cv2.ellipse(img, (int(c[0]), int(c[1])), (int(10 * s), int(13 * s)), 0, 0, 360, tone, -1)
+    dx, dy = yaw / 40.0 * 6 * s, -pitch / 20.0 * 4 * s
+    for ex in (-4.5, 4.5):
+        cv2.circle(
+            img, (int(c[0] + ex * s + dx), int(c[1] - 3 * s + dy)), max(1, int(s)), (20, 20, 20), -1
+        )
+    cv2.circle(
+        img,
+        (int(c[0] + 1.4 * dx), int(c[1] + 2 * s + 1.2 * dy)),
+        max(1, int(1.5 * s)),
+        (200, 60, 60),
+        -1,
+    )
+    rot = cv2.getRotationMatrix2D((float(c[0]), float(c[1])), roll, 1.0)  # ccw for roll > 0
+    return cv2.warpAffine(img, rot, (size, size), borderValue=(90, 90, 90))
+
+
+def head_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    poses = np.stack(
+        [rng.uniform(-40, 40, n), rng.uniform(-20, 20, n), rng.uniform(-15, 15, n)], 1
+    ).astype(np.float32)
+    tones = rng.integers(120, 230, (n, 3))
+    images = np.stack(
+        [draw_head(*p, tuple(int(t) for t in tone)) for p, tone in zip(poses, tones, strict=True)]
+    )
+    return images, poses
+
+
+@pytest.fixture(scope="module")
+def tiny_judge() -> PoseJudge:
+    images, poses = head_set(320, seed=0)
+    return train_pose_judge(images, poses, TINY)
+
+
+@pytest.mark.slow
+def test_pose_judge_learns_held_out_heads(tiny_judge: PoseJudge) -> None:
+    images, poses = head_set(80, seed=1)  # other heads than the training ones
+    pred = tiny_judge(to_model_range(images)).numpy()
+    err = np.abs(pred - poses).mean(axis=0)
+    baseline = np.abs(poses - poses.mean(axis=0)).mean(axis=0)  # predicting the mean pose
+    # Measured with this seed: 0.10-0.13 of the baseline per axis; assert under half on each.
+    assert (err < 0.5 * baseline).all(), (err, baseline)
+
+
+@pytest.mark.slow
+def test_pose_judge_reads_a_mirrored_head_as_mirrored(tiny_judge: PoseJudge) -> None:
+    images, poses = head_set(40, seed=2)
+    x = to_model_range(images)
+    flipped, flipped_poses = mirror(x, torch.from_numpy(poses))
+    assert torch.equal(flipped, x.flip(-1))
+    assert torch.equal(flipped_poses, torch.from_numpy(poses) * torch.tensor([-1.0, 1.0, -1.0]))
+    yaw_plain, yaw_flipped = tiny_judge(x)[:, 0], tiny_judge(flipped)[:, 0]
+    big = torch.from_numpy(np.abs(poses[:, 0]) > 20)
+    assert (torch.sign(yaw_plain[big]) == -torch.sign(yaw_flipped[big])).float().mean() > 0.9
+
+
+def test_judge_reading_does_not_depend_on_the_batch() -> None:
+    torch.manual_seed(0)
+    judge = PoseJudge(PoseJudgeNet(32, 8), JudgeSettings(input_size=32, width=8))
+    x = to_model_range(head_set(8, seed=3)[0])
+    assert torch.allclose(judge(x)[:1], judge(x[:1]), atol=1e-5)
+
+
+def _write_shards(root: Path, images: np.ndarray, poses: np.ndarray) -> Path:
+    root.mkdir(parents=True)
+    pngs = [cv2.imencode(".png", cv2.cvtColor(im, cv2.COLOR_RGB2BGR))[1].tobytes() for im in images]
+    n = len(images)
+    table = pa.table(
+        {
+            "person_name": [f"p{i % 5}" for i in range(n)],
+            "split": ["train"] * n,
+            "role": ["video"] * n,
+            "image": pa.array(pngs, pa.binary()),
+            "yaw": poses[:, 0],
+            "pitch": poses[:, 1],
+            "roll": poses[:, 2],
+        }
+    )
+    pq.write_table(table, root / "train-00000.parquet")
+    manifest = {
+        "schema_version": 1,
+        "image_size": SIZE,
+        "fingerprint": "ab" * 32,
+        "split_ratios": [0.7, 0.15, 0.15],
+        "alignment": "test",
+        "shards": {"train": ["train-00000.parquet"]},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_judge_is_deterministic_cached_and_reloaded(tmp_path: Path) -> None:
+    images, poses = head_set(64, seed=4)
+    shards = _write_shards(tmp_path / "shards", images, poses)
+    quick = JudgeSettings(input_size=32, width=8, epochs=1, batch_size=16)
+    first = ensure_pose_judge(shards, tmp_path / "cache", quick, verbose=False)
+    path = judge_cache_path(shards, tmp_path / "cache", quick)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "judges"
+    again = train_pose_judge(images, poses, quick)  # same seed, same data: same weights
+    x = to_model_range(images[:8])
+    assert torch.equal(first(x), again(x))
+    loaded = ensure_pose_judge(shards, tmp_path / "cache", quick, verbose=False)
+    assert torch.equal(loaded(x), first(x))
+    other = judge_cache_path(shards, tmp_path / "cache", JudgeSettings(seed=1))
+    assert other != path
+
+
+# ----------------------------------------------------------------------------- predictors
+
+
+def test_pose_bin_mean_includes_mirrored_frames_in_their_bins() -> None:
+    frame = torch.zeros(1, 3, 4, 4)
+    frame[..., 0] = 1.0  # bright left column
+    bins = fit_pose_bins(frame, torch.tensor([[25.0, 5.0, 8.0]]))
+    assert set(bins.means) == {(2, 0), (-3, 0)} and bins.counts == {(2, 0): 1, (-3, 0): 1}
+    assert torch.equal(bins.lookup(torch.tensor([[29.0, 1.0, 0.0]]))[0], frame[0])
+    mirrored = bins.lookup(torch.tensor([[-22.0, 3.0, 0.0]]))[0]
+    assert torch.equal(mirrored, frame[0].flip(-1))
+    # An empty bin takes the nearest filled one: (-5, 0) is nearer to (-3, 0) than to (2, 0).
+    assert torch.equal(bins.lookup(torch.tensor([[-45.0, 2.0, 0.0]]))[0], frame[0].flip(-1))
+    without = fit_pose_bins(frame, torch.tensor([[25.0, 5.0, 8.0]]), with_mirrors=False)
+    assert set(without.means) == {(2, 0)}
+
+
+def test_pose_bin_mean_averages_a_bin() -> None:
+    frames = torch.stack([torch.full((3, 2, 2), 0.2), torch.full((3, 2, 2), 0.6)])
+    bins = fit_pose_bins(frames, torch.tensor([[1.0, 1.0, 0.0], [9.0, 9.0, 0.0]]))
+    assert torch.allclose(bins.means[(0, 0)], torch.full((3, 2, 2), 0.4))
+    assert bins.counts[(0, 0)] == 2 and bins.counts[(-1, 0)] == 2
+
+
+def test_colour_shift_moves_the_face_mean_to_the_sources() -> None:
+    mask = face_mask(SIZE)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=g) * 0.5 - 0.25
+    source = torch.rand(2, 3, SIZE, SIZE, generator=g) * 0.5
+    out = shift_face_colour(images, source, mask)
+    face_mean = lambda x: x[..., mask].mean(dim=-1)  # noqa: E731
+    assert torch.allclose(face_mean(out), face_mean(source), atol=1e-5)
+    assert torch.equal(out[..., ~mask], images[..., ~mask])  # outside the face: unchanged
+
+
+def test_trivial_predictors_definitions() -> None:
+    images, poses = head_set(12, seed=5)
+    triv = fit_trivial_predictors(images, poses, face_mask(SIZE))
+    src = to_model_range(images[:3])
+    sp, tp = torch.from_numpy(poses[:3]), torch.from_numpy(poses[3:6])
+    assert torch.equal(triv.source(src, sp, tp), src)
+    assert torch.allclose(triv.mean(src, sp, tp)[1], to_model_range(images).mean(dim=0), atol=1e-6)
+    assert torch.equal(triv.pose_bin(src, sp, tp), triv.bins.lookup(tp))
+    assert list(triv.as_dict()) == ["source", "mean", "pose_bin", "pose_bin_colour"]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    """4 persons x 6 frames, each person a distinct random texture (identical in all frames),
+    pairs: every person's frame 0 -> each of its frames 1..5."""
+    rng = np.random.default_rng(7)
+    textures = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    person, images, poses = [], [], []
+    for k in range(4):
+        for f in range(6):
+            person.append(f"person{k}")
+            images.append(textures[k])
+            poses.append([10.0 * f - 25, 2.0 * f, 0.0])
+    n = len(person)
+    rows = Rows(
+        np.asarray(person, object),
+        np.asarray(["test"] * n, object),
+        np.asarray(["video"] * n, object),
+        np.stack(images),
+        np.asarray(poses, np.float32),
+    )
+    pairs = np.asarray([[6 * k, 6 * k + f] for k in range(4) for f in range(1, 6)])
+    torch.manual_seed(0)  # an untrained judge: the scoring, not the judge, is under test here
+    judge = PoseJudge(PoseJudgeNet(32, 8), JudgeSettings(input_size=32, width=8))
+    return Scorer(build_eval_set(rows, pairs), judge)
+
+
+def test_retrieval_of_the_true_target_is_perfect_and_of_a_constant_is_chance(
+    scorer: Scorer,
+) -> None:
+    ev = scorer.ev
+    assert scorer.candidates.shape == (20, 4)
+    assert not (scorer.candidates == ev.target_row[:, None]).any()  # the answer is left out
+    assert scorer.score(ev.target.clone())["id_top1"].mean() == 1.0
+    constant = ev.target.mean(dim=0, keepdim=True).expand_as(ev.target).clone()
+    assert scorer.score(constant)["id_top1"].mean() == pytest.approx(0.25)  # 1 / 4 persons
+
+
+def test_sharpness_of_a_blur_is_below_one(scorer: Scorer) -> None:
+    ev = scorer.ev
+    assert np.allclose(scorer.score(ev.target.clone())["sharpness"], 1.0)
+    blurred = torch.nn.functional.avg_pool2d(ev.target, 5, stride=1, padding=2)
+    assert (scorer.score(blurred)["sharpness"] < 0.5).all()
+    mask = face_mask(SIZE)
+    assert (
+        laplacian_energy_per_image(blurred, mask) < laplacian_energy_per_image(ev.target, mask)
+    ).all()
+
+
+def test_report_margins_ratios_and_text(scorer: Scorer) -> None:
+    ev = scorer.ev
+    noisy = (
+        ev.target + 0.1 * torch.randn(ev.target.shape, generator=torch.Generator().manual_seed(0))
+    ).clamp(-1, 1)
+    per = {
+        "pose_bin": scorer.score(ev.target.mean(dim=0, keepdim=True).expand_as(ev.target).clone()),
+        "pose_bin_colour": scorer.score((ev.target + 0.3).clamp(-1, 1)),
+        "model": scorer.score(noisy),
+    }
+    report = build_report(scorer, per)
+    rows, h = report["rows"], report["headline"]
+    best = max(("pose_bin", "pose_bin_colour"), key=lambda b: rows[b]["psnr_face"])
+    assert h["best_trivial"] == best
+    assert h["face_psnr_margin_db"] == pytest.approx(
+        rows["model"]["psnr_face"] - rows[best]["psnr_face"]
+    )
+    assert h["face_psnr_margin_db"] > 5  # a lightly noised target beats any mean image
+    floor_yaw = rows["floor"]["pose_err_median_deg"]["yaw"]
+    assert h["yaw_err_ratio"] == pytest.approx(
+        rows["model"]["pose_err_median_deg"]["yaw"] / floor_yaw
+    )
+    assert report["chance_id_top1"] == 0.25 and rows["floor"]["psnr"] is None
+    json.dumps(report, allow_nan=False)  # JSON-able, strict
+    text = format_report(report)
+    assert "floor" in text and "face PSNR margin" in text
+    assert summary_line(report).startswith("judged yaw err")
+    assert build_report(scorer, {"pose_bin": per["pose_bin"]})["headline"] is None
+
+
+def test_judging_never_imports_ray() -> None:
+    code = (
+        "import sys, controlnet_ray.judging, controlnet_ray.judging.report; "
+        "bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_engine_and_model_do_not_import_judging() -> None:
+    root = Path(__file__).resolve().parents[1] / "controlnet_ray"
+    for f in [root / "engine.py", *sorted((root / "model").glob("*.py"))]:
+        assert "judging" not in f.read_text(encoding="utf-8"), f
+
+
+def test_untrained_net_has_no_batchnorm() -> None:
+    net = PoseJudgeNet(32, 8)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
