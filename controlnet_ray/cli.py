@@ -225,6 +225,13 @@ def _add_additions(
     )
     _add(g, "optim", "grad_clip", type=float, default=o.grad_clip)
     _add(g, "optim", "warmup_epochs", type=int, default=o.warmup_epochs)
+    _flag(
+        g,
+        "output",
+        "no_judge",
+        "skip the independent judges (held-out pose judge, identity, sharpness, trivial "
+        "predictors) in each epoch's line",
+    )
     _add(
         g,
         "output",

@@ -119,6 +119,8 @@ class OutputConfig:
     best_metric: Literal["val_psnr", "val_loss"] = "val_psnr"
     # console: "auto" draws an in-epoch bar when a terminal is attached; "lines" never does
     progress: Literal["auto", "bar", "lines"] = "auto"
+    # skip the independent judges (controlnet_ray.judging) in each epoch's validation report
+    no_judge: bool = False
 
 
 @dataclass

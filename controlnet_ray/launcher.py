@@ -200,6 +200,7 @@ def build_trainer(
     )
     loop_config = {
         "config": cfg.to_dict(),
+        "shards_dir": str(pairs.shards_dir),
         "num_train_pairs": pairs.num_train_pairs,
         "torch_threads": plan.torch_threads,
         "progress_board": progress_board,
@@ -383,7 +384,12 @@ def check_before_ray(cfg: TrainConfig) -> Path:
         check_writable_dir(folder, flag)
     check_resume_file(cfg)
     check_rerun(cfg)
-    return resolve_shards(cfg)
+    shards = resolve_shards(cfg)
+    if not cfg.output.no_judge:  # trained once per dataset, before Ray; the worker loads it
+        from controlnet_ray.judging import ensure_pose_judge
+
+        ensure_pose_judge(shards, cfg.data.resolved_cache_dir())
+    return shards
 
 
 def run_training(cfg: TrainConfig) -> object:
@@ -421,12 +427,21 @@ def run_training(cfg: TrainConfig) -> object:
         result = build_trainer(cfg, plan, pairs, progress_board=board).fit()
     finally:
         console.close()
+    print_judged_summary(getattr(result, "metrics", None) or {})
     if (run_dir := existing_run(cfg)) is not None:
         prune_unregistered_checkpoints(run_dir)
     if started_ray:
         shutdown_local_ray()
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return result
+
+
+def print_judged_summary(metrics: dict) -> None:
+    """The run's last held-out judged figures, so a user can tell whether training worked."""
+    from controlnet_ray.progress import format_judged
+
+    if "judged_yaw_err_deg" in metrics:
+        print(f"held-out (independent judges): {format_judged(metrics)}", flush=True)
 
 
 def shutdown_local_ray() -> None:

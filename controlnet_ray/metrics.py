@@ -22,7 +22,11 @@ _SSIM_C2 = 0.03**2
 # The face region's default: an ellipse of the 112-px ArcFace-aligned crop (eyes at y~52, nose 72,
 # mouth 92; forehead to chin, cheek to cheek of a frontal face), scaled by image_size / 112.
 # Callers whose crops are framed differently pass their own mask instead.
-FACE_ELLIPSE_112 = (56.0, 68.0, 38.0, 50.0)  # cx, cy, rx, ry
+FACE_ELLIPSE_112 = (56.0, 68.0, 38.0, 50.0)  # cx, cy, rx, ry of an ArcFace-aligned crop
+#: The head of a head-centred crop (``--framing head``): the 3D proxy's silhouette at a frontal
+#: pose (``model.warp.PROXY_*``), a little wider for the turned head (cx, cy, rx, ry).
+HEAD_ELLIPSE_112 = (56.0, 51.0, 34.0, 44.0)
+FACE_REGIONS_112 = {"head": HEAD_ELLIPSE_112, "arcface": FACE_ELLIPSE_112}
 SHARPNESS_FLOOR = 1e-12  # a flat target still gives a finite sharpness ratio
 
 
@@ -39,13 +43,16 @@ def _check_images(pred: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def face_mask(size: int) -> torch.Tensor:
-    """``[size, size]`` bool: the default face region (``FACE_ELLIPSE_112`` scaled to ``size``).
+def face_mask(size: int, framing: str = "head") -> torch.Tensor:
+    """``[size, size]`` bool: the face region of a crop of this framing (``FACE_REGIONS_112``
+    scaled to ``size``).
 
     Pixel centres at ``i + 0.5``. A fixed region (not a segmentation) so every predictor is
     scored on the same pixels.
     """
-    cx, cy, rx, ry = (v * size / 112.0 for v in FACE_ELLIPSE_112)
+    if framing not in FACE_REGIONS_112:
+        raise ValueError(f"framing must be one of {sorted(FACE_REGIONS_112)}, got {framing!r}")
+    cx, cy, rx, ry = (v * size / 112.0 for v in FACE_REGIONS_112[framing])
     c = torch.arange(size, dtype=torch.float32) + 0.5
     y, x = torch.meshgrid(c, c, indexing="ij")
     return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0

@@ -35,6 +35,20 @@ def format_epoch_line(m: dict[str, Any]) -> str:
         f"val loss {m['val_loss']:.4f}  PSNR {m['val_psnr']:.2f} dB  SSIM {m['val_ssim']:.3f}  "
         f"pose err {m['val_pose_mae_deg']:.1f} deg  {m['samples_per_sec']:.1f} samples/s  "
         f"epoch {m['epoch_time_s']:.1f}s  elapsed {m['elapsed_s']:.0f}s  ETA {eta:.0f}s"
+    ) + (f"\n    held-out judged: {format_judged(m)}" if "judged_yaw_err_deg" in m else "")
+
+
+def format_judged(m: dict[str, Any]) -> str:
+    """The independent judges' figures of an epoch (``controlnet_ray.judging``), with the
+    floor (the judge on real targets) and the best trivial predictor to read them against."""
+    margin = m.get("face_margin_db")
+    margin_s = "n/a" if margin is None else f"{margin:+.2f} dB"
+    return (
+        f"yaw err {m['judged_yaw_err_deg']:.1f} deg (floor {m['judge_floor_yaw_deg']:.1f}), "
+        f"pitch {m['judged_pitch_err_deg']:.1f} (floor {m['judge_floor_pitch_deg']:.1f}); "
+        f"face PSNR {margin_s} over the best trivial predictor; "
+        f"identity top-1 {m['id_top1']:.0%} (chance {m['id_chance']:.0%}); "
+        f"sharpness {m['sharpness']:.2f}"
     )
 
 

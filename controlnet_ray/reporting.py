@@ -64,6 +64,12 @@ SAMPLE_TAG = "Images/Sample_{i}"
 POSE_HIST_TAGS = ("Pose/Target", "Pose/Source", "Pose/Difference")
 _PAD = 2  # pixels between tiles of an image grid
 _AXES = ("pose_mae_yaw", "pose_mae_pitch", "pose_mae_roll")
+_JUDGED_POSE = (
+    "judged_yaw_err_deg",
+    "judged_pitch_err_deg",
+    "judge_floor_yaw_deg",
+    "judge_floor_pitch_deg",
+)
 
 
 def _is_finite(value: Any) -> bool:
@@ -317,6 +323,8 @@ def _panels(train: Sequence[Mapping], val: Sequence[Mapping]) -> list[tuple[str,
         ("Val PSNR (dB)", [("val", val, "psnr")]),
         ("Val SSIM", [("val", val, "ssim")]),
         ("Val pose MAE (deg)", [("val", val, k) for k in ("pose_mae", "pose_mae_deg", *_AXES)]),
+        ("Held-out judged pose err (deg)", [("", val, k) for k in _JUDGED_POSE]),
+        ("Face PSNR over best trivial (dB)", [("", val, "face_margin_db")]),
     ]
     return [
         (title, [line for line in lines if _has(line[1], line[2])])

@@ -90,6 +90,7 @@ class WorkerRun:
         self.staging = staging_dir(self.save_dir) if self.rank == 0 else None
         self.state = RunState()
         self._build()
+        self.judging = self._build_judging(loop_config.get("shards_dir"))
 
     # -- setup -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -118,6 +119,34 @@ class WorkerRun:
             f"rank 0 of {self.world}: pid {os.getpid()}, device {self.device}, "
             f"{self.batches_per_epoch} batches/epoch; {self.amp.description}"
         )
+
+    def _build_judging(self, shards_dir: str | None) -> Any:
+        """Rank 0's independent judges of the val persons (``controlnet_ray.judging``; the
+        judge itself was trained by the driver before Ray started), or None when off."""
+        if self.rank != 0 or self.cfg.output.no_judge or not shards_dir:
+            return None
+        from controlnet_ray.judging import prepare_judging
+
+        return prepare_judging(
+            shards_dir,
+            self.cfg.data.resolved_cache_dir(),
+            held_splits=("val",),
+            max_pairs=JUDGED_MAX_PAIRS,
+            verbose=False,
+        )
+
+    def _judged(self) -> dict[str, Any]:
+        """This epoch's judged headline figures (rank 0; empty elsewhere or when off)."""
+        if self.judging is None:
+            return {}
+        model = _unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            report = self.judging.report(model.generate, self.device)
+        finally:
+            model.train(was_training)
+        return judged_metrics(report)
 
     def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
         """Ray checkpoint of this run first (driver restart, worker failure), then --resume."""
@@ -182,6 +211,7 @@ class WorkerRun:
                     next_batches = self._prefetched_train_batches(train_shard)
                 val_sums = self._validate(val_shard)
                 val_metrics = _require_finite(val_sums.means(), f"epoch {epoch}: validation")
+                val_metrics.update(self._judged())
                 # Throughput over the training pass only (as benchmarks measure it); the
                 # epoch time includes validation.
                 train_metrics["samples_per_sec"] = train_metrics.pop("samples") / train_time
@@ -365,6 +395,7 @@ class WorkerRun:
             "samples_per_sec": train["samples_per_sec"],
             "epoch_time_s": train["epoch_time_s"],
             "elapsed_s": elapsed,
+            **{k: v for k, v in val.items() if k in JUDGED_KEYS},
         }
         return _require_finite(metrics, f"epoch {epoch}")
 
@@ -416,6 +447,35 @@ def staging_dir(save_dir: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+JUDGED_MAX_PAIRS = 256  # validation pairs the judges score each epoch (an even subset)
+JUDGED_KEYS = (
+    "judged_yaw_err_deg",
+    "judged_pitch_err_deg",
+    "judge_floor_yaw_deg",
+    "judge_floor_pitch_deg",
+    "face_margin_db",
+    "id_top1",
+    "id_chance",
+    "sharpness",
+)
+
+
+def judged_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline of a judged report as flat epoch metrics (strict JSON: no None/NaN)."""
+    model, floor, head = report["rows"]["model"], report["rows"]["floor"], report["headline"]
+    out = {
+        "judged_yaw_err_deg": model["pose_err_median_deg"]["yaw"],
+        "judged_pitch_err_deg": model["pose_err_median_deg"]["pitch"],
+        "judge_floor_yaw_deg": floor["pose_err_median_deg"]["yaw"],
+        "judge_floor_pitch_deg": floor["pose_err_median_deg"]["pitch"],
+        "face_margin_db": head["face_psnr_margin_db"],
+        "id_top1": head["id_top1"],
+        "id_chance": report["chance_id_top1"],
+        "sharpness": head["sharpness"],
+    }
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
 def _require_finite(metrics: dict[str, float], what: str) -> dict[str, float]:

@@ -116,6 +116,7 @@ class PairDatasets:
     val: object
     num_train_pairs: int
     num_val_pairs: int
+    shards_dir: str = ""  # where they come from (rank 0's judges read the held-out rows there)
 
 
 def quiet_ray_data() -> None:
@@ -171,4 +172,4 @@ def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, flip: bool = Tr
         batch_format="numpy",
         num_cpus=DECODE_CPUS,
     ).materialize()
-    return PairDatasets(train=train, val=val, num_train_pairs=n_train, num_val_pairs=n_val)
+    return PairDatasets(train, val, n_train, n_val, str(shards_dir))

@@ -19,6 +19,7 @@ from controlnet_ray.judging.data import Rows, build_eval_set, load_rows
 from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
 from controlnet_ray.judging.predictors import TrivialPredictors, fit_trivial_predictors
 from controlnet_ray.judging.report import Embedder, Predictor, Scorer, build_report
+from controlnet_ray.metrics import face_mask
 
 
 def even_subset(items: np.ndarray, limit: int) -> np.ndarray:
@@ -79,6 +80,11 @@ def prepare_judging(
     if len(pairs) == 0:
         raise ValueError(f"{shards_dir}: no {pair_mode} pairs in splits {list(held_splits)}")
     judge = judge or ensure_pose_judge(shards_dir, cache_root, settings, verbose)
+    if mask is None:
+        from controlnet_ray.data.shards import load_manifest
+
+        framing = load_manifest(shards_dir).framing
+        mask = face_mask(int(held.images.shape[1]), framing)
     scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed)
     roles = np.unique(held.role[pairs[:, 1]])
     train = rows.subset((rows.split == "train") & np.isin(rows.role, roles))
