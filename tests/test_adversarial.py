@@ -404,3 +404,29 @@ def test_ddp_ranks_keep_generator_and_discriminator_in_step() -> None:
         torch.testing.assert_close(
             torch.tensor(results[0][2][net]), torch.tensor(results[1][2][net])
         )
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_cli_adversarial_run_resumes_its_discriminator(tmp_path: Path) -> None:
+    """The real CLI through Ray: epoch 1, then the same command extended to 2 epochs continues
+    from the Ray checkpoint with the discriminator and its optimizer restored."""
+    from tests.train_helpers import TINY, run_train
+
+    args = [*TINY, "--adversarial_loss_weight", "0.05", "--save_dir", "ck", "--log_dir", "logs"]
+    first = run_train([*args, "--epochs", "1"], tmp_path)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    saved = ckpt.load_checkpoint(tmp_path / "ck" / "final_model.pth")
+    assert {ckpt.DISC_KEY, ckpt.DISC_OPTIMIZER_KEY} <= saved.keys()
+    assert saved["engine_state"]["adversary"]["steps"] > 0
+    second = run_train([*args, "--epochs", "2"], tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "discriminator and its optimizer resumed from" in out
+    assert "epoch 2/2" in out and "epoch 1/2" not in out
+    final = ckpt.load_checkpoint(tmp_path / "ck" / "final_model.pth")
+    steps = final["engine_state"]["adversary"]["steps"]
+    assert steps == 2 * saved["engine_state"]["adversary"]["steps"]
+    assert [h["epoch"] for h in final["val_metrics_history"]] == [1, 2]
