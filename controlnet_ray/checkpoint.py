@@ -55,6 +55,10 @@ LEGACY_KEYS = (
 # sha256 of everything else in the file (see content_digest), verified by load_checkpoint:
 # flipped bytes inside a tensor record load without complaint from torch's zip reader.
 CONTENT_DIGEST_KEY = "content_sha256"
+# The adversarial option's discriminator (--adversarial_loss_weight > 0): optional keys, absent
+# from files of runs without it; the generator's keys never hold it (inference loads those alone).
+DISC_KEY = "discriminator_state_dict"
+DISC_OPTIMIZER_KEY = "discriminator_optimizer_state_dict"
 _MAX_LISTED = 5  # mismatches named per category in error messages
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
@@ -166,11 +170,14 @@ def build_checkpoint(
     engine_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, Any] | None = None,
     trainable: Sequence[str] | None = None,
+    discriminator: nn.Module | None = None,
+    discriminator_optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Assemble the dict saved as a ``.pth``; RNG and the trainable set are read now unless given.
 
     Pass ``trainable`` when ``model``'s ``requires_grad`` flags no longer say what the optimiser
-    holds (e.g. names taken before wrapping).
+    holds (e.g. names taken before wrapping).  ``discriminator`` (and its optimiser) add the
+    ``DISC_KEY`` / ``DISC_OPTIMIZER_KEY`` entries; without them the file has neither.
 
     Histories and scalars are converted to plain Python so the file stays weights_only-safe
     even when a caller hands in numpy or 0-d tensor values.
@@ -192,14 +199,19 @@ def build_checkpoint(
         engine_state=_to_plain(dict(engine_state or {})),
         rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
     )
-    bad = nonfinite_tensor_names(state.model_state_dict)
+    out = state.to_dict()
+    if discriminator is not None:
+        out[DISC_KEY] = unwrap_model(discriminator).state_dict()
+        if discriminator_optimizer is not None:
+            out[DISC_OPTIMIZER_KEY] = discriminator_optimizer.state_dict()
+    bad = _nonfinite_weights(out)
     if bad:
         raise CheckpointError(
             f"refusing to save epoch {int(epoch)}: non-finite weights in {_listed(bad)} "
             "(the run diverged); nothing of this epoch was written. Lower --lr, check "
-            "--pose_loss_weight/--identity_loss_weight, or try without --use_amp."
+            "--pose_loss_weight/--identity_loss_weight/--adversarial_loss_weight, or try "
+            "without --use_amp."
         )
-    out = state.to_dict()
     out[CONTENT_DIGEST_KEY] = content_digest(out)
     return out
 
@@ -214,6 +226,16 @@ def nonfinite_tensor_names(tensors: Mapping[str, Any]) -> list[str]:
         and t.is_floating_point()
         and not bool(torch.isfinite(t).all())
     ]
+
+
+def _nonfinite_weights(state: Mapping[str, Any]) -> list[str]:
+    """Non-finite tensors of the model and, when present, the discriminator (prefixed)."""
+    bad = []
+    for key, prefix in (("model_state_dict", ""), (DISC_KEY, "discriminator.")):
+        sd = state.get(key)
+        if isinstance(sd, Mapping):
+            bad += [prefix + name for name in nonfinite_tensor_names(sd)]
+    return bad
 
 
 def content_digest(state: Mapping[str, Any]) -> str:
@@ -394,8 +416,7 @@ def _verify_integrity(obj: Mapping[str, Any], path: Path) -> None:
             f"{path}: content hash mismatch: the file was changed or damaged after it was "
             "written (disk or copy error?); use another checkpoint (e.g. checkpoint_epoch_N.pth)"
         )
-    sd = obj["model_state_dict"]
-    bad = nonfinite_tensor_names(sd) if isinstance(sd, Mapping) else []
+    bad = _nonfinite_weights(obj)
     if bad:
         raise CheckpointError(
             f"{path}: non-finite weights (NaN/inf) in {_listed(bad)}: the run that wrote it "
@@ -432,6 +453,8 @@ def _normalise(obj: dict[str, Any], path: Path, version: int) -> dict[str, Any]:
     state = dict(obj)
     state["format_version"] = version
     state["model_state_dict"] = _strip_wrapper_prefixes(state["model_state_dict"])
+    if isinstance(state.get(DISC_KEY), Mapping):
+        state[DISC_KEY] = _strip_wrapper_prefixes(state[DISC_KEY])
     if isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
     for key in ("best_val_loss", "best_val_psnr", "epoch"):
@@ -723,6 +746,38 @@ def restore_from_checkpoint(
         val_metrics_history=list(state.get("val_metrics_history", [])),
         engine_state=dict(state.get("engine_state") or {}),
     )
+
+
+def restore_discriminator(
+    state: Mapping[str, Any],
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> str:
+    """Load the discriminator's weights (and ``optimizer``'s state when given and saved) from
+    ``state``; returns the line saying what happened.
+
+    Mirrors the generator: weights whenever the file has them, the optimiser only when the
+    caller continues the run (passes ``optimizer``).  A file without a discriminator (an older
+    checkpoint, or a run without the option) leaves the fresh one: the option can be switched
+    on for a new stage.  A discriminator that does not fit raises CheckpointError naming it.
+    """
+    source = _source(state)
+    saved = state.get(DISC_KEY)
+    if not saved:
+        return f"{source} holds no discriminator: a fresh one starts"
+    current = unwrap_model(discriminator).state_dict()
+    problems = _state_dict_diffs(saved, current)
+    if problems:
+        raise CheckpointError(
+            f"{source}: its discriminator does not fit this run's: " + "; ".join(problems)
+        )
+    unwrap_model(discriminator).load_state_dict(saved)
+    if optimizer is None:
+        return f"discriminator weights loaded from {source}, fresh discriminator optimizer"
+    if not state.get(DISC_OPTIMIZER_KEY):
+        return f"discriminator weights loaded from {source} (it holds no discriminator optimizer)"
+    optimizer.load_state_dict(state[DISC_OPTIMIZER_KEY])
+    return f"discriminator and its optimizer resumed from {source}"
 
 
 # --------------------------------------------------------------------------- RNG

@@ -223,6 +223,23 @@ def _add_additions(
         default=o.identity_loss_weight,
         help="weight of the ArcFace identity loss (needs --identity_weights); 0 = off",
     )
+    _add(
+        g,
+        "optim",
+        "adversarial_loss_weight",
+        type=float,
+        default=o.adversarial_loss_weight,
+        help="weight of the hinge adversarial loss from a spectral-norm patch discriminator "
+        "(trained and checkpointed with the model); 0 = off",
+    )
+    _add(
+        g,
+        "optim",
+        "disc_lr",
+        type=float,
+        default=o.disc_lr,
+        help="the discriminator's peak Adam learning rate (follows --lr's warm-up and cosine)",
+    )
     _add(g, "optim", "grad_clip", type=float, default=o.grad_clip)
     _add(g, "optim", "warmup_epochs", type=int, default=o.warmup_epochs)
     _flag(

@@ -100,6 +100,11 @@ class OptimConfig:
     # image-loss weight of pixels outside the target's head: a video frame's background cannot
     # be predicted from the ID photo, so it should not take the generator's capacity
     background_loss_weight: float = 0.1
+    # weight of the generator's hinge adversarial term against a patch discriminator
+    # (model.discriminator); 0 = off: no discriminator is built, trained or saved
+    adversarial_loss_weight: float = 0.0
+    # the discriminator's peak Adam learning rate; it follows --lr's warm-up and cosine
+    disc_lr: float = 2e-4
     use_amp: bool = False
     gradient_accumulation_steps: int = 1
     grad_clip: float = 1.0
@@ -303,6 +308,11 @@ def _validate(cfg: TrainConfig) -> None:
         )
     if m.identity_weights is not None and not Path(m.identity_weights).is_file():
         raise ConfigError(f"--identity_weights file not found: {m.identity_weights}")
+    if o.adversarial_loss_weight < 0:
+        raise ConfigError(
+            f"--adversarial_loss_weight must be >= 0 (0 = off), got {o.adversarial_loss_weight}"
+        )
+    _positive(o.disc_lr, "--disc_lr")
     _choice(o.loss_type, "--loss_type", LOSS_TYPES)
     _positive(o.gradient_accumulation_steps, "--gradient_accumulation_steps")
     _positive(o.grad_clip, "--grad_clip")

@@ -6,7 +6,10 @@ depending on a process group: ``no_sync`` is used when the model has it, and the
 skip-on-non-finite decision is all-reduced only when ``torch.distributed`` is initialised.
 
 Loss definitions (``total = image + pose_loss_weight * pose + identity_loss_weight * identity``)
-live here so training and evaluation can never disagree on them.
+live here so training and evaluation can never disagree on them.  The adversarial option adds
+``adversarial_loss_weight * hinge_generator_loss`` to what the generator minimises in training
+only (evaluation has no discriminator), so ``total`` and the reported ``loss`` stay comparable
+between training, validation and runs without the option.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from controlnet_ray.metrics import pose_abs_error_deg, psnr_per_image, ssim_per_
 Batch = Mapping[str, torch.Tensor]
 BATCH_KEYS = ("source", "target", "source_pose", "target_pose")
 MIN_LR_RATIO = 0.01  # cosine schedule ends at 1% of the peak learning rate
+ADVERSARY_STATE_KEY = "adversary"  # the discriminator's scaler and counters in the engine state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -284,6 +288,162 @@ def compute_losses(output: Any, batch: Batch, cfg: OptimConfig, scale_deg: float
     return LossTerms(total, img, pose, ident)
 
 
+# --------------------------------------------------------------------------- adversarial
+
+
+def patch_weights(weights: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """Pixel weights ([B,1,H,W]) averaged down to the patch map's size, or None (uniform)."""
+    if weights is None:
+        return None
+    return nn.functional.adaptive_avg_pool2d(weights.float(), logits.shape[-2:])
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.mean()
+    w = weights.expand_as(values)
+    return (values * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def hinge_disc_loss(
+    real: torch.Tensor, fake: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The discriminator's hinge loss ``mean relu(1 - D(real)) + mean relu(1 + D(fake))``.
+
+    Computed in float32; ``weights`` (patch-map sized) makes each mean a weighted one, so
+    background patches can count less, as in the image loss.
+    """
+    real, fake = real.float(), fake.float()
+    return _weighted_mean(torch.relu(1.0 - real), weights) + _weighted_mean(
+        torch.relu(1.0 + fake), weights
+    )
+
+
+def hinge_gen_loss(fake: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The generator's hinge term ``-mean D(generated)`` (float32, weighted like the critic's)."""
+    return -_weighted_mean(fake.float(), weights)
+
+
+@dataclass
+class AdversarialTerms:
+    """``gen``: the generator's (unweighted) hinge term; ``disc``: the discriminator's loss."""
+
+    gen: torch.Tensor
+    disc: torch.Tensor
+
+
+def build_disc_optimizer(discriminator: nn.Module, cfg: OptimConfig) -> torch.optim.Adam:
+    """Adam at ``cfg.disc_lr`` with beta1 0.5 (the GAN default: less momentum against a moving
+    target) and no weight decay (spectral norm already bounds the critic)."""
+    params = [p for p in discriminator.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the discriminator has no trainable parameters")
+    return torch.optim.Adam(params, lr=cfg.disc_lr, betas=(0.5, 0.999))
+
+
+@contextlib.contextmanager
+def _frozen_critic(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode with ``requires_grad`` off: the generator's adversarial term
+    flows through it to the image but must neither train it nor advance its spectral-norm
+    power iteration (only the discriminator's own forward does)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    was_training = module.training
+    module.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        module.train(was_training)
+
+
+class Adversary:
+    """The discriminator side of ``--adversarial_loss_weight``: module, optimiser, own scaler.
+
+    ``discriminator`` may be DDP-wrapped by the caller (as the model is); its optimiser holds
+    the bare module's parameters (:func:`build_disc_optimizer`).  It has its own GradScaler
+    (enabled exactly when the generator's is): fp16 overflows of the two losses are
+    independent, and one shared scale would let either side's overflow skip the other's step.
+    :class:`TrainEngine` drives it: it accumulates, clips, skips and steps with the generator's
+    optimizer step, once per optimizer step.
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        amp: AmpSettings,
+    ) -> None:
+        self.discriminator, self.optimizer = discriminator, optimizer
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=amp.use_scaler)
+        self.steps = 0  # discriminator optimizer steps taken
+        self.overflow_steps = 0  # discriminator steps skipped for non-finite gradients
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def bare(self) -> nn.Module:
+        """The module under a DDP wrapper (its forward runs no collective)."""
+        d = self.discriminator
+        return d.module if hasattr(d, "no_sync") else d
+
+    def terms(self, image: torch.Tensor, batch: Batch, weights: torch.Tensor | None):
+        """Both hinge losses for generated ``image`` against the real ``batch["target"]``.
+
+        The critic's forward sees real and (detached) generated images as one batch: one
+        (DDP) forward per backward and one power iteration per step.  The generator's term
+        goes through the bare, frozen module (:func:`_frozen_critic`).
+        """
+        pose = batch["target_pose"]
+        both = torch.cat([batch["target"], image.detach()])
+        logits = self.discriminator(both, torch.cat([pose, pose]))
+        real, fake = logits.chunk(2)
+        pw = patch_weights(weights, logits)
+        with _frozen_critic(self.bare):
+            gen_logits = self.bare(image, pose)
+        return AdversarialTerms(hinge_gen_loss(gen_logits, pw), hinge_disc_loss(real, fake, pw))
+
+    def step(self, group_factor: float, grad_clip: float, lr: float) -> float:
+        """Unscale, rescale a partial group, clip and step at ``lr``; returns the pre-clip
+        gradient norm (non-finite: the step was skipped)."""
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if group_factor != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(group_factor)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+        finite = math.isfinite(norm)
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.steps += 1
+        else:
+            self.overflow_steps += 1
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scaler and counters (the caller saves the module's and the optimiser's state)."""
+        return {
+            "scaler": self.scaler.state_dict(),
+            "steps": self.steps,
+            "overflow_steps": self.overflow_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.steps = int(state.get("steps", 0))
+        self.overflow_steps = int(state.get("overflow_steps", 0))
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def move_batch(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     """Copy the four batch tensors to ``device`` as float32 (non-blocking from pinned memory)."""
     missing = [k for k in BATCH_KEYS if k not in batch]
@@ -314,6 +474,16 @@ class StepMetrics:
     lr: float  # learning rate this micro-batch's group is stepped with
     batch_size: int
     grad_norm: float | None = None  # pre-clip norm when a step was attempted (inf: skipped)
+    adv_loss: float = 0.0  # the generator's hinge term (unweighted); 0 without the option
+    disc_loss: float = 0.0  # the discriminator's hinge loss; 0 without the option
+
+
+def _adv_floats(adv: AdversarialTerms | None) -> tuple[float, float]:
+    """(generator term, discriminator loss) as floats; (0, 0) without the option."""
+    if adv is None:
+        return (0.0, 0.0)
+    values = torch.stack([adv.gen, adv.disc]).detach().double().cpu().tolist()
+    return (values[0], values[1])
 
 
 def _distributed() -> bool:
@@ -340,6 +510,16 @@ class TrainEngine:
     blow-up) skips the optimizer step; without a scaler that also counts as non-finite.
 
     Under DDP ``is_last_in_epoch`` must be the same on every rank (equal shard lengths).
+
+    Adversarial option (``cfg.adversarial_loss_weight > 0`` with an :class:`Adversary`): each
+    micro-batch also computes the discriminator's hinge loss on its real targets against the
+    detached generated images, and the generator minimises ``total + weight * (-D(generated))``
+    against the discriminator as it was before this step (simultaneous updates).  The
+    discriminator's gradients accumulate like the generator's (``no_sync`` on its DDP wrapper
+    too) and it steps once per optimizer step, right after the generator, with the same
+    partial-group rescale and ``grad_clip``, at ``disc_lr`` times the generator's current LR
+    factor.  A non-finite value in either loss skips the micro-batch for both.  Without the
+    option nothing of this runs and the step is exactly what it was.
     """
 
     def __init__(
@@ -351,12 +531,20 @@ class TrainEngine:
         device: torch.device,
         amp: AmpSettings,
         pose_scale: float | None = None,
+        adversary: Adversary | None = None,
     ) -> None:
-        """``pose_scale`` overrides ``POSE_SCALE_DEG`` (for stand-in models in tests)."""
+        """``pose_scale`` overrides ``POSE_SCALE_DEG`` (for stand-in models in tests);
+        ``adversary`` is required when ``cfg.adversarial_loss_weight > 0``, unused otherwise."""
         if cfg.gradient_accumulation_steps < 1:
             raise ValueError(
                 f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}"
             )
+        if cfg.adversarial_loss_weight > 0 and adversary is None:
+            raise ValueError(
+                f"adversarial_loss_weight is {cfg.adversarial_loss_weight} but no Adversary "
+                "(discriminator and its optimizer) was given"
+            )
+        self.adversary = adversary if cfg.adversarial_loss_weight > 0 else None
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.cfg, self.device, self.amp = cfg, torch.device(device), amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp.use_scaler)
@@ -403,22 +591,47 @@ class TrainEngine:
         batch = move_batch(batch, self.device)
         self._micro_steps += 1
         will_step = is_last_in_epoch or self._group_size + 1 >= self.cfg.gradient_accumulation_steps
-        sync = contextlib.nullcontext()
-        if not will_step and hasattr(self.model, "no_sync"):
-            sync = self.model.no_sync()
         lr = float(self.optimizer.param_groups[0]["lr"])
-        with sync:
+        with self._no_sync(will_step):
             with _autocast(self.device, self.amp):
                 output = _forward(self.model, batch)
+                adv = self._adversarial_terms(output, batch)
             terms = compute_losses(output, batch, self.cfg, self._scale_deg)
             values = terms.detached_floats()  # the step's one host sync (without DDP)
-            if self._any_rank_nonfinite(values[0]):
+            adv_values = _adv_floats(adv)
+            if self._any_rank_nonfinite(values[0] + sum(adv_values)):
                 self._skip()
-                return self._metrics(values, lr, batch, skipped=True, grad_norm=None)
-            self.scaler.scale(terms.total / self.cfg.gradient_accumulation_steps).backward()
+                return self._metrics(values, lr, batch, True, None, adv_values)
+            self._backward(terms, adv)
         self._group_size += 1
-        grad_norm = self._optimizer_step() if will_step else None
-        return self._metrics(values, lr, batch, skipped=False, grad_norm=grad_norm)
+        grad_norm = self._optimizer_step(lr) if will_step else None
+        return self._metrics(values, lr, batch, False, grad_norm, adv_values)
+
+    def _no_sync(self, will_step: bool) -> contextlib.ExitStack:
+        """DDP's ``no_sync`` on the model (and discriminator) inside an accumulation group."""
+        stack = contextlib.ExitStack()
+        if will_step:
+            return stack
+        for net in (self.model, self.adversary and self.adversary.discriminator):
+            if net is not None and hasattr(net, "no_sync"):
+                stack.enter_context(net.no_sync())
+        return stack
+
+    def _adversarial_terms(self, output: Any, batch: Batch) -> AdversarialTerms | None:
+        if self.adversary is None:
+            return None
+        weights = pixel_weights(output, self.cfg.background_loss_weight)
+        return self.adversary.terms(output.image, batch, weights)
+
+    def _backward(self, terms: LossTerms, adv: AdversarialTerms | None) -> None:
+        """Each side's loss, divided by the accumulation, through its own scaler."""
+        acc = self.cfg.gradient_accumulation_steps
+        if adv is None:
+            self.scaler.scale(terms.total / acc).backward()
+            return
+        objective = terms.total + self.cfg.adversarial_loss_weight * adv.gen
+        self.scaler.scale(objective / acc).backward()
+        self.adversary.scaler.scale(adv.disc / acc).backward()
 
     def _any_rank_nonfinite(self, loss: float) -> bool:
         """True if the loss is non-finite here or, under DDP, on any rank (a collective)."""
@@ -432,6 +645,8 @@ class TrainEngine:
     def _skip(self) -> None:
         """Drop this micro-batch and the group's partial gradients; raise if it keeps happening."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.adversary is not None:
+            self.adversary.optimizer.zero_grad(set_to_none=True)
         self._group_size = 0
         self._skipped_steps += 1
         self._register_nonfinite(what="non-finite loss")
@@ -443,8 +658,10 @@ class TrainEngine:
         batch: Batch,
         skipped: bool,
         grad_norm: float | None,
+        adv_values: tuple[float, float] = (0.0, 0.0),
     ) -> StepMetrics:
         loss, img, pose, ident = values
+        adv_loss, disc_loss = adv_values
         return StepMetrics(
             loss=loss,
             image_loss=img,
@@ -455,6 +672,8 @@ class TrainEngine:
             lr=lr,
             batch_size=int(batch["source"].shape[0]),
             grad_norm=grad_norm,
+            adv_loss=adv_loss,
+            disc_loss=disc_loss,
         )
 
     def _register_nonfinite(self, what: str) -> None:
@@ -468,16 +687,17 @@ class TrainEngine:
                 "--warmup_epochs, check the data for NaNs, or try without --use_amp."
             )
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, lr: float | None = None) -> float:
         """Unscale, rescale a partial group, clip, step; returns the pre-clip grad norm.
 
         ``scaler.unscale_`` must come before clipping, or the clip threshold would apply to
-        the loss-scaled gradients (65536x too large) and clip nothing.
+        the loss-scaled gradients (65536x too large) and clip nothing.  ``lr`` is the LR this
+        group was stepped with; the discriminator (when on) steps at the same schedule factor.
         """
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        factor = self.cfg.gradient_accumulation_steps / self._group_size
         if self._group_size < self.cfg.gradient_accumulation_steps:
-            factor = self.cfg.gradient_accumulation_steps / self._group_size
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(factor)
@@ -497,7 +717,16 @@ class TrainEngine:
             self._overflow_steps += 1
             if not self.amp.use_scaler:
                 self._register_nonfinite(what=f"gradient norm {norm}")
+        if self.adversary is not None:
+            self._disc_step(factor, lr)
         return norm
+
+    def _disc_step(self, group_factor: float, lr: float | None) -> None:
+        """The discriminator's step, at ``disc_lr`` times the generator's schedule factor."""
+        scale = 1.0 if lr is None else lr / self.cfg.lr
+        norm = self.adversary.step(group_factor, self.cfg.grad_clip, self.cfg.disc_lr * scale)
+        if not math.isfinite(norm) and not self.amp.use_scaler:
+            self._register_nonfinite(what=f"discriminator gradient norm {norm}")
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -506,7 +735,7 @@ class TrainEngine:
         Take checkpoints at optimizer-step boundaries (epoch ends always are): gradients
         of a pending accumulation group are not part of the state.
         """
-        return {
+        state = {
             "scaler": self.scaler.state_dict(),
             "optimizer_steps": self._optimizer_steps,
             "micro_steps": self._micro_steps,
@@ -514,12 +743,22 @@ class TrainEngine:
             "overflow_steps": self._overflow_steps,
             "consecutive_nonfinite": self._consecutive_nonfinite,
         }
+        if self.adversary is not None:
+            state[ADVERSARY_STATE_KEY] = self.adversary.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; any pending accumulation group is discarded."""
-        missing = [k for k in self.state_dict() if k not in state]
+        """Restore :meth:`state_dict`; any pending accumulation group is discarded.
+
+        The adversary's part is optional: a state saved without the option leaves a fresh
+        discriminator scaler and counters.
+        """
+        required = [k for k in self.state_dict() if k != ADVERSARY_STATE_KEY]
+        missing = [k for k in required if k not in state]
         if missing:
             raise KeyError(f"engine state is missing {missing}; not a TrainEngine.state_dict()")
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state.get(ADVERSARY_STATE_KEY) or {})
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self._optimizer_steps = int(state["optimizer_steps"])
@@ -657,6 +896,8 @@ def _sample(batch: Batch, output: Any) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
+    "Adversary",
+    "AdversarialTerms",
     "AmpSettings",
     "EvalSums",
     "LossTerms",
@@ -664,10 +905,13 @@ __all__ = [
     "NonFiniteLossError",
     "StepMetrics",
     "TrainEngine",
+    "build_disc_optimizer",
     "build_optimizer",
     "build_scheduler",
     "compute_losses",
     "evaluate",
+    "hinge_disc_loss",
+    "hinge_gen_loss",
     "identity_loss",
     "image_loss",
     "lr_factor",

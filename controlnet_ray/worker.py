@@ -27,16 +27,19 @@ from controlnet_ray import checkpoint as ckpt
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.data.prefetch import FirstItemPrefetch
 from controlnet_ray.engine import (
+    Adversary,
     EvalSums,
     NonFiniteLossError,
     StepMetrics,
     TrainEngine,
+    build_disc_optimizer,
     build_optimizer,
     build_scheduler,
     evaluate,
     resolve_amp,
 )
 from controlnet_ray.model import apply_freezing, build_model, model_signature
+from controlnet_ray.model.discriminator import build_discriminator
 from controlnet_ray.progress import WorkerProgress
 from controlnet_ray.reporting import (
     TensorBoardReporter,
@@ -89,6 +92,7 @@ class WorkerRun:
         self.save_dir = Path(self.cfg.output.save_dir)
         self.staging = staging_dir(self.save_dir) if self.rank == 0 else None
         self.state = RunState()
+        self._initial_state: dict | None = None  # the checkpoint the run starts from, if any
         self._build()
         self.judging = self._build_judging(loop_config.get("shards_dir"))
 
@@ -110,11 +114,19 @@ class WorkerRun:
             )
         self.batches_per_epoch = per_rank
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, per_rank)
+        self.adversary = self._build_adversary(continuing=restored is not None)
         self.engine = TrainEngine(
-            self.model, self.optimizer, self.scheduler, cfg.optim, self.device, self.amp
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            cfg.optim,
+            self.device,
+            self.amp,
+            adversary=self.adversary,
         )
         if restored is not None:
             self._restore_optimizer(restored)
+        self._initial_state = None  # its tensors are in the modules now
         self.progress.message(
             f"rank 0 of {self.world}: pid {os.getpid()}, device {self.device}, "
             f"{self.batches_per_epoch} batches/epoch; {self.amp.description}"
@@ -154,6 +166,7 @@ class WorkerRun:
         if ray_ckpt is not None:
             with ray_ckpt.as_directory() as d:
                 state = ckpt.load_checkpoint(Path(d) / RAY_CKPT_FILE)
+            self._initial_state = state
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
             self._adopt_history(state, start_epoch=int(state["epoch"]) + 1)
@@ -164,6 +177,7 @@ class WorkerRun:
             return state
         if self.cfg.output.resume:
             state = ckpt.load_checkpoint(self.cfg.output.resume)
+            self._initial_state = state
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
             plan = ckpt.plan_resume(state, self.cfg, self.trainable_names)
@@ -173,6 +187,21 @@ class WorkerRun:
                 return state
             self.state.start_epoch = plan.start_epoch
         return None
+
+    def _build_adversary(self, continuing: bool) -> Adversary | None:
+        """The discriminator of ``--adversarial_loss_weight`` (None when 0), wrapped and restored
+        like the model: weights from the starting checkpoint whenever it has them, its optimizer
+        too when the run continues (the generator's optimizer is restored)."""
+        if self.cfg.optim.adversarial_loss_weight <= 0:
+            return None
+        disc = build_discriminator(self.cfg.model)
+        disc = ray.train.torch.prepare_model(disc)
+        optimizer = build_disc_optimizer(_unwrap(disc), self.cfg.optim)
+        if self._initial_state is not None:
+            restore_opt = optimizer if continuing else None
+            line = ckpt.restore_discriminator(self._initial_state, disc, restore_opt)
+            self.progress.message(line)
+        return Adversary(disc, optimizer, self.device, self.amp)
 
     def _adopt_history(self, state: dict, start_epoch: int) -> None:
         self.state = RunState(
@@ -292,6 +321,8 @@ class WorkerRun:
                 "PoseLoss": m.pose_loss,
                 "LearningRate": m.lr,
             }
+            if self.adversary is not None:
+                scalars |= {"AdvLoss": m.adv_loss, "DiscLoss": m.disc_loss}
             reporter.log_step(self.engine.optimizer_steps, scalars)
 
     def _post_step(self, epoch: int, step: int, sums: torch.Tensor, t0: float) -> None:
@@ -364,6 +395,8 @@ class WorkerRun:
             val_history=s.val_history,
             model_signature=self.signature,
             trainable=self.trainable_names,
+            discriminator=self.adversary and self.adversary.discriminator,
+            discriminator_optimizer=self.adversary and self.adversary.optimizer,
         )
 
     def _report_finished_run(self) -> None:
