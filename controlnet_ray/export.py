@@ -35,6 +35,7 @@ from controlnet_ray.inference import (
     INPUT_RANGE,
     META_CONVENTION,
     META_FORMAT,
+    META_FRAMING,
     META_IMAGE_SIZE,
     META_INPUT_RANGE,
     META_POSE_LIMITS,
@@ -143,6 +144,7 @@ def add_metadata(path: Path, loaded: LoadedModel) -> None:
     props = {
         META_FORMAT: ONNX_FORMAT,
         META_IMAGE_SIZE: str(loaded.image_size),
+        META_FRAMING: loaded.config.data.framing,
         META_CONVENTION: POSE_CONVENTION,
         META_INPUT_RANGE: INPUT_RANGE,
         META_POSE_LIMITS: json.dumps(POSE_LIMITS_DEG),

@@ -210,6 +210,7 @@ def process_image(
         landmarks=landmarks,
         source_pose=[getattr(args, f"source_{a}") for a in AXES],
         detector=detector,
+        framing=runner.framing,
     )
     _warn_source_range(path, face)
     fixed = [getattr(args, a) for a in AXES]

@@ -55,9 +55,13 @@ META_IMAGE_SIZE = "controlnet_ray.image_size"
 META_CONVENTION = "controlnet_ray.pose_convention"
 META_INPUT_RANGE = "controlnet_ray.input_range"
 META_POSE_LIMITS = "controlnet_ray.pose_limits_deg"
+META_FRAMING = "controlnet_ray.framing"  # absent in exports made before head framing: arcface
 META_SIGNATURE = "controlnet_ray.model_signature"
 META_SOURCE = "controlnet_ray.source_checkpoint"
-INPUT_RANGE = "RGB, NCHW float32 in [-1, 1] (pixel / 127.5 - 1), aligned ArcFace-style crop"
+INPUT_RANGE = (
+    "RGB, NCHW float32 in [-1, 1] (pixel / 127.5 - 1), a crop framed as "
+    f"metadata {META_FRAMING} says (head: the head-centred crop of data.align)"
+)
 RUN_BATCH = 16  # images per forward pass in the CLIs
 
 
@@ -227,6 +231,7 @@ def prepare_face(
     landmarks: np.ndarray | None = None,
     source_pose: Sequence[float | None] = (None, None, None),
     detector: Callable[[], FaceDetector] | None = None,
+    framing: str = "head",
 ) -> PreparedFace:
     """Aligned crop + source pose of one image (see the module docstring for the rules).
 
@@ -244,7 +249,7 @@ def prepare_face(
         how = "detected landmarks"
     else:
         how = "--landmarks"
-    return _align_photo(image, image_size, landmarks, source_pose, how)
+    return _align_photo(image, image_size, landmarks, source_pose, how, framing)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -277,9 +282,10 @@ def _align_photo(
     landmarks: np.ndarray,
     source_pose: Sequence[float | None],
     how: str,
+    framing: str,
 ) -> PreparedFace:
-    from controlnet_ray.data.align import align_face
-    from controlnet_ray.data.pose import estimate_pose_generic
+    from controlnet_ray.data.align import align_face, crop, head_crop_matrix
+    from controlnet_ray.data.pose import MEAN_FACE_3D, estimate_pose_generic
 
     h, w = image.shape[:2]
     estimate = estimate_pose_generic(landmarks, w, h)
@@ -288,8 +294,12 @@ def _align_photo(
     origin = f"estimated from {how} (data.pose generic PnP)" + (
         ", partly overridden by --source_*" if overridden else ""
     )
-    crop = align_face(image, landmarks, image_size)
-    return PreparedFace(crop, pose, origin, np.asarray(landmarks, np.float64))  # type: ignore[arg-type]
+    if framing == "head":  # framed like the training data: on the head, from the pose
+        matrix = head_crop_matrix(landmarks, np.asarray(estimate), w, h, MEAN_FACE_3D, image_size)
+        face = crop(image, matrix, image_size)
+    else:
+        face = align_face(image, landmarks, image_size)
+    return PreparedFace(face, pose, origin, np.asarray(landmarks, np.float64))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- model loading
@@ -414,6 +424,7 @@ class Runner(Protocol):
     """Generator path of a model: aligned crops + poses -> images, all numpy, all [-1, 1]."""
 
     image_size: int
+    framing: str  # how the model's training crops were framed (data.align)
     description: str
 
     def generate(
@@ -427,6 +438,7 @@ class TorchRunner:
     def __init__(self, loaded: LoadedModel, device: torch.device) -> None:
         self.loaded, self.device = loaded, device
         self.image_size = loaded.image_size
+        self.framing = loaded.config.data.framing
         self.description = f"{loaded.path} (PyTorch on {device})"
 
     def generate(
@@ -471,6 +483,7 @@ class OnnxRunner:
                 f"{META_FORMAT}={meta.get(META_FORMAT)!r}); make one with controlnet_ray.export"
             )
         self.image_size = int(meta[META_IMAGE_SIZE])
+        self.framing = meta.get(META_FRAMING, "arcface")
         self.metadata = dict(meta)
         provider = self.session.get_providers()[0]
         self.description = f"{self.path} (onnxruntime, {provider})"

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from controlnet_ray.config import PAIR_MODES
+from controlnet_ray.config import FRAMINGS, PAIR_MODES
 from controlnet_ray.data.layout import DataError
 
 
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair_mode", choices=PAIR_MODES, default="front_to_video")
     p.add_argument("--min_pose_distance", type=float, default=5.0)
     p.add_argument("--max_pose_distance", type=float, default=90.0)
+    p.add_argument(
+        "--framing",
+        choices=FRAMINGS,
+        default="head",
+        help="head: centred on the fitted 3D head (the warp generator's); arcface: 5-point",
+    )
     return p
 
 
@@ -75,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pair_mode=args.pair_mode,
             min_pose_distance=args.min_pose_distance,
             max_pose_distance=args.max_pose_distance,
+            framing=args.framing,
         )
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality.py"
 
@@ -74,10 +76,14 @@ def test_face_mask_and_masked_psnr() -> None:
     from controlnet_ray.judging.predictors import pose_bin
     from controlnet_ray.metrics import face_mask, psnr_per_image
 
-    mask = face_mask(112)
-    assert mask[68, 56] and not mask[2, 2] and not mask[68, 56 - 40]
-    assert mask[68, 56 - 37] and mask[68 - 49, 56]
-    assert torch.equal(face_mask(64), face_mask(64))
+    arcface = face_mask(112, "arcface")
+    assert arcface[68, 56] and not arcface[2, 2] and not arcface[68, 56 - 40]
+    assert arcface[68, 56 - 37] and arcface[68 - 49, 56]
+    mask = face_mask(112)  # head framing: centred on the head, above the ArcFace face
+    assert mask[51, 56] and mask[51, 56 - 33] and mask[51 - 43, 56] and not mask[51, 56 - 35]
+    assert not mask[100, 56] and arcface[100, 56]  # the chin region of a head crop is the neck
+    with pytest.raises(ValueError, match="framing"):
+        face_mask(112, "square")
     # Error only outside the ellipse: face PSNR is the floor value, whole PSNR finite.
     target = torch.zeros(1, 3, 112, 112)
     pred = target.clone()
