@@ -250,7 +250,11 @@ def _detector_factory(args: argparse.Namespace) -> Callable[[], Any] | None:
     def factory() -> Any:
         if not cache:
             device = "cpu" if args.device == "cpu" else "auto"
-            cache.append(build_detector(args.detector, args.face_models, device=device))
+            # dlib's 68 points: its 5-point model has no mouth corners (they are guessed), and the
+            # head framing's translation solve leans on all five points
+            cache.append(
+                build_detector(args.detector, args.face_models, device=device, dlib_landmarks=68)
+            )
         return cache[0]
 
     return factory
