@@ -226,9 +226,11 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
         "--pose_loss_weights", "0.1", "--lrs", "1e-3", "1e-9",  # 1e-9 barely moves: worse
         "--scheduler", "asha", "--grace_period", "1", "--reduction_factor", "2",
         "--max_concurrent_trials", "1",
-        # No warm-up: epoch 1 is then trained at the full lr, so ASHA's rung-1 comparison
-        # separates the trials instead of comparing two nearly untrained models.
-        "--warmup_epochs", "0",
+        # No warm-up and every pair of a person (not just front -> video): epoch 1 is then
+        # dozens of steps at the full lr, so at ASHA's rung 1 the lr 1e-3 trial is far ahead of
+        # the lr 1e-9 one (which is the untrained model) instead of a toss-up between two
+        # nearly untrained models. The margin is asserted below, so a failure says which.
+        "--warmup_epochs", "0", "--pair_mode", "any",
     ]  # fmt: skip
     sweep_out = head.shared / "runs" / "tune" / "sw"
     head.submit("tune", "sweep-1", flags)
@@ -253,6 +255,12 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
     trials = {t["lr"]: t for t in doc["trials"]}
     assert set(trials) == {1e-3, 1e-9}, doc
     good, bad = trials[1e-3], trials[1e-9]
+    history = json.loads((Path(good["save_dir"]) / "training_history.json").read_text())
+    good_rung1 = history["val"][0]["psnr"]
+    assert good_rung1 > bad["best_val_psnr"] + 0.5, (
+        "one epoch at lr 1e-3 did not clearly beat the untrained model (lr 1e-9) at ASHA's "
+        f"rung: {good_rung1:.2f} vs {bad['best_val_psnr']:.2f} dB"
+    )
     assert (good["status"], good["epochs_run"], good["stopped_early"]) == ("finished", 2, False)
     assert (bad["status"], bad["epochs_run"], bad["stopped_early"]) == ("stopped early", 1, True)
     assert doc["best"]["trial_id"] == good["trial_id"] and doc["best_config"]["lr"] == 1e-3
