@@ -5,5 +5,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m controlnet_ray.train --epochs 8 --save_dir runs/demo/checkpoints \
+exec "$ROOT/.venv/bin/python" -m controlnet_ray.train --epochs 12 --save_dir runs/demo/checkpoints \
     --log_dir runs/demo/logs "$@"
