@@ -408,7 +408,7 @@ def test_impossible_landmarks_are_a_data_error_or_skipped(fx, case, landmarks, r
 def test_strong_poses_of_the_fixture_and_template_are_plausible():
     from controlnet_ray.data.plausibility import landmark_problem
 
-    for yaw in (-80, -45, 0, 45, 80):
+    for yaw in (-90, -80, -45, 0, 45, 80, 90):  # full profile: both eyes on one point
         for pitch in (-30, 0, 30):
             for roll in (-90, 0, 150):
                 lm = project_landmarks((yaw, pitch, roll), (200, 200), 60, (100, 100))

@@ -20,9 +20,10 @@ OUTSIDE_MARGIN = 0.1
 # Below this spread (largest distance between two landmarks, pixels) the points are collapsed.
 MIN_SPREAD_PX = 4.0
 # Inter-ocular distance over the eye-centre-to-mouth-centre distance: about 0.9 for a frontal
-# face, towards 0.15 at 80 degrees of yaw and up to ~1.6 at strong pitch. Outside these
-# bounds the points do not describe a face.
-MIN_EYE_MOUTH_RATIO = 0.05
+# face, towards 0 in full profile (both eyes project onto one point: the embedded 400-identity
+# set has frames at 0.03) and up to ~1.6 at strong pitch. Above the upper bound the points do
+# not describe a face; collapsed points are caught by MIN_SPREAD_PX.
+MIN_EYE_MOUTH_RATIO = 0.0
 # Mirrored: eye pair and mouth pair together reversed by more than this (in units of the
 # eye-to-mouth distance; a mirrored frontal face gives about -1.6, any real pose > -0.05).
 MIRROR_LIMIT = 0.2
