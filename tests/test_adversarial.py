@@ -23,7 +23,8 @@ from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from controlnet_ray.model import build_model
 from controlnet_ray.model.discriminator import PatchDiscriminator, build_discriminator
-from tests.test_engine import CPU, FP32, SCALE, TinyNet, _free_port, make_batch
+from tests.ddp_helpers import run_ranks
+from tests.test_engine import CPU, FP32, SCALE, TinyNet, make_batch
 
 SIZE = 32
 SIGNATURE = {"encoder": "tiny"}
@@ -383,21 +384,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue: multiprocessing.Queue) 
 
 
 def test_ddp_ranks_keep_generator_and_discriminator_in_step() -> None:
-    ctx = multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, skipped, steps, flat = queue.get(timeout=90)
-            results[rank] = (skipped, steps, flat)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(_ddp_worker, world=2, timeout=90)
     assert results[0][0] == results[1][0] == [False, True, False, False]
     assert results[0][1] == results[1][1] == 1
     for net in range(2):

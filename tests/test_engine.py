@@ -10,7 +10,6 @@ import copy
 import math
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from controlnet_ray import engine as eng
 from controlnet_ray.config import ModelConfig, OptimConfig
+from tests.ddp_helpers import run_ranks
 
 SCALE = 90.0
 CPU = torch.device("cpu")
@@ -467,12 +467,6 @@ def test_real_model_follows_the_engine_contract() -> None:
 # --------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, queue: multiprocessing.Queue) -> None:
     """Rank 1 sees a NaN on its second micro-batch; everyone must skip it and stay in step."""
     import torch.distributed as dist
@@ -498,21 +492,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue: multiprocessing.Queue) 
 
 
 def test_ddp_ranks_agree_on_skips_and_do_not_deadlock() -> None:
-    ctx = multiprocessing.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, skipped, steps, flat = queue.get(timeout=60)
-            results[rank] = (skipped, steps, flat)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+    results = run_ranks(_ddp_worker, world=2, timeout=60)
     assert results[0][0] == results[1][0] == [False, True, False, False]
     assert results[0][1] == results[1][1] == 1
     torch.testing.assert_close(torch.tensor(results[0][2]), torch.tensor(results[1][2]))
