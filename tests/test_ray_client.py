@@ -221,16 +221,17 @@ def test_training_job_writes_outputs_and_a_second_submission_resumes(head: Head)
 
 
 def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
+    """Stop a sweep job mid-way, resume it, and check ASHA's decision and the ranking against
+    the trials' own rung-1 results (read back from their histories), so the outcome is certain
+    by construction: which trial trains better in one epoch on tiny data is not (lr 1e-3 did
+    not always beat an untrained model, and the warp generator's untrained output is good).
+    Trials run one at a time in grid order, so ASHA has the first trial's rung-1 result when
+    the second reaches the rung: the second is stopped exactly when it is worse."""
     flags = [
         *TINY, "--epochs", "2", "--sweep_name", "sw", "--loss_types", "mse",
-        "--pose_loss_weights", "0.1", "--lrs", "1e-3", "1e-9",  # 1e-9 barely moves: worse
+        "--pose_loss_weights", "0.1", "--lrs", "1e-9", "3e-3",
         "--scheduler", "asha", "--grace_period", "1", "--reduction_factor", "2",
-        "--max_concurrent_trials", "1",
-        # No warm-up and every pair of a person (not just front -> video): epoch 1 is then
-        # dozens of steps at the full lr, so at ASHA's rung 1 the lr 1e-3 trial is far ahead of
-        # the lr 1e-9 one (which is the untrained model) instead of a toss-up between two
-        # nearly untrained models. The margin is asserted below, so a failure says which.
-        "--warmup_epochs", "0", "--pair_mode", "any",
+        "--max_concurrent_trials", "1", "--warmup_epochs", "0",
     ]  # fmt: skip
     sweep_out = head.shared / "runs" / "tune" / "sw"
     head.submit("tune", "sweep-1", flags)
@@ -253,17 +254,24 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
     assert "Found multiple active Ray instances" not in logs
     doc = json.loads((sweep_out / "sweep_results.json").read_text())
     trials = {t["lr"]: t for t in doc["trials"]}
-    assert set(trials) == {1e-3, 1e-9}, doc
-    good, bad = trials[1e-3], trials[1e-9]
-    history = json.loads((Path(good["save_dir"]) / "training_history.json").read_text())
-    good_rung1 = history["val"][0]["psnr"]
-    assert good_rung1 > bad["best_val_psnr"] + 0.5, (
-        "one epoch at lr 1e-3 did not clearly beat the untrained model (lr 1e-9) at ASHA's "
-        f"rung: {good_rung1:.2f} vs {bad['best_val_psnr']:.2f} dB"
+    assert set(trials) == {1e-9, 3e-3}, doc
+    first, second = trials[1e-9], trials[3e-3]  # grid order, one trial at a time
+
+    def rung1(trial: dict) -> float:
+        history = json.loads((Path(trial["save_dir"]) / "training_history.json").read_text())
+        return history["val"][0]["psnr"]
+
+    assert (first["status"], first["epochs_run"], first["stopped_early"]) == ("finished", 2, False)
+    if rung1(second) < rung1(first):
+        expected = ("stopped early", 1, True)
+    else:
+        expected = ("finished", 2, False)
+    assert (second["status"], second["epochs_run"], second["stopped_early"]) == expected, (
+        rung1(first),
+        rung1(second),
     )
-    assert (good["status"], good["epochs_run"], good["stopped_early"]) == ("finished", 2, False)
-    assert (bad["status"], bad["epochs_run"], bad["stopped_early"]) == ("stopped early", 1, True)
-    assert doc["best"]["trial_id"] == good["trial_id"] and doc["best_config"]["lr"] == 1e-3
-    assert Path(good["checkpoint"], "state.pth").is_file()
-    assert (Path(good["save_dir"]) / "best_model.pth").is_file()
+    best = max(trials.values(), key=lambda t: t["best_val_psnr"])
+    assert doc["best"]["trial_id"] == best["trial_id"] and doc["best_config"]["lr"] == best["lr"]
+    assert Path(best["checkpoint"], "state.pth").is_file()
+    assert (Path(best["save_dir"]) / "best_model.pth").is_file()
     assert (sweep_out / "sweep_results.csv").read_text().count("\n") == 3
