@@ -296,3 +296,19 @@ def test_engine_and_model_do_not_import_judging() -> None:
 def test_untrained_net_has_no_batchnorm() -> None:
     net = PoseJudgeNet(32, 8)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def test_load_rows_caps_training_rows_at_an_even_subset(tmp_path) -> None:
+    """A user's large training split is subsampled evenly (never the first N rows), so fitting
+    the judge and the baselines cannot exhaust a worker's memory."""
+    from controlnet_ray.judging.data import load_rows
+
+    images, poses = head_set(12, seed=4)
+    shards = _write_shards(tmp_path / "s", images, poses)
+    full = load_rows(shards, ("train",))
+    some = load_rows(shards, ("train",), max_rows=5)
+    assert len(some) == 5 and len(full) > 5
+    pick = np.linspace(0, len(full) - 1, 5).round().astype(int)
+    np.testing.assert_array_equal(some.images, full.images[pick])
+    np.testing.assert_array_equal(some.poses, full.poses[pick])
+    assert len(load_rows(shards, ("train",), max_rows=10**6)) == len(full)

@@ -280,7 +280,7 @@ def ensure_pose_judge(
     verbose: bool = True,
 ) -> PoseJudge:
     """The cached judge of this shard directory; trained on its train split and saved if absent."""
-    from controlnet_ray.judging.data import load_rows
+    from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows
 
     s = settings or JudgeSettings()
     path = judge_cache_path(shards_dir, cache_root, s)
@@ -288,7 +288,7 @@ def ensure_pose_judge(
         if verbose:
             print(f"pose judge: reusing {path}", flush=True)
         return PoseJudge.load(path)
-    rows = load_rows(shards_dir, ("train",))
+    rows = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
     if verbose:
         print(f"pose judge: training on {len(rows)} real train-split crops -> {path}", flush=True)
     judge = train_pose_judge(rows.images, rows.poses, s, {"shards": str(shards_dir)}, verbose)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from controlnet_ray.judging.data import Rows, build_eval_set, load_rows
+from controlnet_ray.judging.data import MAX_TRAIN_ROWS, Rows, build_eval_set, load_rows
 from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
 from controlnet_ray.judging.predictors import TrivialPredictors, fit_trivial_predictors
 from controlnet_ray.judging.report import Embedder, Predictor, Scorer, build_report
@@ -74,8 +74,7 @@ def prepare_judging(
     of the targets' role."""
     from controlnet_ray.data.pairs import make_pairs
 
-    rows = load_rows(shards_dir)
-    held = rows.subset(np.isin(rows.split, list(held_splits)))
+    held = load_rows(shards_dir, held_splits)
     pairs = even_subset(make_pairs(held.columns(), pair_mode, min_deg, max_deg), max_pairs)
     if len(pairs) == 0:
         raise ValueError(f"{shards_dir}: no {pair_mode} pairs in splits {list(held_splits)}")
@@ -87,6 +86,7 @@ def prepare_judging(
         mask = face_mask(int(held.images.shape[1]), framing)
     scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed)
     roles = np.unique(held.role[pairs[:, 1]])
-    train = rows.subset((rows.split == "train") & np.isin(rows.role, roles))
+    train = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
+    train = train.subset(np.isin(train.role, roles))
     trivial = fit_trivial_predictors(train.images, train.poses, scorer.mask)
     return Judging(scorer, trivial, held, pairs)
