@@ -30,12 +30,12 @@ from controlnet_ray.config import TrainConfig  # noqa: E402
 from controlnet_ray.judging.session import prepare_judging  # noqa: E402
 from controlnet_ray.metrics import psnr_per_image  # noqa: E402
 from controlnet_ray.model import warp as proxy  # noqa: E402
+from controlnet_ray.model.controlnet import head_colour  # noqa: E402
 
 
 def bare_warp(source: torch.Tensor, flow: proxy.ProxyFlow) -> torch.Tensor:
     """The proxy's seed image: warped source where visible, the head's mean colour elsewhere."""
-    seen = flow.source_head
-    colour = (source * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
+    colour = head_colour(source, flow)
     return flow.visible * proxy.warp(source, flow.grid) + (1 - flow.visible) * colour
 
 
