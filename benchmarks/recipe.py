@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from controlnet_ray.config import LOSS_TYPES, TrainConfig  # noqa: E402
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.engine import (  # noqa: E402
+    Adversary,
     TrainEngine,
+    build_disc_optimizer,
     build_optimizer,
     build_scheduler,
     resolve_amp,
@@ -41,6 +43,7 @@ from controlnet_ray.engine import (  # noqa: E402
 from controlnet_ray.judging import format_report, prepare_judging  # noqa: E402
 from controlnet_ray.judging.data import load_rows, to_model_range  # noqa: E402
 from controlnet_ray.model import build_model  # noqa: E402
+from controlnet_ray.model.discriminator import build_discriminator  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generator", default="warp")
     p.add_argument("--framing", default="head")
     p.add_argument("--background_loss_weight", type=float, default=None)
+    p.add_argument("--adversarial_loss_weight", type=float, default=0.0)
+    p.add_argument("--disc_lr", type=float, default=None, help="default: the config's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("recipe"))
@@ -62,7 +67,10 @@ def config(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     cfg.data = dataclasses.replace(cfg.data, framing=args.framing)
     cfg.model = dataclasses.replace(cfg.model, generator=args.generator)
-    optim = {"lr": args.lr, "epochs": args.epochs, "loss_type": args.loss_type}
+    optim = {"lr": args.lr, "epochs": args.epochs, "loss_type": args.loss_type,
+             "adversarial_loss_weight": args.adversarial_loss_weight}  # fmt: skip
+    if args.disc_lr is not None:
+        optim["disc_lr"] = args.disc_lr
     if args.background_loss_weight is not None:
         optim["background_loss_weight"] = args.background_loss_weight
     cfg.optim = dataclasses.replace(cfg.optim, **optim)
@@ -77,8 +85,12 @@ def train(cfg: TrainConfig, shards: Path, args: argparse.Namespace) -> torch.nn.
     optimizer = build_optimizer(model, cfg.optim)
     steps = len(pairs) // args.batch_size
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    engine = TrainEngine(model, optimizer, scheduler, cfg.optim, torch.device("cpu"),
-                         resolve_amp(False, torch.device("cpu")))  # fmt: skip
+    cpu, amp = torch.device("cpu"), resolve_amp(False, torch.device("cpu"))
+    adversary = None
+    if cfg.optim.adversarial_loss_weight > 0:
+        disc = build_discriminator(cfg.model)
+        adversary = Adversary(disc, build_disc_optimizer(disc, cfg.optim), cpu, amp)
+    engine = TrainEngine(model, optimizer, scheduler, cfg.optim, cpu, amp, adversary=adversary)
     order = torch.Generator().manual_seed(args.seed)
     t_cpu = time.process_time()
     for epoch in range(1, args.epochs + 1):
