@@ -385,10 +385,10 @@ def check_before_ray(cfg: TrainConfig) -> Path:
     check_resume_file(cfg)
     check_rerun(cfg)
     shards = resolve_shards(cfg)
-    if not cfg.output.no_judge:  # trained once per dataset, before Ray; the worker loads it
-        from controlnet_ray.judging import ensure_pose_judge
+    if not cfg.output.no_judge:  # trained once per dataset, before Ray; the worker loads them
+        from controlnet_ray.judging import ensure_judges
 
-        ensure_pose_judge(shards, cfg.data.resolved_cache_dir())
+        ensure_judges(shards, cfg.data.resolved_cache_dir())
     return shards
 
 

@@ -16,6 +16,12 @@ the first call and reused.
 """
 
 from controlnet_ray.judging.data import EvalSet, Rows, build_eval_set, load_rows
+from controlnet_ray.judging.identity_judge import (
+    IdentityJudge,
+    IdentitySettings,
+    ensure_identity_judge,
+    train_identity_judge,
+)
 from controlnet_ray.judging.pose_judge import (
     JudgeSettings,
     PoseJudge,
@@ -31,11 +37,13 @@ from controlnet_ray.judging.report import (
     format_report,
     summary_line,
 )
-from controlnet_ray.judging.session import Judging, prepare_judging
+from controlnet_ray.judging.session import Judging, ensure_judges, prepare_judging
 
 __all__ = [
     "TRIVIAL",
     "EvalSet",
+    "IdentityJudge",
+    "IdentitySettings",
     "JudgeSettings",
     "Judging",
     "PoseJudge",
@@ -44,6 +52,8 @@ __all__ = [
     "TrivialPredictors",
     "build_eval_set",
     "build_report",
+    "ensure_identity_judge",
+    "ensure_judges",
     "ensure_pose_judge",
     "evaluate_predictors",
     "fit_trivial_predictors",
@@ -52,5 +62,6 @@ __all__ = [
     "load_rows",
     "prepare_judging",
     "summary_line",
+    "train_identity_judge",
     "train_pose_judge",
 ]

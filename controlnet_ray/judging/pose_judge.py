@@ -32,6 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -145,25 +146,36 @@ class PoseJudge:
 
     def save(self, path: str | Path) -> None:
         """Atomic write of weights, settings and info (loadable with ``weights_only=True``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        doc = {"version": JUDGE_VERSION, "settings": asdict(self.settings), "info": self.info}
-        torch.save({"state_dict": state, "meta": json.dumps(doc)}, tmp)
-        os.replace(tmp, path)
+        save_net(path, self.net, JUDGE_VERSION, asdict(self.settings), self.info)
 
     @classmethod
     def load(cls, path: str | Path) -> PoseJudge:
         """A judge saved by :meth:`save`."""
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-        doc = json.loads(blob["meta"])
-        if doc.get("version") != JUDGE_VERSION:
-            raise ValueError(f"{path}: pose judge version {doc.get('version')} != {JUDGE_VERSION}")
+        state, doc = load_net(path, JUDGE_VERSION, "pose judge")
         settings = JudgeSettings(**doc["settings"])
         net = PoseJudgeNet(settings.input_size, settings.width)
-        net.load_state_dict(blob["state_dict"])
+        net.load_state_dict(state)
         return cls(net, settings, doc.get("info"))
+
+
+def save_net(path: str | Path, net: nn.Module, version: int, settings: dict, info: dict) -> None:
+    """Atomic write of a judge's weights with its version, settings and info."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    doc = {"version": version, "settings": settings, "info": info}
+    torch.save({"state_dict": state, "meta": json.dumps(doc)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_net(path: str | Path, version: int, what: str) -> tuple[dict, dict]:
+    """(weights, meta document) written by :func:`save_net`; ValueError on another version."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    doc = json.loads(blob["meta"])
+    if doc.get("version") != version:
+        raise ValueError(f"{path}: {what} version {doc.get('version')} != {version}")
+    return blob["state_dict"], doc
 
 
 # ----------------------------------------------------------------------------- training
@@ -174,12 +186,19 @@ def mirror(images: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, tor
     return images.flip(-1), poses * _MIRROR.to(poses)
 
 
-def _augment(x: torch.Tensor, y: torch.Tensor, s: JudgeSettings, g: torch.Generator) -> tuple:
-    """Random mirror, shift/scale, colour jitter and blur of one batch (``g`` drives all)."""
+def augment(
+    x: torch.Tensor, y: torch.Tensor | None, s: JudgeSettings, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random mirror, shift/scale, colour jitter and blur of one batch (``g`` drives all);
+    poses ``y`` (when given) follow the mirror.  ``s`` needs ``max_shift``, ``max_scale`` and
+    ``blur_prob`` (the identity judge's settings have them too)."""
     n = len(x)
     flip = torch.rand(n, generator=g) < 0.5
-    x, y = x.clone(), y.clone()
-    x[flip], y[flip] = mirror(x[flip], y[flip])
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    if y is not None:
+        y = y.clone()
+        y[flip] = y[flip] * _MIRROR.to(y)
     scale = 1.0 + (torch.rand(n, generator=g) * 2 - 1) * s.max_scale
     shift = (torch.rand(n, 2, generator=g) * 2 - 1) * s.max_shift * 2  # grid units: 2 = width
     theta = torch.zeros(n, 2, 3)
@@ -196,7 +215,7 @@ def _augment(x: torch.Tensor, y: torch.Tensor, s: JudgeSettings, g: torch.Genera
     return x, y
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
+def lr_at(step: int, total: int, peak: float) -> float:
     """Linear warm-up over 5 % of the steps, then cosine to zero."""
     warm = max(1, total // 20)
     if step < warm:
@@ -233,9 +252,9 @@ def train_pose_judge(
         order = torch.randperm(len(x_all), generator=g)
         for k in range(steps_per_epoch):
             idx = order[k * s.batch_size : (k + 1) * s.batch_size]
-            x, y = _augment(x_all[idx], y_all[idx], s, g)
+            x, y = augment(x_all[idx], y_all[idx], s, g)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, s.lr)
+                group["lr"] = lr_at(step, total, s.lr)
             loss = F.smooth_l1_loss(net(standardise(x)), y, beta=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -254,9 +273,9 @@ def train_pose_judge(
 
 
 def judge_cache_path(
-    shards_dir: str | Path, cache_root: str | Path, settings: JudgeSettings
+    shards_dir: str | Path, cache_root: str | Path, settings: Any, kind: str = "pose"
 ) -> Path:
-    """``<cache>/judges/pose-<fingerprint[:16]>-<image_size>-<shard settings>-<judge settings>.pt``.
+    """``<cache>/judges/<kind>-<fingerprint[:16]>-<image_size>-<shard settings>-<settings>.pt``.
 
     Keyed by what decides the judge's training data (the source fingerprint, image size, split
     ratios, alignment/framing and shard schema in ``manifest.json``) and its settings, so a
@@ -269,7 +288,7 @@ def judge_cache_path(
         [m.get("schema_version"), m.get("split_ratios"), m.get("alignment")], sort_keys=True
     )
     data_key = hashlib.sha256(data.encode()).hexdigest()[:8]
-    name = f"pose-{m['fingerprint'][:16]}-{m['image_size']}-{data_key}-{settings.key()}.pt"
+    name = f"{kind}-{m['fingerprint'][:16]}-{m['image_size']}-{data_key}-{settings.key()}.pt"
     return Path(cache_root) / "judges" / name
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from controlnet_ray.judging.data import MAX_TRAIN_ROWS, Rows, build_eval_set, load_rows
+from controlnet_ray.judging.identity_judge import IdentityJudge, ensure_identity_judge
 from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
 from controlnet_ray.judging.predictors import TrivialPredictors, fit_trivial_predictors
 from controlnet_ray.judging.report import Embedder, Predictor, Scorer, build_report
@@ -55,6 +56,13 @@ class Judging:
         return build_report(self.scorer, rows, "model")
 
 
+def ensure_judges(shards_dir: str | Path, cache_root: str | Path) -> None:
+    """Train (or find) both judges of this shard directory: a training run does it once before
+    Ray starts, so its workers only load them."""
+    ensure_pose_judge(shards_dir, cache_root)
+    ensure_identity_judge(shards_dir, cache_root)
+
+
 def prepare_judging(
     shards_dir: str | Path,
     cache_root: str | Path,
@@ -68,8 +76,9 @@ def prepare_judging(
     settings: JudgeSettings | None = None,
     judge: PoseJudge | None = None,
     verbose: bool = True,
+    identity: IdentityJudge | None = None,
 ) -> Judging:
-    """Judge (cached), held-out pairs of ``held_splits`` (``data.pairs.make_pairs``, an even
+    """Judges (cached), held-out pairs of ``held_splits`` (``data.pairs.make_pairs``, an even
     subset of ``max_pairs`` when > 0) and trivial predictors fitted on the train split's frames
     of the targets' role."""
     from controlnet_ray.data.pairs import make_pairs
@@ -79,12 +88,13 @@ def prepare_judging(
     if len(pairs) == 0:
         raise ValueError(f"{shards_dir}: no {pair_mode} pairs in splits {list(held_splits)}")
     judge = judge or ensure_pose_judge(shards_dir, cache_root, settings, verbose)
+    identity = identity or ensure_identity_judge(shards_dir, cache_root, verbose=verbose)
     if mask is None:
         from controlnet_ray.data.shards import load_manifest
 
         framing = load_manifest(shards_dir).framing
         mask = face_mask(int(held.images.shape[1]), framing)
-    scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed)
+    scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed, identity=identity)
     roles = np.unique(held.role[pairs[:, 1]])
     train = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
     train = train.subset(np.isin(train.role, roles))
