@@ -332,49 +332,79 @@ def make_scheduler(opts: SweepOptions, max_t: int, state_file: Path) -> Any:
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            save_rungs(self._brackets, self.rungs_file)
+            save_rungs(getattr(self, "_brackets", None), self.rungs_file)
             return action
 
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
             super().on_trial_complete(tune_controller, trial, result)
-            save_rungs(self._brackets, self.rungs_file)
+            save_rungs(getattr(self, "_brackets", None), self.rungs_file)
 
         def __setstate__(self, state: dict) -> None:
             self.__dict__.update(state)
-            load_rungs(self._brackets, self.rungs_file)
+            load_rungs(getattr(self, "_brackets", None), self.rungs_file)
 
-    return ResumableASHA(
+    scheduler = ResumableASHA(
         str(state_file),
         time_attr=TIME_ATTR,
         max_t=max_t,
         grace_period=opts.grace_period,
         reduction_factor=opts.reduction_factor,
     )
+    if rung_lists(getattr(scheduler, "_brackets", None)) is None:
+        print(
+            "warning: this Ray's ASHA keeps its rungs in an unknown layout; the sweep runs, "
+            "but a resumed sweep starts ASHA with empty rungs",
+            file=sys.stderr,
+            flush=True,
+        )
+    return scheduler
 
 
-def save_rungs(brackets: Sequence[Any], path: str) -> None:
-    """Write each bracket's rungs as ``[[milestone, {trial_id: reward}], ...]`` atomically.
+def rung_lists(brackets: Any) -> list[list] | None:
+    """ASHA's rung records, one list of ``(milestone, {trial_id: reward})`` per bracket, or
+    None when this Ray's ASHA does not keep them that way.
 
-    ``_rungs`` is ASHA's private bookkeeping (list of ``(milestone, recorded)``) in the pinned
-    Ray 2.60; :func:`load_rungs` checks the milestones before it trusts a file.
+    ``_brackets``/``_rungs`` are ASHA's private bookkeeping in the pinned Ray 2.60; a Ray with
+    another layout must not break the sweep, only the rung mirror (see :func:`make_scheduler`).
     """
-    data = [[[m, dict(rec)] for m, rec in b._rungs] for b in brackets]
+    try:
+        rungs = [b._rungs for b in brackets]
+    except (AttributeError, TypeError):
+        return None
+    for bracket in rungs:
+        if not isinstance(bracket, list) or not all(
+            isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[1], dict) for r in bracket
+        ):
+            return None
+    return rungs
+
+
+def save_rungs(brackets: Any, path: str) -> bool:
+    """Write each bracket's rungs as ``[[milestone, {trial_id: reward}], ...]`` atomically;
+    False (nothing written) when :func:`rung_lists` does not know this Ray's layout."""
+    rungs = rung_lists(brackets)
+    if rungs is None:
+        return False
+    data = [[[m, dict(rec)] for m, rec in bracket] for bracket in rungs]
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, target)
+    return True
 
 
-def load_rungs(brackets: Sequence[Any], path: str) -> int:
-    """Refill the rungs from :func:`save_rungs`' file; returns how many records came back."""
+def load_rungs(brackets: Any, path: str) -> int:
+    """Refill the rungs from :func:`save_rungs`' file; returns how many records came back.
+    Milestones are checked before a file is trusted."""
     target = Path(path)
-    if not target.is_file():
+    rungs = rung_lists(brackets)
+    if rungs is None or not target.is_file():
         return 0
     data = json.loads(target.read_text())
     restored = 0
-    for bracket, saved in zip(brackets, data, strict=False):
-        for (milestone, recorded), (saved_m, saved_rec) in zip(bracket._rungs, saved, strict=False):
+    for bracket, saved in zip(rungs, data, strict=False):
+        for (milestone, recorded), (saved_m, saved_rec) in zip(bracket, saved, strict=False):
             if float(milestone) == float(saved_m):
                 recorded.update(saved_rec)
                 restored += len(saved_rec)

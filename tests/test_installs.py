@@ -165,3 +165,36 @@ def test_arcface_framing_without_insightface_names_the_flag(monkeypatch):
     monkeypatch.setitem(sys.modules, "insightface.utils", None)
     with pytest.raises(ImportError, match="--framing arcface"):
         alignment_matrix(np.asarray(ARCFACE_TEMPLATE_112), 112)
+
+
+# --- private Ray APIs: guarded, and the guards checked against the pinned Ray ---------------
+
+
+def test_report_logger_guard_finds_rays_logger_and_tolerates_its_absence():
+    import logging
+
+    from controlnet_ray.worker import REPORT_LOG_MODULE, _quiet_report_log
+
+    assert _quiet_report_log() is True
+    context = pytest.importorskip(REPORT_LOG_MODULE)
+    assert context.logger.getEffectiveLevel() == logging.WARNING  # the logger Ray really uses
+    assert _quiet_report_log("ray.train.no_such_module") is False
+    assert _quiet_report_log("no_such_package.context") is False
+
+
+def test_asha_rung_guard_knows_the_pinned_layout_and_refuses_another(tmp_path: Path):
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    from controlnet_ray.tune import load_rungs, rung_lists, save_rungs
+
+    asha = AsyncHyperBandScheduler(time_attr="epoch", metric="m", mode="max", max_t=4)
+    assert rung_lists(asha._brackets), "Ray's ASHA layout changed: update tune.rung_lists"
+
+    class OtherBracket:  # a Ray whose brackets keep their rungs elsewhere
+        rungs = [(1, {})]
+
+    path = tmp_path / "rungs.json"
+    assert rung_lists([OtherBracket()]) is None and rung_lists(None) is None
+    assert save_rungs([OtherBracket()], str(path)) is False and not path.exists()
+    assert save_rungs(asha._brackets, str(path)) is True
+    assert load_rungs([OtherBracket()], str(path)) == 0
