@@ -111,7 +111,6 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     this call started a local Ray (its caller then owns its shutdown)."""
     import ray
 
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
@@ -126,6 +125,9 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
         # on 2 cores got 86 % of a core each instead of 80 %). The environment can override.
         for name in ("RAY_enable_metrics_collection", "RAY_event_stats"):
             os.environ.setdefault(name, "false")
+        # Ray Data reads Parquet footers with up to 32 actors, each holding a CPU: on a small
+        # machine they starve the training workers. A cluster keeps Ray's default.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
         ray.init(num_cpus=plan_cpus, log_to_driver=True)
@@ -174,9 +176,8 @@ def build_trainer(
     ``progress_board``: the driver's console actor (see :mod:`controlnet_ray.progress`); without
     one the lines are printed where they arise. ``callbacks``: extra Train callbacks (Tune's).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
 
     from controlnet_ray.progress import EpochLines
     from controlnet_ray.worker import train_loop_per_worker

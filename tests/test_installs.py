@@ -198,3 +198,41 @@ def test_asha_rung_guard_knows_the_pinned_layout_and_refuses_another(tmp_path: P
     assert save_rungs([OtherBracket()], str(path)) is False and not path.exists()
     assert save_rungs(asha._brackets, str(path)) is True
     assert load_rungs([OtherBracket()], str(path)) == 0
+
+
+# --- constraints.txt: the tested transitive set ------------------------------------------------
+
+
+def constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_constraints_pin_every_declared_package_within_its_range():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = constraint_pins()
+    for dep in deps:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is declared but not pinned: run scripts/constraints.sh"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} outside {req.specifier}"
+
+
+def test_constraints_match_the_environment_the_tests_run_in():
+    """A package upgraded in the venv without rewriting constraints.txt fails here."""
+    drift = {}
+    for name, version in constraint_pins().items():
+        try:
+            installed = md.version(name)
+        except md.PackageNotFoundError:
+            continue  # e.g. a GPU image without the CPU-only extras
+        if installed != version:
+            drift[name] = (version, installed)
+    assert not drift, f"constraints.txt vs installed: {drift}; run scripts/constraints.sh"
