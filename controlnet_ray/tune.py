@@ -35,10 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlnet_ray import capacity
+from controlnet_ray.capacity import Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
+# A custom resource the cluster configs declare on the head node (never preempted): when the
+# cluster has it, every trial function (and so its Train controller, which Ray places on the
+# trial's node) asks for a sliver of it and no CPU, so trials never land on preemptible GPU
+# workers. A cluster without it (a local Ray) places trials by CPU as before.
+DRIVER_RESOURCE = "driver_node"
+DRIVER_SHARE = 0.001
 DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
 METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
@@ -178,15 +186,27 @@ class SweepPlan:
     cpus_per_worker: float
     torch_threads: int
     ray_num_cpus: int | None  # a local Ray's logical CPUs; None: use the cluster as is
+    on_driver_nodes: bool = False  # trials on DRIVER_RESOURCE nodes, without a CPU
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial function asks Ray for (its trainer's workers ask for their own)."""
+        if self.on_driver_nodes:
+            return {"CPU": 0.0, DRIVER_RESOURCE: DRIVER_SHARE}
+        return {"CPU": self.trial_cpus}
 
     def describe(self, cfg: TrainConfig) -> str:
         n = cfg.ray.num_ray_workers
         gpu = " + 1 GPU" if cfg.ray.use_gpu else ""
         return (
-            f"{self.concurrency} trial(s) at once, each {self.trial_cpus:g} CPU (trial) + "
+            f"{self.concurrency} trial(s) at once, each {self.trial_text()} + "
             f"{n} worker(s) x {self.cpus_per_worker:g} CPU{gpu}; {DATA_CPUS:g} CPU kept for Ray "
             f"Data; {self.torch_threads} torch thread(s) per worker"
         )
+
+    def trial_text(self) -> str:
+        if self.on_driver_nodes:
+            return f"trial on a {DRIVER_RESOURCE} node"
+        return f"{self.trial_cpus:g} CPU (trial)"
 
 
 def default_concurrency(cfg: TrainConfig, cpus: float, gpus: float) -> int:
@@ -200,30 +220,53 @@ def default_concurrency(cfg: TrainConfig, cpus: float, gpus: float) -> int:
 
 
 def plan_sweep(
-    cfg: TrainConfig, opts: SweepOptions, cpus: float, gpus: float, local: bool
+    cfg: TrainConfig,
+    opts: SweepOptions,
+    cpus: float,
+    gpus: float,
+    local: bool,
+    on_driver_nodes: bool = False,
 ) -> SweepPlan:
     """Share ``cpus`` between concurrent trials so that Ray Data always keeps one CPU.
 
     Workers get what is left of a trial's share, between 0.25 and 1 CPU each. Locally a
     shortfall is covered by giving Ray more logical CPUs than cores (the launcher does the
-    same); on a cluster it is an error that names the flags to change.
+    same); whether a cluster holds the plan is :func:`sweep_need`'s business.
+    ``on_driver_nodes``: the cluster has DRIVER_RESOURCE, where trials run without a CPU.
     """
     n = cfg.ray.num_ray_workers
+    trial_cpus = 0.0 if on_driver_nodes else TRIAL_CPUS
     concurrency = opts.max_concurrent_trials or default_concurrency(cfg, cpus, gpus)
     concurrency = min(concurrency, opts.grid_size())
-    budget = (cpus - DATA_CPUS) / concurrency - TRIAL_CPUS  # one trial's workers
+    budget = (cpus - DATA_CPUS) / concurrency - trial_cpus  # one trial's workers
     cpw = cfg.ray.cpus_per_worker or min(1.0, max(0.25, budget / n))
-    needed = concurrency * (TRIAL_CPUS + n * cpw) + DATA_CPUS
-    if not local and needed > cpus + 1e-9:
-        raise ConfigError(
-            f"--max_concurrent_trials {concurrency} x ({TRIAL_CPUS:g} CPU per trial + "
-            f"--num_ray_workers {n} x {cpw:g} CPU) + {DATA_CPUS:g} CPU for Ray Data needs "
-            f"{needed:g} CPUs but the cluster has {cpus:g}: lower --max_concurrent_trials, "
-            "--num_ray_workers or --cpus_per_worker"
-        )
+    needed = concurrency * (trial_cpus + n * cpw) + DATA_CPUS
     threads = 2 if cfg.ray.use_gpu else max(1, int(budget // n))
     ray_cpus = max(int(cpus), math.ceil(needed - 1e-9)) if local else None
-    return SweepPlan(concurrency, TRIAL_CPUS, cpw, threads, ray_cpus)
+    return SweepPlan(concurrency, trial_cpus, cpw, threads, ray_cpus, on_driver_nodes)
+
+
+def sweep_need(cfg: TrainConfig, plan: SweepPlan) -> Need:
+    """What the sweep holds at once: each concurrent trial's function and workers, plus Ray
+    Data's CPU."""
+    n, cpw, gpu = cfg.ray.num_ray_workers, plan.cpus_per_worker, cfg.ray.use_gpu
+    worker = {"CPU": cpw, "GPU": 1.0} if gpu else {"CPU": cpw}
+    trial = [plan.trial_resources(), *[worker] * n]
+    bundles = [b for _ in range(plan.concurrency) for b in trial] + [{"CPU": DATA_CPUS}]
+    totals: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return Need(
+        totals={k: v for k, v in totals.items() if v > 0},
+        bundles=tuple(b for b in bundles if any(v > 0 for v in b.values())),
+        flags=(
+            f"--max_concurrent_trials {plan.concurrency} x ({plan.trial_text()} + "
+            f"--num_ray_workers {n} x (--cpus_per_worker {cpw:g}"
+            f"{' + 1 GPU for --use_gpu' if gpu else ''})) + {DATA_CPUS:g} CPU for Ray Data"
+        ),
+        remedy="lower --max_concurrent_trials, --num_ray_workers or --cpus_per_worker",
+    )
 
 
 # --------------------------------------------------------------------------- the trials
@@ -425,7 +468,7 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
             plan=dataclasses.asdict(plan),
             sweep_name=opts.sweep_name,
         ),
-        {"CPU": plan.trial_cpus},
+        plan.trial_resources(),
     )
     path = sweep_dir(cfg.storage_path(), opts.sweep_name)
     if tune.Tuner.can_restore(path):
@@ -453,11 +496,21 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
         run_config=tune.RunConfig(
             name=opts.sweep_name,
             storage_path=cfg.storage_path(),
-            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+            failure_config=sweep_failure_config(cfg),
             verbose=1,
         ),
     )
     return tuner
+
+
+def sweep_failure_config(cfg: TrainConfig) -> Any:
+    """Tune relaunches a failed trial up to --max_failures times, as Train restarts failed
+    workers: a trial whose function died (its node lost) continues its Ray Train run from the
+    last checkpoint, since the run name is the trial id. A training error that Train already
+    retried is retried again by Tune, so such a trial fails only after both budgets."""
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=cfg.ray.max_failures)
 
 
 # --------------------------------------------------------------------------- the summary
@@ -674,11 +727,12 @@ def discard_previous_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
         shutil.rmtree(path)
 
 
-def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
-    """Connect (or start a local Ray sized for the sweep) and plan the trials' resources."""
+def start_ray(cfg: TrainConfig, opts: SweepOptions) -> tuple[SweepPlan, bool]:
+    """Connect (or start a local Ray sized for the sweep) and plan the trials' resources;
+    also returns whether the cluster is local (fixed: a shortfall fails at once)."""
     import ray
 
-    from controlnet_ray.launcher import check_gpus, init_ray
+    from controlnet_ray.launcher import init_ray
 
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if local:
@@ -686,9 +740,10 @@ def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
         init_ray(cfg, plan.ray_num_cpus)
     else:
         init_ray(cfg, None)
-    check_gpus(cfg)
     res = ray.cluster_resources()
-    return plan_sweep(cfg, opts, res.get("CPU", 0.0), res.get("GPU", 0.0), local=local)
+    on_driver = res.get(DRIVER_RESOURCE, 0.0) > 0
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    return plan_sweep(cfg, opts, cpus, gpus, local=local, on_driver_nodes=on_driver), local
 
 
 def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
@@ -700,12 +755,12 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
     if cfg.ray.fresh:
         discard_previous_sweep(cfg, opts)
-    plan = start_ray(cfg, opts)
+    plan, local = start_ray(cfg, opts)
     print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
-    shards = resolve_shards(cfg)
-    pairs = build_pairs(cfg, shards)
-    tuner = make_tuner(cfg, opts, plan, pairs)
-    grid = tuner.fit()
+    with capacity.held(sweep_need(cfg, plan), cfg.ray.resource_wait_s, fixed=local):
+        shards = resolve_shards(cfg)
+        pairs = build_pairs(cfg, shards)
+        grid = make_tuner(cfg, opts, plan, pairs).fit()
     rows = rank(summaries_from_grid(grid, cfg, opts))
     out_dir = Path(cfg.output.save_dir) / opts.sweep_name
     json_path, csv_path = write_results(rows, cfg, opts, out_dir)

@@ -12,8 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
+from controlnet_ray.capacity import Cluster, ensure
 from controlnet_ray.config import ConfigError
 from controlnet_ray.tune import (
+    DRIVER_RESOURCE,
+    DRIVER_SHARE,
+    TRIAL_CPUS,
     SweepOptions,
     discard_previous_sweep,
     format_table,
@@ -26,6 +30,8 @@ from controlnet_ray.tune import (
     rank,
     summarize_trial,
     sweep_dir,
+    sweep_failure_config,
+    sweep_need,
     trial_config,
     write_results,
 )
@@ -115,10 +121,30 @@ def test_gpus_limit_concurrency_and_small_clusters_fail_naming_flags():
     cfg, opts = parse("--use_gpu", "--num_ray_workers", "2")
     assert plan_sweep(cfg, opts, cpus=32, gpus=4, local=False).concurrency == 2
     cfg, opts = parse("--max_concurrent_trials", "4", "--cpus_per_worker", "1")
+    plan = plan_sweep(cfg, opts, cpus=3, gpus=0, local=False)
+    need = sweep_need(cfg, plan)
+    assert need.totals == {"CPU": 4 * (0.25 + 1) + 1}
+    fixed = Cluster(resources=lambda: {"CPU": 3.0})
     with pytest.raises(ConfigError, match="--max_concurrent_trials 4"):
-        plan_sweep(cfg, opts, cpus=3, gpus=0, local=False)
+        ensure(need, 600, fixed=True, cluster=fixed)
     local = plan_sweep(cfg, opts, cpus=2, gpus=0, local=True)  # locally: more logical CPUs
     assert local.ray_num_cpus >= 4 * (local.trial_cpus + 1) + 1
+
+
+def test_trials_go_to_driver_nodes_without_a_cpu_only_when_the_cluster_has_them():
+    cfg, opts = parse("--use_gpu", "--num_ray_workers", "2", "--max_concurrent_trials", "2")
+    plain = plan_sweep(cfg, opts, cpus=16, gpus=4, local=False)
+    assert plain.trial_resources() == {"CPU": TRIAL_CPUS}
+    safe = plan_sweep(cfg, opts, cpus=16, gpus=4, local=False, on_driver_nodes=True)
+    assert safe.trial_resources() == {"CPU": 0.0, DRIVER_RESOURCE: DRIVER_SHARE}
+    need = sweep_need(cfg, safe)
+    assert need.totals == {"CPU": 2 * 2 * 1.0 + 1, "GPU": 4.0, DRIVER_RESOURCE: 2 * DRIVER_SHARE}
+    assert {"CPU": 1.0, "GPU": 1.0} in need.bundles and {"CPU": 0.0} not in need.bundles
+
+
+def test_a_crashed_trial_is_relaunched_up_to_max_failures():
+    cfg, _ = parse("--max_failures", "3")
+    assert sweep_failure_config(cfg).max_failures == 3
 
 
 # --- trials ----------------------------------------------------------------------------------
