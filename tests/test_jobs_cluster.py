@@ -278,6 +278,21 @@ def test_cluster_spec_versions_gpus_storage_and_auth(name: str, spec: dict):
         assert ref == {"name": AUTH_SECRET, "key": "auth_token"}, c["name"]
 
 
+def driver_resources(start_params: dict) -> dict:
+    """The custom resources of a KubeRay group (rayStartParams.resources: a quoted JSON)."""
+    raw = start_params.get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+@pytest.mark.parametrize("name,spec", [pytest.param(n, s, id=n) for n, s in cluster_specs()])
+def test_only_the_head_offers_the_driver_resource(name: str, spec: dict):
+    from controlnet_ray.tune import DRIVER_RESOURCE
+
+    assert driver_resources(spec["headGroupSpec"]["rayStartParams"]) == {DRIVER_RESOURCE: 1}
+    for group in spec["workerGroupSpecs"]:
+        assert DRIVER_RESOURCE not in driver_resources(group["rayStartParams"]), name
+
+
 def test_rayjob_uses_shared_storage_and_the_submitter_has_the_token():
     [(_, job)] = kube_objects("RayJob")
     spec = job["spec"]
@@ -354,6 +369,11 @@ def test_launcher_yaml_gpu_workers_autoscale_with_one_image_and_token():
     assert "-e RAY_AUTH_MODE=token" in docker["run_options"]
     assert any(t.endswith("/.ray/auth_token") for t in config["file_mounts"])
     assert any(":/mnt/shared" in o for o in docker["run_options"])
+    from controlnet_ray.tune import DRIVER_RESOURCE
+
+    head = types[config["head_node_type"]]["resources"]
+    assert head.get(DRIVER_RESOURCE) == 1 and head.get("CPU") == 0
+    assert not [t for t in gpu if DRIVER_RESOURCE in t["resources"]]
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
 
