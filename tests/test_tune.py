@@ -1,6 +1,6 @@
 """The sweep CLI without a cluster: flags, resource plan, per-trial configs, ASHA that survives
-a resume, and the ranked table; and (slow) trial placement on a real two-node cluster. The sweep itself runs against a real Ray head in
-tests/test_ray_client.py.
+a resume, and the ranked table; and (slow) trial placement on a real two-node cluster. The
+sweep itself runs against a real Ray head in tests/test_ray_client.py.
 """
 
 from __future__ import annotations
