@@ -648,11 +648,21 @@ def best_flags(best: TrialSummary) -> dict[str, Any]:
     }
 
 
+def result_trial_id(result: Any) -> str:
+    """The trial id a trial ran under (its Train run name and save dir), from its results.
+
+    Not the folder name: Tune appends a random suffix to a trial's folder when the folder
+    already exists, which happens when a sweep is stopped just as a trial was being set up and
+    is then restored. The folder name is the fallback for a trial that never reported.
+    """
+    return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+
+
 def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     """Adapt Tune's ResultGrid to table rows, with each trial's full history."""
     rows = []
     for result in grid:
-        trial_id = Path(result.path).name
+        trial_id = result_trial_id(result)
         cfg = trial_config(base, result.config, opts.sweep_name, trial_id)
         df = result.metrics_dataframe
         tune_rows = df.to_dict("records") if df is not None else []

@@ -29,6 +29,7 @@ from controlnet_ray.tune import (
     parse_sweep_args,
     plan_sweep,
     rank,
+    result_trial_id,
     summarize_trial,
     sweep_dir,
     sweep_failure_config,
@@ -245,6 +246,13 @@ def test_summaries_rank_and_flag_early_stops_and_errors():
     assert "best PSNR" in lines[0] and "stopped early?" in lines[0] and "checkpoint" in lines[0]
     assert lines[1].split()[:3] == ["1", "t1", "l1"] and "yes" in lines[1]
     assert "error" in lines[3]
+
+
+def test_a_trial_is_named_by_its_id_even_when_tune_suffixed_its_folder():
+    """A restored pending trial whose folder already existed runs in ``<id>_<4 hex>``."""
+    ran = SimpleNamespace(metrics={"trial_id": "ab_00001"}, path="/r/sw/ab_00001_1893")
+    never = SimpleNamespace(metrics={}, path="/r/sw/ab_00002")
+    assert result_trial_id(ran) == "ab_00001" and result_trial_id(never) == "ab_00002"
 
 
 def test_history_merges_tune_rows_with_the_full_run_history():
