@@ -646,6 +646,7 @@ RERUN_FREE_FIELDS = frozenset(
         ("ray", "num_to_keep"),
         ("ray", "fresh"),
         ("ray", "cpus_per_worker"),
+        ("ray", "resource_wait_s"),
     }
 )
 

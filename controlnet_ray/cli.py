@@ -282,7 +282,7 @@ def _add_additions(
         default=r.num_ray_workers,
         help="training workers (DDP ranks)",
     )
-    _flag(g, "ray", "use_gpu", "one GPU per worker (fails fast when the cluster has none)")
+    _flag(g, "ray", "use_gpu", "one GPU per worker (a local Ray without GPUs fails fast)")
     _add(
         g,
         "ray",
@@ -329,6 +329,15 @@ def _add_additions(
         type=float,
         default=r.cpus_per_worker,
         help="CPUs reserved per training worker (default: planned so Ray Data keeps one CPU)",
+    )
+    _add(
+        g,
+        "ray",
+        "resource_wait_s",
+        type=float,
+        default=r.resource_wait_s,
+        help="on a connected cluster short of GPUs/CPUs: seconds to wait for its autoscaler "
+        "to add nodes (0: fail at once); a local Ray never waits",
     )
 
 

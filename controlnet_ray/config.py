@@ -142,6 +142,8 @@ class RayOptions:
     num_to_keep: int = 2
     fresh: bool = False  # ignore an existing Ray checkpoint of the same run
     cpus_per_worker: float | None = None  # None: planned from the machine
+    # connected cluster short of resources: seconds to wait for its autoscaler (0: fail at once)
+    resource_wait_s: float = 600.0
 
 
 @dataclass
@@ -328,3 +330,5 @@ def _validate(cfg: TrainConfig) -> None:
     _positive(r.num_to_keep, "--num_to_keep")
     if r.cpus_per_worker is not None:
         _positive(r.cpus_per_worker, "--cpus_per_worker")
+    if r.resource_wait_s < 0:
+        raise ConfigError(f"--resource_wait_s must be >= 0, got {r.resource_wait_s:g}")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from controlnet_ray import capacity
+from controlnet_ray.capacity import Need
 from controlnet_ray.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ def plan_resources(cfg: TrainConfig, available_cpus: float, local: bool) -> Reso
 
     Locally Ray gets the machine's core count as logical CPUs; when that is too small for the
     requested workers (e.g. 2 workers on 2 cores) each worker reserves a fraction of a CPU.
+    Whether a cluster holds the plan is :func:`resource_need`'s business.
     """
     n = cfg.ray.num_ray_workers
     if cfg.ray.cpus_per_worker is not None:
@@ -65,14 +68,26 @@ def plan_resources(cfg: TrainConfig, available_cpus: float, local: bool) -> Reso
     else:
         cpw = min(1.0, max(0.25, (available_cpus - DATA_CPUS) / n))
     needed = n * cpw + DATA_CPUS
-    if not local and needed > available_cpus:
-        raise ConfigError(
-            f"--num_ray_workers {n} x --cpus_per_worker {cpw:g} + {DATA_CPUS:g} CPU for Ray Data "
-            f"needs {needed:g} CPUs but the cluster has {available_cpus:g}"
-        )
     ray_cpus = max(int(available_cpus), int(needed + 0.999)) if local else None
     threads = max(1, int((available_cpus - DATA_CPUS) // n)) if not cfg.ray.use_gpu else 2
     return ResourcePlan(ray_num_cpus=ray_cpus, cpus_per_worker=cpw, torch_threads=threads)
+
+
+def resource_need(cfg: TrainConfig, plan: ResourcePlan) -> Need:
+    """What the run holds at once: its workers (a GPU each with --use_gpu) and Ray Data's CPU."""
+    n, cpw, gpu = cfg.ray.num_ray_workers, plan.cpus_per_worker, cfg.ray.use_gpu
+    worker = {"CPU": cpw, "GPU": 1.0} if gpu else {"CPU": cpw}
+    totals = {"CPU": n * cpw + DATA_CPUS, **({"GPU": float(n)} if gpu else {})}
+    return Need(
+        totals=totals,
+        bundles=(*[worker] * n, {"CPU": DATA_CPUS}),
+        flags=(
+            f"--num_ray_workers {n} x (--cpus_per_worker {cpw:g}"
+            f"{' + 1 GPU for --use_gpu' if gpu else ''}) + {DATA_CPUS:g} CPU for Ray Data"
+        ),
+        remedy="lower --num_ray_workers or --cpus_per_worker"
+        + ("; drop --use_gpu to train on CPU" if gpu else ""),
+    )
 
 
 def resolve_shards(cfg: TrainConfig) -> Path:
@@ -111,7 +126,6 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     this call started a local Ray (its caller then owns its shutdown)."""
     import ray
 
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
@@ -126,25 +140,13 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
         # on 2 cores got 86 % of a core each instead of 80 %). The environment can override.
         for name in ("RAY_enable_metrics_collection", "RAY_event_stats"):
             os.environ.setdefault(name, "false")
+        # Ray Data reads Parquet footers with up to 32 actors, each holding a CPU: on a small
+        # machine they starve the training workers. A cluster keeps Ray's default.
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
         ray.init(num_cpus=plan_cpus, log_to_driver=True)
         return True
-
-
-def check_gpus(cfg: TrainConfig) -> None:
-    """Fail within seconds when GPUs are requested but the cluster has too few."""
-    import ray
-
-    if not cfg.ray.use_gpu:
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < cfg.ray.num_ray_workers:
-        raise ConfigError(
-            f"--use_gpu with --num_ray_workers {cfg.ray.num_ray_workers} needs "
-            f"{cfg.ray.num_ray_workers} GPU(s) but the Ray cluster has {gpus:g}; "
-            "drop --use_gpu to train on CPU"
-        )
 
 
 def build_pairs(cfg: TrainConfig, shards: Path) -> PairDatasets:
@@ -174,9 +176,8 @@ def build_trainer(
     ``progress_board``: the driver's console actor (see :mod:`controlnet_ray.progress`); without
     one the lines are printed where they arise. ``callbacks``: extra Train callbacks (Tune's).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
 
     from controlnet_ray.progress import EpochLines
     from controlnet_ray.worker import train_loop_per_worker
@@ -412,21 +413,9 @@ def run_training(cfg: TrainConfig) -> object:
         import ray
 
         plan = plan_resources(cfg, ray.cluster_resources().get("CPU", 0), local=False)
-    check_gpus(cfg)
-    print(
-        f"resources: {plan.describe(cfg)}; effective batch size "
-        f"{cfg.data.batch_size} x {cfg.ray.num_ray_workers} worker(s) x "
-        f"{cfg.optim.gradient_accumulation_steps} accumulation = {cfg.effective_batch_size()}",
-        flush=True,
-    )
-    from controlnet_ray.progress import start_console
-
-    pairs = build_pairs(cfg, shards)
-    board, console = start_console(cfg.output.progress)
-    try:
-        result = build_trainer(cfg, plan, pairs, progress_board=board).fit()
-    finally:
-        console.close()
+    need = resource_need(cfg, plan)
+    with capacity.held(need, cfg.ray.resource_wait_s, fixed=local):
+        result = _fit(cfg, plan, shards)
     print_judged_summary(getattr(result, "metrics", None) or {})
     if (run_dir := existing_run(cfg)) is not None:
         prune_unregistered_checkpoints(run_dir)
@@ -434,6 +423,24 @@ def run_training(cfg: TrainConfig) -> object:
         shutdown_local_ray()
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return result
+
+
+def _fit(cfg: TrainConfig, plan: ResourcePlan, shards: Path) -> object:
+    """Build the pairs and the trainer, and train, with the console drawing the progress."""
+    from controlnet_ray.progress import start_console
+
+    print(
+        f"resources: {plan.describe(cfg)}; effective batch size "
+        f"{cfg.data.batch_size} x {cfg.ray.num_ray_workers} worker(s) x "
+        f"{cfg.optim.gradient_accumulation_steps} accumulation = {cfg.effective_batch_size()}",
+        flush=True,
+    )
+    pairs = build_pairs(cfg, shards)
+    board, console = start_console(cfg.output.progress)
+    try:
+        return build_trainer(cfg, plan, pairs, progress_board=board).fit()
+    finally:
+        console.close()
 
 
 def print_judged_summary(metrics: dict) -> None:

@@ -35,10 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlnet_ray import capacity
+from controlnet_ray.capacity import Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
+# A custom resource the cluster configs declare on the head node (never preempted): when the
+# cluster has it, every trial function (and so its Train controller, which Ray places on the
+# trial's node) asks for a sliver of it and no CPU, so trials never land on preemptible GPU
+# workers. A cluster without it (a local Ray) places trials by CPU as before.
+DRIVER_RESOURCE = "driver_node"
+DRIVER_SHARE = 0.001
 DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
 METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
@@ -178,15 +186,27 @@ class SweepPlan:
     cpus_per_worker: float
     torch_threads: int
     ray_num_cpus: int | None  # a local Ray's logical CPUs; None: use the cluster as is
+    on_driver_nodes: bool = False  # trials on DRIVER_RESOURCE nodes, without a CPU
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial function asks Ray for (its trainer's workers ask for their own)."""
+        if self.on_driver_nodes:
+            return {"CPU": 0.0, DRIVER_RESOURCE: DRIVER_SHARE}
+        return {"CPU": self.trial_cpus}
 
     def describe(self, cfg: TrainConfig) -> str:
         n = cfg.ray.num_ray_workers
         gpu = " + 1 GPU" if cfg.ray.use_gpu else ""
         return (
-            f"{self.concurrency} trial(s) at once, each {self.trial_cpus:g} CPU (trial) + "
+            f"{self.concurrency} trial(s) at once, each {self.trial_text()} + "
             f"{n} worker(s) x {self.cpus_per_worker:g} CPU{gpu}; {DATA_CPUS:g} CPU kept for Ray "
             f"Data; {self.torch_threads} torch thread(s) per worker"
         )
+
+    def trial_text(self) -> str:
+        if self.on_driver_nodes:
+            return f"trial on a {DRIVER_RESOURCE} node"
+        return f"{self.trial_cpus:g} CPU (trial)"
 
 
 def default_concurrency(cfg: TrainConfig, cpus: float, gpus: float) -> int:
@@ -200,30 +220,53 @@ def default_concurrency(cfg: TrainConfig, cpus: float, gpus: float) -> int:
 
 
 def plan_sweep(
-    cfg: TrainConfig, opts: SweepOptions, cpus: float, gpus: float, local: bool
+    cfg: TrainConfig,
+    opts: SweepOptions,
+    cpus: float,
+    gpus: float,
+    local: bool,
+    on_driver_nodes: bool = False,
 ) -> SweepPlan:
     """Share ``cpus`` between concurrent trials so that Ray Data always keeps one CPU.
 
     Workers get what is left of a trial's share, between 0.25 and 1 CPU each. Locally a
     shortfall is covered by giving Ray more logical CPUs than cores (the launcher does the
-    same); on a cluster it is an error that names the flags to change.
+    same); whether a cluster holds the plan is :func:`sweep_need`'s business.
+    ``on_driver_nodes``: the cluster has DRIVER_RESOURCE, where trials run without a CPU.
     """
     n = cfg.ray.num_ray_workers
+    trial_cpus = 0.0 if on_driver_nodes else TRIAL_CPUS
     concurrency = opts.max_concurrent_trials or default_concurrency(cfg, cpus, gpus)
     concurrency = min(concurrency, opts.grid_size())
-    budget = (cpus - DATA_CPUS) / concurrency - TRIAL_CPUS  # one trial's workers
+    budget = (cpus - DATA_CPUS) / concurrency - trial_cpus  # one trial's workers
     cpw = cfg.ray.cpus_per_worker or min(1.0, max(0.25, budget / n))
-    needed = concurrency * (TRIAL_CPUS + n * cpw) + DATA_CPUS
-    if not local and needed > cpus + 1e-9:
-        raise ConfigError(
-            f"--max_concurrent_trials {concurrency} x ({TRIAL_CPUS:g} CPU per trial + "
-            f"--num_ray_workers {n} x {cpw:g} CPU) + {DATA_CPUS:g} CPU for Ray Data needs "
-            f"{needed:g} CPUs but the cluster has {cpus:g}: lower --max_concurrent_trials, "
-            "--num_ray_workers or --cpus_per_worker"
-        )
+    needed = concurrency * (trial_cpus + n * cpw) + DATA_CPUS
     threads = 2 if cfg.ray.use_gpu else max(1, int(budget // n))
     ray_cpus = max(int(cpus), math.ceil(needed - 1e-9)) if local else None
-    return SweepPlan(concurrency, TRIAL_CPUS, cpw, threads, ray_cpus)
+    return SweepPlan(concurrency, trial_cpus, cpw, threads, ray_cpus, on_driver_nodes)
+
+
+def sweep_need(cfg: TrainConfig, plan: SweepPlan) -> Need:
+    """What the sweep holds at once: each concurrent trial's function and workers, plus Ray
+    Data's CPU."""
+    n, cpw, gpu = cfg.ray.num_ray_workers, plan.cpus_per_worker, cfg.ray.use_gpu
+    worker = {"CPU": cpw, "GPU": 1.0} if gpu else {"CPU": cpw}
+    trial = [plan.trial_resources(), *[worker] * n]
+    bundles = [b for _ in range(plan.concurrency) for b in trial] + [{"CPU": DATA_CPUS}]
+    totals: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return Need(
+        totals={k: v for k, v in totals.items() if v > 0},
+        bundles=tuple(b for b in bundles if any(v > 0 for v in b.values())),
+        flags=(
+            f"--max_concurrent_trials {plan.concurrency} x ({plan.trial_text()} + "
+            f"--num_ray_workers {n} x (--cpus_per_worker {cpw:g}"
+            f"{' + 1 GPU for --use_gpu' if gpu else ''})) + {DATA_CPUS:g} CPU for Ray Data"
+        ),
+        remedy="lower --max_concurrent_trials, --num_ray_workers or --cpus_per_worker",
+    )
 
 
 # --------------------------------------------------------------------------- the trials
@@ -332,49 +375,79 @@ def make_scheduler(opts: SweepOptions, max_t: int, state_file: Path) -> Any:
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             action = super().on_trial_result(tune_controller, trial, result)
-            save_rungs(self._brackets, self.rungs_file)
+            save_rungs(getattr(self, "_brackets", None), self.rungs_file)
             return action
 
         def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
             super().on_trial_complete(tune_controller, trial, result)
-            save_rungs(self._brackets, self.rungs_file)
+            save_rungs(getattr(self, "_brackets", None), self.rungs_file)
 
         def __setstate__(self, state: dict) -> None:
             self.__dict__.update(state)
-            load_rungs(self._brackets, self.rungs_file)
+            load_rungs(getattr(self, "_brackets", None), self.rungs_file)
 
-    return ResumableASHA(
+    scheduler = ResumableASHA(
         str(state_file),
         time_attr=TIME_ATTR,
         max_t=max_t,
         grace_period=opts.grace_period,
         reduction_factor=opts.reduction_factor,
     )
+    if rung_lists(getattr(scheduler, "_brackets", None)) is None:
+        print(
+            "warning: this Ray's ASHA keeps its rungs in an unknown layout; the sweep runs, "
+            "but a resumed sweep starts ASHA with empty rungs",
+            file=sys.stderr,
+            flush=True,
+        )
+    return scheduler
 
 
-def save_rungs(brackets: Sequence[Any], path: str) -> None:
-    """Write each bracket's rungs as ``[[milestone, {trial_id: reward}], ...]`` atomically.
+def rung_lists(brackets: Any) -> list[list] | None:
+    """ASHA's rung records, one list of ``(milestone, {trial_id: reward})`` per bracket, or
+    None when this Ray's ASHA does not keep them that way.
 
-    ``_rungs`` is ASHA's private bookkeeping (list of ``(milestone, recorded)``) in the pinned
-    Ray 2.60; :func:`load_rungs` checks the milestones before it trusts a file.
+    ``_brackets``/``_rungs`` are ASHA's private bookkeeping in the pinned Ray 2.60; a Ray with
+    another layout must not break the sweep, only the rung mirror (see :func:`make_scheduler`).
     """
-    data = [[[m, dict(rec)] for m, rec in b._rungs] for b in brackets]
+    try:
+        rungs = [b._rungs for b in brackets]
+    except (AttributeError, TypeError):
+        return None
+    for bracket in rungs:
+        if not isinstance(bracket, list) or not all(
+            isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[1], dict) for r in bracket
+        ):
+            return None
+    return rungs
+
+
+def save_rungs(brackets: Any, path: str) -> bool:
+    """Write each bracket's rungs as ``[[milestone, {trial_id: reward}], ...]`` atomically;
+    False (nothing written) when :func:`rung_lists` does not know this Ray's layout."""
+    rungs = rung_lists(brackets)
+    if rungs is None:
+        return False
+    data = [[[m, dict(rec)] for m, rec in bracket] for bracket in rungs]
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, target)
+    return True
 
 
-def load_rungs(brackets: Sequence[Any], path: str) -> int:
-    """Refill the rungs from :func:`save_rungs`' file; returns how many records came back."""
+def load_rungs(brackets: Any, path: str) -> int:
+    """Refill the rungs from :func:`save_rungs`' file; returns how many records came back.
+    Milestones are checked before a file is trusted."""
     target = Path(path)
-    if not target.is_file():
+    rungs = rung_lists(brackets)
+    if rungs is None or not target.is_file():
         return 0
     data = json.loads(target.read_text())
     restored = 0
-    for bracket, saved in zip(brackets, data, strict=False):
-        for (milestone, recorded), (saved_m, saved_rec) in zip(bracket._rungs, saved, strict=False):
+    for bracket, saved in zip(rungs, data, strict=False):
+        for (milestone, recorded), (saved_m, saved_rec) in zip(bracket, saved, strict=False):
             if float(milestone) == float(saved_m):
                 recorded.update(saved_rec)
                 restored += len(saved_rec)
@@ -395,7 +468,7 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
             plan=dataclasses.asdict(plan),
             sweep_name=opts.sweep_name,
         ),
-        {"CPU": plan.trial_cpus},
+        plan.trial_resources(),
     )
     path = sweep_dir(cfg.storage_path(), opts.sweep_name)
     if tune.Tuner.can_restore(path):
@@ -423,11 +496,21 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
         run_config=tune.RunConfig(
             name=opts.sweep_name,
             storage_path=cfg.storage_path(),
-            failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself
+            failure_config=sweep_failure_config(cfg),
             verbose=1,
         ),
     )
     return tuner
+
+
+def sweep_failure_config(cfg: TrainConfig) -> Any:
+    """Tune relaunches a failed trial up to --max_failures times, as Train restarts failed
+    workers: a trial whose function died (its node lost) continues its Ray Train run from the
+    last checkpoint, since the run name is the trial id. A training error that Train already
+    retried is retried again by Tune, so such a trial fails only after both budgets."""
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=cfg.ray.max_failures)
 
 
 # --------------------------------------------------------------------------- the summary
@@ -565,11 +648,21 @@ def best_flags(best: TrialSummary) -> dict[str, Any]:
     }
 
 
+def result_trial_id(result: Any) -> str:
+    """The trial id a trial ran under (its Train run name and save dir), from its results.
+
+    Not the folder name: Tune appends a random suffix to a trial's folder when the folder
+    already exists, which happens when a sweep is stopped just as a trial was being set up and
+    is then restored. The folder name is the fallback for a trial that never reported.
+    """
+    return str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+
+
 def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     """Adapt Tune's ResultGrid to table rows, with each trial's full history."""
     rows = []
     for result in grid:
-        trial_id = Path(result.path).name
+        trial_id = result_trial_id(result)
         cfg = trial_config(base, result.config, opts.sweep_name, trial_id)
         df = result.metrics_dataframe
         tune_rows = df.to_dict("records") if df is not None else []
@@ -644,11 +737,12 @@ def discard_previous_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
         shutil.rmtree(path)
 
 
-def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
-    """Connect (or start a local Ray sized for the sweep) and plan the trials' resources."""
+def start_ray(cfg: TrainConfig, opts: SweepOptions) -> tuple[SweepPlan, bool]:
+    """Connect (or start a local Ray sized for the sweep) and plan the trials' resources;
+    also returns whether the cluster is local (fixed: a shortfall fails at once)."""
     import ray
 
-    from controlnet_ray.launcher import check_gpus, init_ray
+    from controlnet_ray.launcher import init_ray
 
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     if local:
@@ -656,9 +750,10 @@ def start_ray(cfg: TrainConfig, opts: SweepOptions) -> SweepPlan:
         init_ray(cfg, plan.ray_num_cpus)
     else:
         init_ray(cfg, None)
-    check_gpus(cfg)
     res = ray.cluster_resources()
-    return plan_sweep(cfg, opts, res.get("CPU", 0.0), res.get("GPU", 0.0), local=local)
+    on_driver = res.get(DRIVER_RESOURCE, 0.0) > 0
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    return plan_sweep(cfg, opts, cpus, gpus, local=local, on_driver_nodes=on_driver), local
 
 
 def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
@@ -670,12 +765,12 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
     if cfg.ray.fresh:
         discard_previous_sweep(cfg, opts)
-    plan = start_ray(cfg, opts)
+    plan, local = start_ray(cfg, opts)
     print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
-    shards = resolve_shards(cfg)
-    pairs = build_pairs(cfg, shards)
-    tuner = make_tuner(cfg, opts, plan, pairs)
-    grid = tuner.fit()
+    with capacity.held(sweep_need(cfg, plan), cfg.ray.resource_wait_s, fixed=local):
+        shards = resolve_shards(cfg)
+        pairs = build_pairs(cfg, shards)
+        grid = make_tuner(cfg, opts, plan, pairs).fit()
     rows = rank(summaries_from_grid(grid, cfg, opts))
     out_dir = Path(cfg.output.save_dir) / opts.sweep_name
     json_path, csv_path = write_results(rows, cfg, opts, out_dir)

@@ -523,13 +523,26 @@ def _require_finite(metrics: dict[str, float], what: str) -> dict[str, float]:
     return metrics
 
 
-def _quiet_report_log() -> None:
-    """Ray 2.60 logs every report, all metrics, at INFO through a logger named after its source
-    file, so ``LoggingConfig(log_level=...)`` misses it; the driver prints one line per epoch."""
-    from ray.train.v2._internal.execution import context
+REPORT_LOG_MODULE = "ray.train.v2._internal.execution.context"  # Ray 2.60's report logger
 
-    if isinstance(getattr(context, "logger", None), logging.Logger):
-        context.logger.setLevel(logging.WARNING)
+
+def _quiet_report_log(module: str = REPORT_LOG_MODULE) -> bool:
+    """Ray 2.60 logs every report, all metrics, at INFO through a logger named after its source
+    file, so ``LoggingConfig(log_level=...)`` misses it; the driver prints one line per epoch.
+
+    The module is private to Ray: it is located, not imported, and a Ray without it only means
+    louder logs. Returns whether the logger was found.
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return False
+    logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    return True
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

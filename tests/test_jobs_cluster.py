@@ -170,7 +170,6 @@ def test_runtime_env_is_valid_for_ray(name: str):
     data = yaml.safe_load((JOBS / name).read_text())
     RuntimeEnv(**data)  # Ray's own validation (field names, types, allowed combinations)
     env = data["env_vars"]
-    assert env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"
     assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env), "token must not be in jobs"
     if "working_dir" in data:
         excludes = set(data["excludes"])
@@ -189,6 +188,7 @@ def test_working_dir_upload_is_small_and_keeps_the_package(tmp_path: Path):
     names = zipfile.ZipFile(out).namelist()
     assert "controlnet_ray/data/pipeline.py" in names  # "/data" must not hit the package
     assert "controlnet_ray/train.py" in names
+    assert "constraints.txt" in names  # runtime_env.pip.yaml's -c file travels with the code
     assert not [n for n in names if n.startswith((".venv/", ".git/"))]
     assert out.stat().st_size < 20 * 2**20
 
@@ -278,6 +278,21 @@ def test_cluster_spec_versions_gpus_storage_and_auth(name: str, spec: dict):
         assert ref == {"name": AUTH_SECRET, "key": "auth_token"}, c["name"]
 
 
+def driver_resources(start_params: dict) -> dict:
+    """The custom resources of a KubeRay group (rayStartParams.resources: a quoted JSON)."""
+    raw = start_params.get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+@pytest.mark.parametrize("name,spec", [pytest.param(n, s, id=n) for n, s in cluster_specs()])
+def test_only_the_head_offers_the_driver_resource(name: str, spec: dict):
+    from controlnet_ray.tune import DRIVER_RESOURCE
+
+    assert driver_resources(spec["headGroupSpec"]["rayStartParams"]) == {DRIVER_RESOURCE: 1}
+    for group in spec["workerGroupSpecs"]:
+        assert DRIVER_RESOURCE not in driver_resources(group["rayStartParams"]), name
+
+
 def test_rayjob_uses_shared_storage_and_the_submitter_has_the_token():
     [(_, job)] = kube_objects("RayJob")
     spec = job["spec"]
@@ -293,6 +308,26 @@ def test_rayjob_uses_shared_storage_and_the_submitter_has_the_token():
     [submitter] = spec["submitterPodTemplate"]["spec"]["containers"]
     assert env_of(submitter)["RAY_AUTH_MODE"]["value"] == "token"
     assert "RAY_AUTH_TOKEN" in env_of(submitter)
+
+
+def test_no_small_machine_setting_is_baked_into_jobs_or_clusters():
+    """RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1 suits a 2-core laptop (the launcher sets it for a
+    local Ray only); on a cluster it would serialise Ray Data's footer reads."""
+    files = [*JOBS.glob("*.yaml"), *CLUSTER.glob("*.yaml"), CLUSTER / "Dockerfile"]
+    for path in files:
+        assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in path.read_text(), path.name
+
+
+def test_dockerfile_installs_dependencies_before_the_code_with_the_constraints():
+    lines = [ln.strip() for ln in (CLUSTER / "Dockerfile").read_text().splitlines()]
+    code = next(i for i, ln in enumerate(lines) if ln.startswith("COPY") and "_ray ./" in ln)
+    torch = next(i for i, ln in enumerate(lines) if "torch==" in ln and "pip install" in ln)
+    deps = next(i for i, ln in enumerate(lines) if '".[gpu]"' in ln)
+    assert torch < deps < code, "torch, then the dependencies, then the code"
+    # README.md (the package's long description) changes often: never before the installs
+    assert not [ln for ln in lines[:deps] if ln.startswith("COPY") and "README.md" in ln]
+    installs = [ln for ln in lines if "pip install" in ln and "--no-deps ." not in ln]
+    assert installs and all("-c constraints.txt" in ln for ln in installs), installs
 
 
 def test_dockerfile_pins_the_versions_of_pyproject():
@@ -334,6 +369,11 @@ def test_launcher_yaml_gpu_workers_autoscale_with_one_image_and_token():
     assert "-e RAY_AUTH_MODE=token" in docker["run_options"]
     assert any(t.endswith("/.ray/auth_token") for t in config["file_mounts"])
     assert any(":/mnt/shared" in o for o in docker["run_options"])
+    from controlnet_ray.tune import DRIVER_RESOURCE
+
+    head = types[config["head_node_type"]]["resources"]
+    assert head.get(DRIVER_RESOURCE) == 1 and head.get("CPU") == 0
+    assert not [t for t in gpu if DRIVER_RESOURCE in t["resources"]]
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
 

@@ -1,19 +1,24 @@
 """The sweep CLI without a cluster: flags, resource plan, per-trial configs, ASHA that survives
-a resume, and the ranked table. The sweep itself runs against a real Ray head in
-tests/test_ray_client.py.
+a resume, and the ranked table; and (slow) trial placement on a real two-node cluster. The
+sweep itself runs against a real Ray head in tests/test_ray_client.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from controlnet_ray.capacity import Cluster, ensure
 from controlnet_ray.config import ConfigError
 from controlnet_ray.tune import (
+    DRIVER_RESOURCE,
+    DRIVER_SHARE,
+    TRIAL_CPUS,
     SweepOptions,
     discard_previous_sweep,
     format_table,
@@ -24,8 +29,11 @@ from controlnet_ray.tune import (
     parse_sweep_args,
     plan_sweep,
     rank,
+    result_trial_id,
     summarize_trial,
     sweep_dir,
+    sweep_failure_config,
+    sweep_need,
     trial_config,
     write_results,
 )
@@ -115,10 +123,30 @@ def test_gpus_limit_concurrency_and_small_clusters_fail_naming_flags():
     cfg, opts = parse("--use_gpu", "--num_ray_workers", "2")
     assert plan_sweep(cfg, opts, cpus=32, gpus=4, local=False).concurrency == 2
     cfg, opts = parse("--max_concurrent_trials", "4", "--cpus_per_worker", "1")
+    plan = plan_sweep(cfg, opts, cpus=3, gpus=0, local=False)
+    need = sweep_need(cfg, plan)
+    assert need.totals == {"CPU": 4 * (0.25 + 1) + 1}
+    fixed = Cluster(resources=lambda: {"CPU": 3.0})
     with pytest.raises(ConfigError, match="--max_concurrent_trials 4"):
-        plan_sweep(cfg, opts, cpus=3, gpus=0, local=False)
+        ensure(need, 600, fixed=True, cluster=fixed)
     local = plan_sweep(cfg, opts, cpus=2, gpus=0, local=True)  # locally: more logical CPUs
     assert local.ray_num_cpus >= 4 * (local.trial_cpus + 1) + 1
+
+
+def test_trials_go_to_driver_nodes_without_a_cpu_only_when_the_cluster_has_them():
+    cfg, opts = parse("--use_gpu", "--num_ray_workers", "2", "--max_concurrent_trials", "2")
+    plain = plan_sweep(cfg, opts, cpus=16, gpus=4, local=False)
+    assert plain.trial_resources() == {"CPU": TRIAL_CPUS}
+    safe = plan_sweep(cfg, opts, cpus=16, gpus=4, local=False, on_driver_nodes=True)
+    assert safe.trial_resources() == {"CPU": 0.0, DRIVER_RESOURCE: DRIVER_SHARE}
+    need = sweep_need(cfg, safe)
+    assert need.totals == {"CPU": 2 * 2 * 1.0 + 1, "GPU": 4.0, DRIVER_RESOURCE: 2 * DRIVER_SHARE}
+    assert {"CPU": 1.0, "GPU": 1.0} in need.bundles and {"CPU": 0.0} not in need.bundles
+
+
+def test_a_crashed_trial_is_relaunched_up_to_max_failures():
+    cfg, _ = parse("--max_failures", "3")
+    assert sweep_failure_config(cfg).max_failures == 3
 
 
 # --- trials ----------------------------------------------------------------------------------
@@ -220,6 +248,13 @@ def test_summaries_rank_and_flag_early_stops_and_errors():
     assert "error" in lines[3]
 
 
+def test_a_trial_is_named_by_its_id_even_when_tune_suffixed_its_folder():
+    """A restored pending trial whose folder already existed runs in ``<id>_<4 hex>``."""
+    ran = SimpleNamespace(metrics={"trial_id": "ab_00001"}, path="/r/sw/ab_00001_1893")
+    never = SimpleNamespace(metrics={}, path="/r/sw/ab_00002")
+    assert result_trial_id(ran) == "ab_00001" and result_trial_id(never) == "ab_00002"
+
+
 def test_history_merges_tune_rows_with_the_full_run_history():
     """After a resume Tune holds only the later epochs; the run's own history fills the rest."""
     tune_rows = [{"epoch": 2, "val_psnr": 11.0, "checkpoint_path": "/ck/e2"}]
@@ -271,3 +306,69 @@ def test_results_are_written_as_json_and_csv_with_the_best_config(tmp_path: Path
 def test_sweep_options_defaults_match_the_parser():
     _, opts = parse()
     assert opts == SweepOptions()
+
+
+# --- placement on a real two-node cluster ------------------------------------------------------
+
+PLACEMENT = """
+import sys
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.cluster_utils import Cluster
+
+from controlnet_ray.tune import DRIVER_RESOURCE, SweepPlan
+
+out = Path(sys.argv[1])
+cluster = Cluster(
+    initialize_head=True, head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
+)
+worker = cluster.add_node(num_cpus=2)
+ray.init(address=cluster.address)
+plan = SweepPlan(1, 0.0, 1.0, 1, None, on_driver_nodes=True)
+
+
+def trial(config):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop():
+        (out / "worker_node").write_text(ray.get_runtime_context().get_node_id())
+
+    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1)).fit()
+    (out / "trial_node").write_text(ray.get_runtime_context().get_node_id())
+
+
+tune.Tuner(
+    tune.with_resources(trial, plan.trial_resources()),
+    run_config=tune.RunConfig(storage_path=str(out / "store"), name="p"),
+).fit()
+(out / "nodes").write_text(cluster.head_node.node_id + " " + worker.node_id)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_trials_run_on_the_driver_node_and_their_workers_elsewhere(tmp_path: Path):
+    """Head with 0 CPUs and the driver resource (as in cluster/), one 2-CPU worker node: the
+    CPU-less trial starts on the head, and its Train worker runs on the worker node."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "placement.py"
+    script.write_text(PLACEMENT)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert (tmp_path / "nodes").is_file(), proc.stderr[-4000:]
+    head, worker = (tmp_path / "nodes").read_text().split()
+    assert (tmp_path / "trial_node").read_text() == head
+    assert (tmp_path / "worker_node").read_text() == worker

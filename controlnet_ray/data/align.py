@@ -16,7 +16,6 @@ import warnings
 
 import cv2
 import numpy as np
-from insightface.utils import face_align
 
 from controlnet_ray.data.geometry import ARCFACE_TEMPLATE_112, FLIP, rotation_from_ypr
 
@@ -34,6 +33,17 @@ def alignment_matrix(landmarks_2d: np.ndarray, image_size: int) -> np.ndarray:
     if not np.isfinite(lmk).all():
         raise ValueError(f"landmarks must be finite, got {lmk.tolist()}")
     size = image_size if image_size % 112 == 0 else 112
+    # Imported here, not at module load: the training driver imports this module (through
+    # data.shards) but only preparing shards aligns faces, so a job whose shards are cached
+    # runs without insightface installed.
+    try:
+        from insightface.utils import face_align
+    except ImportError as exc:
+        raise ImportError(
+            "--framing arcface needs the insightface package (pip install --no-deps "
+            "insightface==2.1); --framing head (the default) does not"
+        ) from exc
+
     with warnings.catch_warnings():
         # scikit-image >= 0.26 deprecates the estimate() call InsightFace makes; harmless here.
         warnings.simplefilter("ignore", FutureWarning)
