@@ -284,7 +284,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from controlnet_ray.launcher import ResourcePlan, build_trainer
+    from controlnet_ray.launcher import ResourcePlan, build_trainer, fit_with_outputs
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
@@ -299,7 +299,7 @@ def run_trial(
         cpus_per_worker=plan["cpus_per_worker"],
         torch_threads=plan["torch_threads"],
     )
-    build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]).fit()
+    fit_with_outputs(cfg, build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]))
 
 
 def _trial_id(trial: Any) -> str:
@@ -619,7 +619,9 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
 def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Validation history from the trial's ``training_history.json`` (all epochs)."""
-    path = Path(cfg.output.save_dir) / "training_history.json"
+    from controlnet_ray.reporting import history_path
+
+    path = history_path(cfg.output.save_dir)
     try:
         val = json.loads(path.read_text()).get("val", [])
     except (OSError, ValueError):
