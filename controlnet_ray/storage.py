@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from controlnet_ray.checkpoint import atomic_write
-
 SAVE_DIR = "save_dir"  # under the run: the files the driver's --save_dir receives
 LOG_DIR = "log_dir"  # under the run: the TensorBoard events the driver's --log_dir receives
 _CHUNK = 8 << 20  # bytes per read when streaming a file
@@ -35,6 +33,12 @@ _CHUNK = 8 << 20  # bytes per read when streaming a file
 def is_uri(path: str) -> bool:
     """``s3://...`` / ``gs://...`` (anything with a scheme) rather than a local path."""
     return "://" in path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/...`` that keeps a URI's query (``?endpoint_override=...``) at the end."""
+    head, sep, query = base.partition("?") if is_uri(base) else (base, "", "")
+    return "/".join([head.rstrip("/"), *parts]) + sep + query
 
 
 @dataclass(frozen=True)
@@ -122,11 +126,15 @@ class RunStorage:
             with self.fs.open_output_stream(dest) as out:
                 write(out)
             return
+        from controlnet_ray.checkpoint import atomic_write  # torch: only where it writes
+
         atomic_write(dest, write)
 
     def _fetch(self, info: pafs.FileInfo, target: Path) -> None:
         if self.is_local and _link_over(Path(info.path), target):
             return
+        from controlnet_ray.checkpoint import atomic_write
+
         with self.fs.open_input_stream(info.path) as src:
             atomic_write(target, lambda out: _copy_stream(src, out, None))
         if info.mtime_ns is not None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+from controlnet_ray.storage import join_uri
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
 DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
@@ -244,8 +245,8 @@ def param_space(opts: SweepOptions) -> dict[str, Any]:
 
 
 def sweep_dir(storage_path: str, sweep_name: str) -> str:
-    """The Tune experiment folder; a plain join keeps s3:// and gs:// URIs intact."""
-    return f"{storage_path.rstrip('/')}/{sweep_name}"
+    """The Tune experiment folder; s3:// and gs:// URIs (and their query) kept intact."""
+    return join_uri(storage_path, sweep_name)
 
 
 def trial_config(
@@ -270,7 +271,7 @@ def trial_config(
     ray_opts = dataclasses.replace(
         base.ray,
         run_name=trial_id,
-        storage_path=f"{sweep_dir(base.storage_path(), sweep_name)}/{TRAIN_RUNS_DIR}",
+        storage_path=join_uri(base.storage_path(), sweep_name, TRAIN_RUNS_DIR),
         seed=base.ray.seed + int(params.get("repeat", 0)),
         fresh=False,
     )
@@ -604,7 +605,7 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
     from ray.train import Result
 
-    run_path = f"{cfg.storage_path()}/{cfg.run_name()}"
+    run_path = join_uri(cfg.storage_path(), cfg.run_name())
     logger = logging.getLogger("ray.train")
     level = logger.level
     logger.setLevel(logging.ERROR)  # from_path logs a long note about resuming runs

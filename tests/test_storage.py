@@ -149,3 +149,13 @@ def test_epoch_names_follow_the_original_cadence() -> None:
     last = epoch_names(10, 10, 5, is_best=False)
     assert last.copies == ("checkpoint_epoch_10.pth", "final_model.pth")
     assert last.curves == ("training_curves_epoch_10.png", "final_training_curves.png")
+
+
+def test_join_uri_keeps_the_query_at_the_end() -> None:
+    from controlnet_ray.storage import join_uri
+
+    assert join_uri("/data/ray/", "run", SAVE_DIR) == "/data/ray/run/save_dir"
+    assert (
+        join_uri("s3://b/p?endpoint_override=h:1&scheme=http", "run")
+        == "s3://b/p/run?endpoint_override=h:1&scheme=http"
+    )
