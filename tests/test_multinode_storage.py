@@ -3,9 +3,10 @@ runs on another node than the driver, with a real S3-compatible server on loopba
 ``--storage_path``.
 
 The cluster (``ray.cluster_utils.Cluster``) lives in a subprocess, which also runs the CLI's
-``main`` twice against it: once with the default storage path (refused before training,
-naming the flag), once with ``s3://``. The driver's ``--save_dir`` / ``--log_dir`` must then
-hold the original's files, copied down from the bucket, and the bucket everything.
+``main`` three times against it: with the default and with a relative storage path (both
+refused before training, naming the flag), then with ``s3://``. The driver's ``--save_dir`` /
+``--log_dir`` must then hold the original's files, copied down from the bucket, and the bucket
+everything.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SCRIPT = textwrap.dedent(
     try:
         refused = main(sys.argv[1:at] + common)  # the default storage path
         print(f"REFUSED_RC {refused}", flush=True)
+        relative = main(sys.argv[1:at] + ["--storage_path", "rel"] + common)
+        print(f"RELATIVE_RC {relative}", flush=True)
         rc = main(sys.argv[1:] + common)
     finally:
         ray.shutdown()  # the driver first: Cluster refuses to remove the node it is on
@@ -66,6 +69,7 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
     out = proc.stdout + proc.stderr
     (tmp_path / "out.txt").write_text(out)
     assert "REFUSED_RC 2" in out and "pass --storage_path" in out, out[-4000:]
+    assert "RELATIVE_RC 2" in out and "--storage_path rel is relative" in out, out[-4000:]
     assert proc.returncode == 0, out[-4000:]
     save = tmp_path / "ck"
     for name in (
