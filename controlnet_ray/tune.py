@@ -567,11 +567,21 @@ def best_flags(best: TrialSummary) -> dict[str, Any]:
 
 
 def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
-    """Adapt Tune's ResultGrid to table rows, with each trial's full history."""
+    """Adapt Tune's ResultGrid to table rows, with each trial's full history; each trial's
+    files are copied down from its storage first (a trial the scheduler stopped was ended
+    before its own driver could)."""
+    from controlnet_ray.launcher import materialise_outputs
+
     rows = []
     for result in grid:
-        trial_id = Path(result.path).name
+        # The trial's own id names its Train run and save_dir; its folder's name gets a suffix
+        # when Tune finds the folder taken (a restored sweep), so the folder is a fallback only.
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         cfg = trial_config(base, result.config, opts.sweep_name, trial_id)
+        try:
+            materialise_outputs(cfg)
+        except OSError as exc:  # storage unreachable: the table is still worth printing
+            print(f"trial {trial_id}: outputs not copied down ({exc})", flush=True)
         df = result.metrics_dataframe
         tune_rows = df.to_dict("records") if df is not None else []
         history = merge_history(tune_rows, train_run_rows(cfg), history_file_rows(cfg))
