@@ -208,6 +208,7 @@ def build_trainer(
         "num_train_pairs": pairs.num_train_pairs,
         "torch_threads": plan.torch_threads,
         "progress_board": progress_board,
+        "resume_state": resume_state_ref(cfg),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -216,6 +217,18 @@ def build_trainer(
         run_config=run_config,
         datasets={"train": pairs.train, "val": pairs.val},
     )
+
+
+def resume_state_ref(cfg: TrainConfig) -> Any:
+    """--resume read here, where the path was given, and put in Ray's object store (None
+    without --resume): rank 0 takes it from there, so the file need not exist on its node."""
+    if not cfg.output.resume:
+        return None
+    import ray
+
+    from controlnet_ray import checkpoint as ckpt
+
+    return ray.put(ckpt.load_checkpoint(cfg.output.resume))
 
 
 def discard_previous_run(cfg: TrainConfig) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -118,6 +119,7 @@ class WorkerRun:
         self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
         self.outputs = self._rank_zero_outputs() if self.rank == 0 else None
         self.state = RunState()
+        self._resume_ref = loop_config.get("resume_state")  # --resume, read by the driver
         self._initial_state: dict | None = None  # the checkpoint the run starts from, if any
         self._ray_state_path: str | None = None  # its state file in storage, when Ray's
         self._build()
@@ -192,16 +194,17 @@ class WorkerRun:
         return judged_metrics(report)
 
     def _read_initial_state(self) -> tuple[str | None, dict | None]:
-        """Rank 0 reads the starting checkpoint and every rank gets it: this run's Ray
-        checkpoint first (driver restart, worker failure), then --resume; (None, None) else.
+        """Rank 0 gets the starting checkpoint and every rank receives it from rank 0: this
+        run's Ray checkpoint first (driver restart, worker failure), read from storage, then
+        --resume, which the driver read and put in the object store; (None, None) without.
         The first element is the Ray checkpoint's folder in storage, or "" for --resume."""
         ray_ckpt = ray.train.get_checkpoint()
         found: tuple[str | None, dict | None] = (None, None)
         if self.rank == 0 and ray_ckpt is not None:
             with ray_ckpt.as_directory() as d:
                 found = (ray_ckpt.path, ckpt.load_checkpoint(Path(d) / RAY_CKPT_FILE))
-        elif self.rank == 0 and self.cfg.output.resume:
-            found = ("", ckpt.load_checkpoint(self.cfg.output.resume))
+        elif self.rank == 0 and self._resume_ref is not None:
+            found = ("", ray.get(self._resume_ref))
         return from_rank_zero(found, self.device)
 
     def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
