@@ -159,3 +159,32 @@ def test_join_uri_keeps_the_query_at_the_end() -> None:
         join_uri("s3://b/p?endpoint_override=h:1&scheme=http", "run")
         == "s3://b/p/run?endpoint_override=h:1&scheme=http"
     )
+
+
+def test_the_driver_copies_the_run_down_when_fit_ends_and_keeps_a_failures_error(
+    tmp_path: Path,
+) -> None:
+    from controlnet_ray.config import OutputConfig
+    from controlnet_ray.launcher import absolute_paths, fit_with_outputs
+
+    out = OutputConfig(save_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "logs"))
+    cfg = absolute_paths(TrainConfig(output=out))
+    storage = RunStorage.open(cfg.storage_path(), cfg.run_name())
+
+    class PublishingTrainer:  # what rank 0 does during fit(), then fit's result
+        def fit(self) -> str:
+            storage.put_bytes(b"{}", storage.path(SAVE_DIR, "training_history.json"))
+            storage.put_bytes(b"ev", storage.path(LOG_DIR, "events.out.tfevents.1"))
+            return "result"
+
+    class FailingTrainer:
+        def fit(self) -> str:
+            storage.put_bytes(b"x", storage.path(SAVE_DIR, "best_model.pth"))
+            raise RuntimeError("worker died")
+
+    assert fit_with_outputs(cfg, PublishingTrainer()) == "result"
+    assert (tmp_path / "ck" / "training_history.json").read_bytes() == b"{}"
+    assert (tmp_path / "logs" / "events.out.tfevents.1").read_bytes() == b"ev"
+    with pytest.raises(RuntimeError, match="worker died"):
+        fit_with_outputs(cfg, FailingTrainer())
+    assert (tmp_path / "ck" / "best_model.pth").read_bytes() == b"x"  # what a failed run left
