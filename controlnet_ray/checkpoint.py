@@ -148,6 +148,9 @@ class CheckpointState:
     trainable: list[str]
     engine_state: dict[str, Any] = field(default_factory=dict)
     rng_state: dict[str, Any] = field(default_factory=dict)
+    # one capture_rng_state() per rank, by rank: ranks are seeded seed + rank, and a resumed
+    # rank continues its own streams (``rng_state`` stays rank 0's, for older readers)
+    rank_rng_states: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,6 +172,7 @@ def build_checkpoint(
     val_history: Sequence[Mapping[str, float]],
     engine_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, Any] | None = None,
+    rank_rng_states: Sequence[Mapping[str, Any]] = (),
     trainable: Sequence[str] | None = None,
     discriminator: nn.Module | None = None,
     discriminator_optimizer: torch.optim.Optimizer | None = None,
@@ -198,6 +202,7 @@ def build_checkpoint(
         trainable=sorted(trainable) if trainable is not None else trainable_names(model),
         engine_state=_to_plain(dict(engine_state or {})),
         rng_state=dict(rng_state) if rng_state is not None else capture_rng_state(),
+        rank_rng_states=[dict(r) for r in rank_rng_states],
     )
     out = state.to_dict()
     if discriminator is not None:
@@ -826,3 +831,23 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     )
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+
+
+def rng_state_for_rank(state: Mapping[str, Any], rank: int) -> Mapping[str, Any] | None:
+    """The RNG streams ``rank`` saved (``rank_rng_states``), so each rank of a resumed run
+    continues its own stream instead of all taking rank 0's. Files without per-rank states
+    (older ones, the original script's) give rank 0 ``rng_state`` and other ranks None."""
+    per_rank = state.get("rank_rng_states") or []
+    if rank < len(per_rank):
+        return per_rank[rank]
+    return state.get("rng_state") if rank == 0 else None
+
+
+def seed_rank_streams(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch / numpy / ``random`` for a rank the checkpoint saved no streams for (a
+    resume with more workers): a stream of its own, derived from (seed, rank, epoch), rather
+    than a repeat of the one it started the run with."""
+    derived = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)

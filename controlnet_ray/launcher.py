@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
 
 DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
+MIRROR_INTERVAL_S = 10.0  # how often the driver copies new outputs down while a run trains
+PROBE_TIMEOUT_S = 120.0  # for every node to answer whether it sees a path
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -205,6 +209,7 @@ def build_trainer(
         "num_train_pairs": pairs.num_train_pairs,
         "torch_threads": plan.torch_threads,
         "progress_board": progress_board,
+        "resume_state": resume_state_ref(cfg),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -213,6 +218,18 @@ def build_trainer(
         run_config=run_config,
         datasets={"train": pairs.train, "val": pairs.val},
     )
+
+
+def resume_state_ref(cfg: TrainConfig) -> Any:
+    """--resume read here, where the path was given, and put in Ray's object store (None
+    without --resume): rank 0 takes it from there, so the file need not exist on its node."""
+    if not cfg.output.resume:
+        return None
+    import ray
+
+    from controlnet_ray import checkpoint as ckpt
+
+    return ray.put(ckpt.load_checkpoint(cfg.output.resume))
 
 
 def discard_previous_run(cfg: TrainConfig) -> None:
@@ -393,9 +410,134 @@ def check_before_ray(cfg: TrainConfig) -> Path:
     return shards
 
 
+def materialise_outputs(cfg: TrainConfig) -> list[Path]:
+    """Copy what the run left in its storage into --save_dir / --log_dir where the driver
+    runs (hard links when the storage is a local folder); returns the files that changed."""
+    from controlnet_ray.storage import LOG_DIR, SAVE_DIR, RunStorage
+
+    storage = RunStorage.open(cfg.storage_path(), cfg.run_name())
+    changed = storage.materialise(storage.path(SAVE_DIR), Path(cfg.output.save_dir))
+    return changed + storage.materialise(storage.path(LOG_DIR), Path(cfg.output.log_dir))
+
+
+class OutputMirror:
+    """While a run trains, keeps --save_dir / --log_dir following its storage (TensorBoard
+    pointed at --log_dir sees each epoch, wherever rank 0 runs); on exit, one last copy."""
+
+    def __init__(self, cfg: TrainConfig, interval_s: float = MIRROR_INTERVAL_S) -> None:
+        self.cfg, self.interval_s = cfg, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="output-mirror", daemon=True)
+
+    def __enter__(self) -> OutputMirror:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            materialise_outputs(self.cfg)
+        except OSError as exc:
+            if exc_type is None:  # a failed run's own error says more than this one
+                raise
+            print(f"could not copy the run's outputs down: {exc}", flush=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                materialise_outputs(self.cfg)
+            except OSError as exc:  # a storage hiccup must not stop training; the end retries
+                print(f"outputs not copied down this time: {exc}", flush=True)
+
+
+def fit_with_outputs(cfg: TrainConfig, trainer: Any) -> Any:
+    """``trainer.fit()`` with the run's outputs copied down to the driver as they appear."""
+    with OutputMirror(cfg):
+        return trainer.fit()
+
+
+def cluster_is_multi_node() -> bool:
+    """More than one live node, or a driver's node that hosts no worker (a head with 0 CPUs,
+    as the shipped manifests start it): then rank 0 runs elsewhere and local paths differ."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.get_runtime_context().get_node_id()
+    mine = [n for n in nodes if n.get("NodeID") == here]
+    return len(nodes) > 1 or any(n.get("Resources", {}).get("CPU", 0) == 0 for n in mine)
+
+
+def _path_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def nodes_missing(folder: str) -> list[str]:
+    """Addresses of live nodes that do not see ``folder`` as the driver does: a marker
+    written here is looked for there (a zero-CPU task pinned to each node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = Path(folder) / f".controlnet_ray_probe_{uuid.uuid4().hex}"
+    marker.write_bytes(b"")
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        probe = ray.remote(num_cpus=0)(_path_exists)
+        refs = [
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in nodes
+        ]
+        seen = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    finally:
+        marker.unlink(missing_ok=True)
+    return [
+        n.get("NodeManagerAddress", n["NodeID"])
+        for n, ok in zip(nodes, seen, strict=True)
+        if not ok
+    ]
+
+
+SHARED_HINT = "use s3://..., gs://... or a folder every node mounts (NFS)"
+
+
+def check_cluster_paths(cfg: TrainConfig, given_storage_path: str | None) -> None:
+    """On a multi-node cluster, refuse before training the paths other nodes cannot see:
+    Ray's checkpoint upload would otherwise fail on rank 0's node after a whole epoch, and the
+    cache (shards, judge) would be read from a disk only the driver has.
+
+    ``given_storage_path``: --storage_path as typed (None: the default under --save_dir)."""
+    if not cluster_is_multi_node():
+        return
+    storage = cfg.storage_path()
+    if given_storage_path is None:
+        raise ConfigError(
+            f"this Ray cluster has several nodes: pass --storage_path (the default, {storage}, "
+            f"is a folder on the driver's disk, which rank 0's node does not have); {SHARED_HINT}"
+        )
+    if "://" not in given_storage_path and not Path(given_storage_path).expanduser().is_absolute():
+        raise ConfigError(
+            f"--storage_path {given_storage_path} is relative to the driver's working folder, "
+            f"which other nodes do not have; {SHARED_HINT}"
+        )
+    folders = [("--cache_dir", str(cfg.data.resolved_cache_dir()))]
+    if "://" not in storage:
+        folders.insert(0, ("--storage_path", storage))
+    for flag, folder in folders:
+        missing = nodes_missing(folder)
+        if missing:
+            raise ConfigError(
+                f"{flag} {folder} is not shared: node(s) {', '.join(missing)} do not see it; "
+                f"{SHARED_HINT}"
+                + (" (or set CONTROLNET_RAY_CACHE)" if flag == "--cache_dir" else "")
+            )
+
+
 def run_training(cfg: TrainConfig) -> object:
     """Check inputs and prepare data, then start Ray and train; returns Ray's Result."""
     t0 = time.time()
+    given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
     shards = check_before_ray(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
@@ -413,6 +555,7 @@ def run_training(cfg: TrainConfig) -> object:
         import ray
 
         plan = plan_resources(cfg, ray.cluster_resources().get("CPU", 0), local=False)
+    check_cluster_paths(cfg, given_storage_path)
     need = resource_need(cfg, plan)
     with capacity.held(need, cfg.ray.resource_wait_s, fixed=local):
         result = _fit(cfg, plan, shards)
@@ -438,7 +581,7 @@ def _fit(cfg: TrainConfig, plan: ResourcePlan, shards: Path) -> object:
     pairs = build_pairs(cfg, shards)
     board, console = start_console(cfg.output.progress)
     try:
-        return build_trainer(cfg, plan, pairs, progress_board=board).fit()
+        return fit_with_outputs(cfg, build_trainer(cfg, plan, pairs, progress_board=board))
     finally:
         console.close()
 

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 HISTORY_FORMAT_VERSION = 1
 FINAL_CURVES_NAME = "final_training_curves.png"
+HISTORY_NAME = "training_history.json"
 
 STEP_TAGS = {
     "loss": "Train/Loss",
@@ -249,6 +250,11 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return value if _is_finite(value) else None
     return str(value)
+
+
+def history_path(save_dir: str | os.PathLike[str]) -> Path:
+    """``<save_dir>/training_history.json``, the original's name."""
+    return Path(save_dir) / HISTORY_NAME
 
 
 def write_history_json(

@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"training failed: {worker_error_line(str(exc))}", file=sys.stderr)
             return 1
         raise
+    from controlnet_ray.storage import LOG_DIR, SAVE_DIR, join_uri
+
     save_dir = Path(cfg.output.save_dir).resolve()
     print("outputs:")
     print(
@@ -41,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"  curves, history   {save_dir / 'final_training_curves.png'}, "
         f"{save_dir / 'training_history.json'}"
     )
-    print(f"  Ray checkpoints   {cfg.storage_path()}/{cfg.run_name()}")
+    run_dir = join_uri(cfg.storage_path(), cfg.run_name())
+    print(f"  Ray checkpoints   {run_dir}")
+    print(
+        f"  run storage       {join_uri(cfg.storage_path(), cfg.run_name(), SAVE_DIR)}, "
+        f"{LOG_DIR} beside it (all of the above, kept there)"
+    )
     return 0
 
 

@@ -39,6 +39,7 @@ from controlnet_ray import capacity
 from controlnet_ray.capacity import Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+from controlnet_ray.storage import join_uri
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
 # A custom resource the cluster configs declare on the head node (never preempted): when the
@@ -287,8 +288,8 @@ def param_space(opts: SweepOptions) -> dict[str, Any]:
 
 
 def sweep_dir(storage_path: str, sweep_name: str) -> str:
-    """The Tune experiment folder; a plain join keeps s3:// and gs:// URIs intact."""
-    return f"{storage_path.rstrip('/')}/{sweep_name}"
+    """The Tune experiment folder; s3:// and gs:// URIs (and their query) kept intact."""
+    return join_uri(storage_path, sweep_name)
 
 
 def trial_config(
@@ -313,7 +314,7 @@ def trial_config(
     ray_opts = dataclasses.replace(
         base.ray,
         run_name=trial_id,
-        storage_path=f"{sweep_dir(base.storage_path(), sweep_name)}/{TRAIN_RUNS_DIR}",
+        storage_path=join_uri(base.storage_path(), sweep_name, TRAIN_RUNS_DIR),
         seed=base.ray.seed + int(params.get("repeat", 0)),
         fresh=False,
     )
@@ -327,7 +328,7 @@ def run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from controlnet_ray.launcher import ResourcePlan, build_trainer
+    from controlnet_ray.launcher import ResourcePlan, build_trainer, fit_with_outputs
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
@@ -342,7 +343,7 @@ def run_trial(
         cpus_per_worker=plan["cpus_per_worker"],
         torch_threads=plan["torch_threads"],
     )
-    build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]).fit()
+    fit_with_outputs(cfg, build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]))
 
 
 def _trial_id(trial: Any) -> str:
@@ -659,11 +660,19 @@ def result_trial_id(result: Any) -> str:
 
 
 def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
-    """Adapt Tune's ResultGrid to table rows, with each trial's full history."""
+    """Adapt Tune's ResultGrid to table rows, with each trial's full history; each trial's
+    files are copied down from its storage first (a trial the scheduler stopped was ended
+    before its own driver could)."""
+    from controlnet_ray.launcher import materialise_outputs
+
     rows = []
     for result in grid:
         trial_id = result_trial_id(result)
         cfg = trial_config(base, result.config, opts.sweep_name, trial_id)
+        try:
+            materialise_outputs(cfg)
+        except OSError as exc:  # storage unreachable: the table is still worth printing
+            print(f"trial {trial_id}: outputs not copied down ({exc})", flush=True)
         df = result.metrics_dataframe
         tune_rows = df.to_dict("records") if df is not None else []
         history = merge_history(tune_rows, train_run_rows(cfg), history_file_rows(cfg))
@@ -697,7 +706,7 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
     from ray.train import Result
 
-    run_path = f"{cfg.storage_path()}/{cfg.run_name()}"
+    run_path = join_uri(cfg.storage_path(), cfg.run_name())
     logger = logging.getLogger("ray.train")
     level = logger.level
     logger.setLevel(logging.ERROR)  # from_path logs a long note about resuming runs
@@ -712,7 +721,9 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
 def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Validation history from the trial's ``training_history.json`` (all epochs)."""
-    path = Path(cfg.output.save_dir) / "training_history.json"
+    from controlnet_ray.reporting import history_path
+
+    path = history_path(cfg.output.save_dir)
     try:
         val = json.loads(path.read_text()).get("val", [])
     except (OSError, ValueError):

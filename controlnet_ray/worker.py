@@ -2,7 +2,8 @@
 
 Everything numeric lives in :mod:`controlnet_ray.engine` (pure PyTorch); this module wires it
 to Ray: dataset shards, DDP preparation, metric reduction across ranks, Ray checkpoints, and the
-original's files (written by rank 0 only).
+original's files (written by rank 0 only, published to the run's storage: see
+:mod:`controlnet_ray.outputs`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -40,17 +41,14 @@ from controlnet_ray.engine import (
 )
 from controlnet_ray.model import apply_freezing, build_model, model_signature
 from controlnet_ray.model.discriminator import build_discriminator
+from controlnet_ray.outputs import EpochFiles, RankZeroOutputs, epoch_names
 from controlnet_ray.progress import WorkerProgress
-from controlnet_ray.reporting import (
-    TensorBoardReporter,
-    curves_path,
-    save_curves_png,
-    write_history_json,
-)
+from controlnet_ray.reporting import TensorBoardReporter
+from controlnet_ray.storage import RunStorage
 
 RAY_CKPT_FILE = ckpt.RAY_STATE_FILE
 STEP_LOG_EVERY = 10
-STAGING_DIR = ".ray_staging"
+SCRATCH_ROOT = "controlnet_ray_rank0"  # under the node's temp folder: rank 0's local files
 
 
 @dataclass
@@ -68,11 +66,41 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def from_rank_zero(obj: Any, device: torch.device | None = None) -> Any:
+    """Rank 0's ``obj`` on every rank: a starting checkpoint is read once (by rank 0, from
+    wherever it lives) and sent over the process group, not read by every rank."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG streams, by rank (a collective: every rank calls it)."""
+    mine = ckpt.capture_rng_state()
+    if not _distributed():
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def scratch_dir(run_name: str) -> Path:
+    """Rank 0's local folder for this run (emptied by RankZeroOutputs): on its own node's
+    disk, never the driver's --save_dir, which other nodes may not have."""
+    return Path(tempfile.gettempdir()) / SCRATCH_ROOT / run_name
 
 
 class WorkerRun:
@@ -89,14 +117,19 @@ class WorkerRun:
         torch.set_num_threads(max(1, threads))
         self.device = ray.train.torch.get_device()
         self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
-        self.save_dir = Path(self.cfg.output.save_dir)
-        self.staging = staging_dir(self.save_dir) if self.rank == 0 else None
+        self.outputs = self._rank_zero_outputs() if self.rank == 0 else None
         self.state = RunState()
+        self._resume_ref = loop_config.get("resume_state")  # --resume, read by the driver
         self._initial_state: dict | None = None  # the checkpoint the run starts from, if any
+        self._ray_state_path: str | None = None  # its state file in storage, when Ray's
         self._build()
         self.judging = self._build_judging(loop_config.get("shards_dir"))
 
     # -- setup -------------------------------------------------------------------------------
+    def _rank_zero_outputs(self) -> RankZeroOutputs:
+        storage = RunStorage.open(self.cfg.storage_path(), self.cfg.run_name())
+        return RankZeroOutputs(storage, scratch_dir(self.cfg.run_name()))
+
     def _build(self) -> None:
         cfg = self.cfg
         model = build_model(cfg.model)
@@ -160,23 +193,36 @@ class WorkerRun:
             model.train(was_training)
         return judged_metrics(report)
 
-    def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
-        """Ray checkpoint of this run first (driver restart, worker failure), then --resume."""
+    def _read_initial_state(self) -> tuple[str | None, dict | None]:
+        """Rank 0 gets the starting checkpoint and every rank receives it from rank 0: this
+        run's Ray checkpoint first (driver restart, worker failure), read from storage, then
+        --resume, which the driver read and put in the object store; (None, None) without.
+        The first element is the Ray checkpoint's folder in storage, or "" for --resume."""
         ray_ckpt = ray.train.get_checkpoint()
-        if ray_ckpt is not None:
+        found: tuple[str | None, dict | None] = (None, None)
+        if self.rank == 0 and ray_ckpt is not None:
             with ray_ckpt.as_directory() as d:
-                state = ckpt.load_checkpoint(Path(d) / RAY_CKPT_FILE)
+                found = (ray_ckpt.path, ckpt.load_checkpoint(Path(d) / RAY_CKPT_FILE))
+        elif self.rank == 0 and self._resume_ref is not None:
+            found = ("", ray.get(self._resume_ref))
+        return from_rank_zero(found, self.device)
+
+    def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
+        """Apply the starting checkpoint: a Ray checkpoint continues the run; --resume
+        continues or warm-starts as ``plan_resume`` decides."""
+        ray_path, state = self._read_initial_state()
+        if state is not None and ray_path:
             self._initial_state = state
+            self._ray_state_path = f"{ray_path}/{RAY_CKPT_FILE}"
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
             self._adopt_history(state, start_epoch=int(state["epoch"]) + 1)
             self.progress.message(
-                f"resumed from Ray checkpoint {ray_ckpt.path} at epoch {state['epoch']}"
+                f"resumed from Ray checkpoint {ray_path} at epoch {state['epoch']}"
                 f" (continuing at epoch {self.state.start_epoch})",
             )
             return state
-        if self.cfg.output.resume:
-            state = ckpt.load_checkpoint(self.cfg.output.resume)
+        if state is not None:
             self._initial_state = state
             ckpt.check_model_compat(state, model, self.signature)
             model.load_state_dict(state["model_state_dict"])
@@ -217,8 +263,16 @@ class WorkerRun:
         self.scheduler.load_state_dict(state["scheduler_state_dict"])
         if state.get("engine_state"):
             self.engine.load_state_dict(state["engine_state"])
-        if state.get("rng_state"):
-            ckpt.restore_rng_state(state["rng_state"])
+        self._restore_rng(state)
+
+    def _restore_rng(self, state: dict) -> None:
+        """This rank's own streams from the checkpoint; one derived for it when the file has
+        none for this rank (it was written by fewer workers, or by the original script)."""
+        mine = ckpt.rng_state_for_rank(state, self.rank)
+        if mine:
+            ckpt.restore_rng_state(mine)
+        else:
+            ckpt.seed_rank_streams(self.cfg.ray.seed, self.rank, self.state.start_epoch)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -226,7 +280,8 @@ class WorkerRun:
         if self.state.start_epoch > cfg.optim.epochs:
             self._report_finished_run()
             return
-        reporter = TensorBoardReporter(cfg.output.log_dir, enabled=self.rank == 0)
+        log_dir = self.outputs.log_dir if self.outputs is not None else cfg.output.log_dir
+        reporter = TensorBoardReporter(log_dir, enabled=self.rank == 0)
         train_shard = ray.train.get_dataset_shard("train")
         val_shard = ray.train.get_dataset_shard("val")
         t_start = time.time()
@@ -249,8 +304,6 @@ class WorkerRun:
                 self._checkpoint_and_report(
                     epoch, train_metrics, val_metrics, time.time() - t_start
                 )
-            if self.rank == 0:
-                self._write_final()
 
     def _batches(self, shard, train: bool):
         bs = self.cfg.data.batch_size
@@ -380,7 +433,7 @@ class WorkerRun:
         reporter.flush()
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _state_dict(self, epoch: int) -> dict:
+    def _state_dict(self, epoch: int, rank_rng_states: list[dict]) -> dict:
         s = self.state
         return ckpt.build_checkpoint(
             epoch=epoch,
@@ -393,6 +446,8 @@ class WorkerRun:
             best_val_psnr=s.best_val_psnr,
             train_history=s.train_history,
             val_history=s.val_history,
+            rng_state=rank_rng_states[0],
+            rank_rng_states=rank_rng_states,
             model_signature=self.signature,
             trainable=self.trainable_names,
             discriminator=self.adversary and self.adversary.discriminator,
@@ -401,15 +456,15 @@ class WorkerRun:
 
     def _report_finished_run(self) -> None:
         """The Ray checkpoint is the last epoch (e.g. a driver or Tune restarted after it): say
-        so, report that epoch's metrics again for whoever waits on a result (Tune), and write
-        the final files in case the run was stopped before it did."""
+        so, report that epoch's metrics again for whoever waits on a result (Tune), and publish
+        the final files again from the stored state in case an older run stopped before."""
         s, epoch = self.state, self.state.start_epoch - 1
         self.progress.message(f"nothing to train: the run already reached epoch {epoch}")
         if not (s.train_history and s.val_history):
             return
         ray.train.report(self._epoch_metrics(epoch, s.train_history[-1], s.val_history[-1], 0.0))
-        if self.rank == 0:
-            self._write_final()
+        if self.outputs is not None and self._ray_state_path:
+            self.outputs.publish_final(self._ray_state_path, s.train_history, s.val_history)
 
     def _epoch_metrics(self, epoch: int, train: dict, val: dict, elapsed: float) -> dict:
         """What each epoch reports to Ray (and what the console line shows); never a NaN score
@@ -433,53 +488,38 @@ class WorkerRun:
         return _require_finite(metrics, f"epoch {epoch}")
 
     def _checkpoint_and_report(self, epoch: int, train: dict, val: dict, elapsed: float) -> None:
+        """Every rank's RNG streams go into the checkpoint; rank 0 serialises the state once
+        and hands the upload (and the files derived from it) to Ray's upload thread, so the
+        other ranks wait at ``report`` for one ``torch.save`` only."""
         metrics = self._epoch_metrics(epoch, train, val, elapsed)
-        if self.rank != 0:
+        rng_states = all_rng_states()
+        if self.outputs is None:
             ray.train.report(metrics)
             return
-        state = self._state_dict(epoch)
-        self._write_files(epoch, state)
-        with tempfile.TemporaryDirectory(dir=self.staging) as tmp:
-            ckpt.atomic_save(state, Path(tmp) / RAY_CKPT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        files = self._write_epoch_files(epoch, rng_states)
 
-    def _write_files(self, epoch: int, state: dict) -> None:
-        """Rank 0: the original's per-epoch files in --save_dir."""
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        if epoch % self.cfg.output.save_interval == 0:
-            ckpt.atomic_save(state, self.save_dir / f"checkpoint_epoch_{epoch}.pth")
-            save_curves_png(
-                self.state.train_history, self.state.val_history, curves_path(self.save_dir, epoch)
-            )
-        if self.is_best:
-            ckpt.atomic_save(state, self.save_dir / "best_model.pth")
-        write_history_json(
-            self.save_dir / "training_history.json",
+        def upload(_: ray.train.Checkpoint, checkpoint_dir_name: str) -> ray.train.Checkpoint:
+            path = self.outputs.publish(files, checkpoint_dir_name)
+            return ray.train.Checkpoint(path, filesystem=self.outputs.storage.fs)
+
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(files.checkpoint_dir),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_fn=upload,
+        )
+
+    def _write_epoch_files(self, epoch: int, rng_states: list[dict]) -> EpochFiles:
+        """Rank 0: the epoch's state and small files in its scratch folder (see outputs)."""
+        o = self.cfg.output
+        names = epoch_names(epoch, self.cfg.optim.epochs, o.save_interval, self.is_best)
+        return self.outputs.write_epoch(
+            epoch,
+            self._state_dict(epoch, rng_states),
+            names,
             self.state.train_history,
             self.state.val_history,
         )
-
-    def _write_final(self) -> None:
-        state = self._state_dict(self.cfg.optim.epochs)
-        ckpt.atomic_save(state, self.save_dir / "final_model.pth")
-        save_curves_png(
-            self.state.train_history, self.state.val_history, curves_path(self.save_dir)
-        )
-        write_history_json(
-            self.save_dir / "training_history.json",
-            self.state.train_history,
-            self.state.val_history,
-        )
-
-
-def staging_dir(save_dir: Path) -> Path:
-    """``<save_dir>/.ray_staging``, emptied: where rank 0 writes a Ray checkpoint before Ray
-    copies it to storage. A worker or driver killed mid-report leaves its ~20 MB there (not in
-    /tmp, where nothing would find it); the next attempt's rank 0 starts by removing it."""
-    path = save_dir / STAGING_DIR
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 JUDGED_MAX_PAIRS = 256  # validation pairs the judges score each epoch (an even subset)

@@ -7,7 +7,7 @@ VENV="$ROOT/.venv"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 STAMP="$VENV/.controlnet_ray_installed"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/env.sh" | sha256sum | cut -c1-16)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$ROOT/scripts/env.sh" | sha256sum | cut -c1-16)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     return 0 2>/dev/null || exit 0
 fi
@@ -16,7 +16,8 @@ echo "installing into $VENV (first run takes a few minutes: torch is 5.5 GB)" >&
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first: these exact versions come from local wheels on the project's machines.
 "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-"$VENV/bin/python" -m pip install -q -e "$ROOT[cpu,dev,faces]"
+# constraints.txt: the exact versions the tests passed with (scripts/constraints.sh writes it)
+"$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[cpu,dev,faces]"
 # insightface's declared needs (opencv-python GUI build, onnxruntime) would clash with
 # opencv-python-headless and onnxruntime-gpu: install it alone; its real needs are above.
 "$VENV/bin/python" -m pip install -q --no-deps insightface==2.1

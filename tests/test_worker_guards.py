@@ -55,11 +55,3 @@ def test_non_finite_metrics_never_reach_ray(bad: float) -> None:
     assert wk._require_finite({"val_psnr": 20.0}, "epoch 1") == {"val_psnr": 20.0}
     with pytest.raises(NonFiniteLossError, match=f"epoch 2: validation.*val_psnr {bad}"):
         wk._require_finite({"val_loss": 0.1, "val_psnr": bad}, "epoch 2: validation")
-
-
-def test_staging_folder_left_by_a_killed_report_is_emptied(tmp_path) -> None:
-    left = tmp_path / wk.STAGING_DIR / "tmpabc123"
-    left.mkdir(parents=True)
-    (left / wk.RAY_CKPT_FILE).write_bytes(b"\0" * 1000)
-    assert wk.staging_dir(tmp_path) == tmp_path / wk.STAGING_DIR
-    assert list((tmp_path / wk.STAGING_DIR).iterdir()) == []
