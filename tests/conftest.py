@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray cluster per test module that asks for it."""
+"""Shared fixtures: a loopback S3 server; the inference commands' session fixtures (a tiny dataset
+and checkpoint, built once per session for every module that uses them)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,10 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.inference_fixtures"]
+
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray with 3 logical CPUs (2 training workers + 1 for Ray Data), like Ray's tests."""
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 S3_ENV = {

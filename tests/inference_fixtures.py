@@ -3,7 +3,8 @@
 The checkpoint is trained in pure PyTorch (``engine.TrainEngine``, no Ray) for a few steps on
 pairs from the tiny synthetic dataset's shards and saved with ``checkpoint.build_checkpoint`` /
 ``atomic_save`` exactly like training saves, so the commands are tested on a real file.
-Import the fixtures into a test module with ``from tests.inference_fixtures import *``.
+``tests/conftest.py`` registers this module as a plugin, so the session fixtures are built once
+for the whole run; test modules import only the helper functions they call.
 """
 
 from __future__ import annotations

@@ -437,17 +437,15 @@ def test_engine_import_does_not_load_ray() -> None:
 
 
 def test_pose_scale_comes_from_the_model_package() -> None:
-    model_pkg = pytest.importorskip("controlnet_ray.model")
-    if not hasattr(model_pkg, "POSE_SCALE_DEG"):
-        pytest.skip("controlnet_ray.model does not define POSE_SCALE_DEG yet")
+    import controlnet_ray.model as model_pkg
+
     assert eng.pose_scale_deg() == float(model_pkg.POSE_SCALE_DEG)
 
 
 def test_real_model_follows_the_engine_contract() -> None:
     """The colleague-owned model through the engine's default path (POSE_SCALE_DEG import)."""
-    model_pkg = pytest.importorskip("controlnet_ray.model")
-    if not hasattr(model_pkg, "build_model"):
-        pytest.skip("controlnet_ray.model.build_model is not there yet")
+    import controlnet_ray.model as model_pkg
+
     torch.manual_seed(0)
     mcfg = ModelConfig(image_size=32, encoder="cnn", base_channels=8, feature_dim=32)
     model = model_pkg.build_model(mcfg)
@@ -461,6 +459,30 @@ def test_real_model_follows_the_engine_contract() -> None:
     assert [m.optimizer_step for m in steps] == [False, True, True]
     assert all(math.isfinite(m.loss) for m in steps)
     means = eng.evaluate(model, [make_batch(2, size=32)], cfg, CPU, FP32).means()
+    assert all(math.isfinite(v) for v in means.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_warp_model_trains_with_amp_on_cuda() -> None:
+    """The product's model (warp generator) through the engine on CUDA with AMP as resolved
+    for the device (bf16 where supported, else fp16 with a GradScaler): finite losses, weights
+    stay fp32 and move, evaluation agrees with the device."""
+    from controlnet_ray.model import build_model
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(image_size=32, base_channels=8, feature_dim=32)).to(cuda)
+    cfg = OptimConfig()
+    opt = eng.build_optimizer(model, cfg)
+    amp = eng.resolve_amp(True, cuda)
+    engine = eng.TrainEngine(model, opt, eng.build_scheduler(opt, cfg, 4), cfg, cuda, amp)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [engine.train_micro_batch(make_batch(4, size=32, seed=i)) for i in range(4)]
+    assert all(math.isfinite(m.loss) and not m.skipped for m in steps[1:])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    means = eng.evaluate(model, [make_batch(4, size=32)], cfg, cuda, amp).means()
     assert all(math.isfinite(v) for v in means.values())
 
 

@@ -20,7 +20,6 @@ from controlnet_ray.inference import (
     read_image,
 )
 from tests.cli_helpers import run_module
-from tests.inference_fixtures import *  # noqa: F403 - session fixtures
 from tests.inference_fixtures import TINY_IMAGE_SIZE, aligned_face, cli_args
 
 ARCFACE_INPUT = 32  # a small random iresnet stands in for w600k_r50 (112 px)

@@ -14,7 +14,6 @@ from controlnet_ray.data import detect
 from controlnet_ray.data.geometry import ARCFACE_TEMPLATE_112
 from controlnet_ray.inference import InferenceError, load_model, parse_sweep, read_image, to_rgb8
 from tests.cli_helpers import run_module
-from tests.inference_fixtures import *  # noqa: F403 - session fixtures
 from tests.inference_fixtures import (
     TINY_IMAGE_SIZE,
     aligned_face,

@@ -199,9 +199,8 @@ def test_views_cover_the_pose_ranges() -> None:
 
 
 def test_layout_is_readable_and_matches_ground_truth(tmp_path: Path) -> None:
-    layout = pytest.importorskip(
-        "controlnet_ray.data.layout", reason="layout.read_legacy_dataset not available yet"
-    )
+    from controlnet_ray.data import layout
+
     spec = SyntheticSpec(num_identities=6, frames_per_identity=2, seed=0, image_px=64)
     data_dir = render_dataset(tmp_path, spec)
     assert data_dir == tmp_path / "train" / "datas" / "file"
