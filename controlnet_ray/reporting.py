@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from controlnet_ray.checkpoint import atomic_write
+from controlnet_ray.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -276,8 +276,7 @@ def write_history_json(
             "extra": dict(extra or {}),
         }
     )
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def load_history_json(path: str | os.PathLike[str]) -> dict[str, Any]:

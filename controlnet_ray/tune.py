@@ -39,6 +39,7 @@ from controlnet_ray import capacity
 from controlnet_ray.capacity import Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+from controlnet_ray.files import atomic_write_text
 from controlnet_ray.storage import join_uri
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
@@ -430,11 +431,7 @@ def save_rungs(brackets: Any, path: str) -> bool:
     if rungs is None:
         return False
     data = [[[m, dict(rec)] for m, rec in bracket] for bracket in rungs]
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, target)
+    atomic_write_text(path, json.dumps(data))
     return True
 
 
