@@ -113,7 +113,10 @@ def legacy_args(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module under DDP / DataParallel / torch.compile, so keys carry no prefixes."""
+    """The bare module under DDP / DataParallel / torch.compile: the one unwrap the package uses,
+    so saved keys carry no prefixes, optimisers see the module's own parameters and a forward
+    that must run no collective (evaluation, the frozen critic) bypasses DDP.  Here, not in the
+    worker, because the engine (which never imports Ray) needs it too."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
