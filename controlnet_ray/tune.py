@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from controlnet_ray import capacity
-from controlnet_ray.capacity import Need
+from controlnet_ray.capacity import DATA_CPUS, Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
 from controlnet_ray.files import atomic_write_text
@@ -49,7 +49,6 @@ TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fai
 # workers. A cluster without it (a local Ray) places trials by CPU as before.
 DRIVER_RESOURCE = "driver_node"
 DRIVER_SHARE = 0.001
-DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
 METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
 RESULTS_STEM = "sweep_results"
