@@ -1,8 +1,10 @@
-"""Writing files so readers never see half of one: the package's single atomic-write policy.
+"""Writing files: the package's one atomic-write policy and its one strict-JSON cleaning.
 
 A file is written to a hidden temp name beside its target, flushed to disk, renamed over the
 target and the rename itself persisted, so a reader (or a crash) sees the old file or the whole
 new one.  Checkpoints, judges, histories, datasets, tune state and exports all write this way.
+JSON the package writes is strict (no ``NaN``/``Infinity`` tokens, which many readers reject):
+:func:`json_safe` turns non-finite numbers into ``null``, :func:`is_finite` is the test.
 
 A leaf module (standard library only; ``torch`` is imported by :func:`atomic_save` alone) so
 every layer can use it: ``data`` and ``judging`` without the model, the engine without Ray.
@@ -10,9 +12,11 @@ every layer can use it: ``data`` and ``judging`` without the model, the engine w
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +84,41 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     import torch  # only here: the rest of this module stays importable without torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def is_finite(value: Any) -> bool:
+    """A finite number (int, float, numpy or 0-d torch scalar); False for NaN/inf, ``None``,
+    strings and anything else ``float()`` refuses, so metric rows can be filtered without
+    type checks."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: mappings (keys as ``str``), lists, numpy/torch arrays and scalars as
+    Python numbers, NaN/inf as ``None`` (strict JSON has no NaN); anything else as ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        value = value.tolist()
+        if isinstance(value, list):
+            return json_safe(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def dumps_strict(doc: Any) -> str:
+    """Strict JSON text of :func:`json_safe` ``(doc)``: indented, UTF-8 names kept readable."""
+    return json.dumps(json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False)
 
 
 def _is_write_failure(exc: BaseException) -> bool:

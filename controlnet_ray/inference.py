@@ -17,7 +17,6 @@ torch is imported inside functions only, so CLIs can validate their arguments fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -546,26 +545,6 @@ def grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
             y, x = pad + i * (tile_h + pad), pad + j * (tile_w + pad)
             out[y : y + tile_h, x : x + tile_w] = tile
     return out
-
-
-def json_safe(value: Any) -> Any:
-    """Recursively replace NaN/inf by None and numpy scalars by Python numbers (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps_strict(doc: Any) -> str:
-    """Strict JSON text (no NaN/Infinity tokens), UTF-8 names kept readable."""
-    return json.dumps(json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- CLI frame

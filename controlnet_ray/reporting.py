@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from controlnet_ray.files import atomic_write, atomic_write_text
+from controlnet_ray.files import atomic_write, atomic_write_text, dumps_strict, is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,6 @@ _JUDGED_POSE = (
     "judge_floor_yaw_deg",
     "judge_floor_pitch_deg",
 )
-
-
-def _is_finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _strip_prefix(key: str, prefix: str) -> str:
@@ -195,7 +188,7 @@ class TensorBoardReporter:
     def _scalar(self, tag: str, value: Any, step: int) -> None:
         if self._writer is None:
             return
-        if not _is_finite(value):
+        if not is_finite(value):
             self._skip(tag)
             return
         self._writer.add_scalar(tag, float(value), step)
@@ -235,23 +228,6 @@ def _grid(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 # --------------------------------------------------------------------------- history JSON
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values; non-finite numbers become ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, (str, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        value = value.item()
-    if isinstance(value, (int, float)):
-        return value if _is_finite(value) else None
-    return str(value)
-
-
 def history_path(save_dir: str | os.PathLike[str]) -> Path:
     """``<save_dir>/training_history.json``, the original's name."""
     return Path(save_dir) / HISTORY_NAME
@@ -268,15 +244,13 @@ def write_history_json(
     Layout: ``{"format_version": 1, "train": [...], "val": [...], "extra": {...}}``, one dict of
     metrics per epoch (the checkpoint's ``train_metrics_history`` / ``val_metrics_history``).
     """
-    doc = _json_safe(
-        {
-            "format_version": HISTORY_FORMAT_VERSION,
-            "train": list(train_history),
-            "val": list(val_history),
-            "extra": dict(extra or {}),
-        }
-    )
-    return atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    doc = {
+        "format_version": HISTORY_FORMAT_VERSION,
+        "train": list(train_history),
+        "val": list(val_history),
+        "extra": dict(extra or {}),
+    }
+    return atomic_write_text(path, dumps_strict(doc) + "\n")
 
 
 def load_history_json(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -311,12 +285,12 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
         entry = {_strip_prefix(_strip_prefix(k, "train_"), "val_"): v for k, v in entry.items()}
         value = entry.get(key)
         xs.append(float(entry.get("epoch", i + 1)))
-        ys.append(float(value) if _is_finite(value) else math.nan)
+        ys.append(float(value) if is_finite(value) else math.nan)
     return xs, ys
 
 
 def _has(history: Sequence[Mapping[str, Any]], key: str) -> bool:
-    return any(_is_finite(v) for v in _series(history, key)[1])
+    return any(is_finite(v) for v in _series(history, key)[1])
 
 
 def _panels(train: Sequence[Mapping], val: Sequence[Mapping]) -> list[tuple[str, list]]:

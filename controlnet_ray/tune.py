@@ -39,7 +39,7 @@ from controlnet_ray import capacity
 from controlnet_ray.capacity import DATA_CPUS, Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
-from controlnet_ray.files import atomic_write_text
+from controlnet_ray.files import atomic_write_text, is_finite
 from controlnet_ray.storage import join_uri
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
@@ -542,9 +542,9 @@ def summarize_trial(
 ) -> TrialSummary:
     """Best epoch by val PSNR and whether the scheduler cut the trial short."""
     cfg = trial_config(base, params, sweep_name, trial_id)
-    rows = [r for r in history if _finite(r.get(METRIC))]
+    rows = [r for r in history if is_finite(r.get(METRIC))]
     best = max(rows, key=lambda r: float(r[METRIC]), default=None)
-    epochs_run = max((int(r[TIME_ATTR]) for r in rows if _finite(r.get(TIME_ATTR))), default=0)
+    epochs_run = max((int(r[TIME_ATTR]) for r in rows if is_finite(r.get(TIME_ATTR))), default=0)
     stopped = error is None and 0 < epochs_run < cfg.optim.epochs
     status = _status(error, bool(rows), stopped)
     return TrialSummary(
@@ -574,13 +574,6 @@ def _status(error: str | None, has_results: bool, stopped: bool) -> str:
 
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def rank(rows: Iterable[TrialSummary]) -> list[TrialSummary]:
@@ -687,7 +680,7 @@ def merge_history(*sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     by_epoch: dict[int, dict[str, Any]] = {}
     for source in sources:
         for row in source:
-            if not _finite(row.get(TIME_ATTR)):
+            if not is_finite(row.get(TIME_ATTR)):
                 continue
             merged = by_epoch.setdefault(int(row[TIME_ATTR]), {})
             for key, value in row.items():
