@@ -154,9 +154,10 @@ class TensorBoardReporter:
         if self._writer is None:
             return
         rows = [_to_unit(t[:max_samples]) for t in (source, target, output)]
-        self._image(COMPARISON_TAG, _grid(rows), epoch)
+        self._image(COMPARISON_TAG, image_grid(rows, border=False), epoch)
         for i in range(rows[0].shape[0]):
-            self._image(SAMPLE_TAG.format(i=i), _grid([[r[i] for r in rows]]), epoch)
+            sample = image_grid([[r[i] for r in rows]], border=False)
+            self._image(SAMPLE_TAG.format(i=i), sample, epoch)
 
     def log_pose_histograms(
         self, epoch: int, source_pose: torch.Tensor, target_pose: torch.Tensor
@@ -213,16 +214,25 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _grid(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Tile ``rows`` of equally sized ``[3, H, W]`` images into one ``[3, H', W']`` image."""
-    _, h, w = rows[0][0].shape
-    n_cols = max(len(r) for r in rows)
-    grid = torch.ones(3, len(rows) * (h + _PAD) - _PAD, n_cols * (w + _PAD) - _PAD)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            y, x = r * (h + _PAD), c * (w + _PAD)
-            grid[:, y : y + h, x : x + w] = image
-    return grid
+def image_grid(
+    rows: Sequence[Sequence[torch.Tensor]],
+    pad: int = _PAD,
+    fill: float = 1.0,
+    border: bool = True,
+) -> torch.Tensor:
+    """Tile ``rows`` of equally sized ``[C, H, W]`` images into one ``[C, H', W']`` image, the
+    package's one grid (TensorBoard here, ``inference.grid`` for PNGs): ``pad`` pixels of
+    ``fill`` between tiles (and around them when ``border``); short rows end in ``fill``."""
+    from torchvision.utils import make_grid
+
+    cols = max(len(r) for r in rows)
+    blank = torch.full_like(rows[0][0], fill)
+    tiles = [t for row in rows for t in (*row, *[blank] * (cols - len(row)))]
+    if len(tiles) == 1:  # make_grid returns a single image as it is, unpadded
+        grid = torch.nn.functional.pad(tiles[0], (pad, pad, pad, pad), value=fill)
+    else:
+        grid = make_grid(tiles, nrow=cols, padding=pad, pad_value=fill)
+    return grid if border else grid[:, pad : grid.shape[1] - pad, pad : grid.shape[2] - pad]
 
 
 # --------------------------------------------------------------------------- history JSON
