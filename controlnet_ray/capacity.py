@@ -21,6 +21,9 @@ from controlnet_ray.config import ConfigError
 POLL_S = 5.0  # between two looks at the cluster while waiting
 REPORT_EVERY_S = 30.0  # a progress line at least this often while waiting
 WAIT_FLAG = "--resource_wait_s"
+# CPUs kept free for Ray Data beside the training workers (train) or all trials (tune): one
+# number so a run and a sweep plan the same headroom.
+DATA_CPUS = 1.0
 
 Resources = Mapping[str, float]
 

@@ -19,11 +19,10 @@ import dataclasses
 import hashlib
 import os
 import random
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +113,10 @@ def legacy_args(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module under DDP / DataParallel / torch.compile, so keys carry no prefixes."""
+    """The bare module under DDP / DataParallel / torch.compile: the one unwrap the package uses,
+    so saved keys carry no prefixes, optimisers see the module's own parameters and a forward
+    that must run no collective (evaluation, the frozen critic) bypasses DDP.  Here, not in the
+    worker, because the engine (which never imports Ray) needs it too."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -297,70 +299,6 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, argparse.Namespace):
         return _to_plain(vars(value))
     return value
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Run ``write(f)`` on a temp file beside ``path``, fsync, then rename over ``path``.
-
-    Readers (and a crash) see either the old file or the complete new one.  The temp file is
-    created with the usual umask-derived permissions (not mkstemp's 0600) so shared save dirs
-    stay readable.  A failed write removes the temp file and re-raises.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_write_failure(exc):
-            errno = getattr(exc, "errno", None)
-            raise OSError(errno, f"cannot write {path}: {_first_line(exc)}") from exc
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _is_write_failure(exc: BaseException) -> bool:
-    """An I/O failure (full disk, read-only folder): the message must name the file. torch's
-    zip writer reports it as ``RuntimeError: [enforce fail at inline_container.cc...]``."""
-    return isinstance(exc, OSError) or (
-        isinstance(exc, RuntimeError) and "inline_container" in str(exc)
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` that never leaves a truncated file (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; best effort (not possible on every OS / filesystem)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- loading

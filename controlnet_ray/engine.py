@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from controlnet_ray.checkpoint import unwrap_model
 from controlnet_ray.config import DEVICE_CHOICES, LOSS_TYPES, OptimConfig
 from controlnet_ray.metrics import pose_abs_error_deg, psnr_per_image, ssim_per_image
 
@@ -386,8 +387,7 @@ class Adversary:
     @property
     def bare(self) -> nn.Module:
         """The module under a DDP wrapper (its forward runs no collective)."""
-        d = self.discriminator
-        return d.module if hasattr(d, "no_sync") else d
+        return unwrap_model(self.discriminator)
 
     def terms(self, image: torch.Tensor, batch: Batch, weights: torch.Tensor | None):
         """Both hinge losses for generated ``image`` against the real ``batch["target"]``.
@@ -872,7 +872,7 @@ def evaluate(
     ``pose_scale`` overrides ``POSE_SCALE_DEG`` (for stand-in models in tests).
     """
     device = torch.device(device)
-    net = getattr(model, "module", model) if hasattr(model, "no_sync") else model
+    net = unwrap_model(model)
     scale_deg = pose_scale if pose_scale is not None else pose_scale_deg()
     total = torch.zeros(len(_SUM_FIELDS) + 3, dtype=torch.float64, device=device)
     sample = None

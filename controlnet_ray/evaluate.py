@@ -497,7 +497,8 @@ def judge_split(
 
 
 def run(args: argparse.Namespace, out: Path, grid_path: Path) -> int:
-    from controlnet_ray.inference import dumps_strict, load_model, resolve_torch_device
+    from controlnet_ray.files import dumps_strict
+    from controlnet_ray.inference import load_model, resolve_torch_device
 
     device = resolve_torch_device(args.device)
     loaded = load_model(args.checkpoint, device)

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from controlnet_ray.files import publish, temp_name
 from controlnet_ray.inference import (
     INPUT_RANGE,
     META_CONVENTION,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, out: Path) -> int:
     from controlnet_ray.inference import load_model
 
     loaded = load_model(args.checkpoint, "cpu")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
+    tmp = temp_name(out, suffix=".onnx")
     try:
         try:
             export_onnx(loaded, tmp, args.opset)
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, out: Path) -> int:
                 file=sys.stderr,
             )
             return 1
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         with contextlib.suppress(OSError):  # clean-up must not hide the error being reported
             tmp.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ torch is imported inside functions only, so CLIs can validate their arguments fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -537,35 +536,15 @@ def label_tile(rgb: np.ndarray, text: str, min_size: int = 96) -> np.ndarray:
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
-    """Tiles (equal shapes) in rows, white padding; short rows are padded with white."""
-    tile_h, tile_w = rows[0][0].shape[:2]
-    cols = max(len(r) for r in rows)
-    out = np.full((len(rows) * (tile_h + pad) + pad, cols * (tile_w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            y, x = pad + i * (tile_h + pad), pad + j * (tile_w + pad)
-            out[y : y + tile_h, x : x + tile_w] = tile
-    return out
+    """Tiles (equal ``[H, W, 3]`` uint8 shapes) in rows with a white border and gaps; short rows
+    end in white. The tiling is ``reporting.image_grid``'s; this only converts to and from
+    numpy, so the PNG grids and TensorBoard's are laid out by one function."""
+    import torch
 
+    from controlnet_ray.reporting import image_grid
 
-def json_safe(value: Any) -> Any:
-    """Recursively replace NaN/inf by None and numpy scalars by Python numbers (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def dumps_strict(doc: Any) -> str:
-    """Strict JSON text (no NaN/Infinity tokens), UTF-8 names kept readable."""
-    return json.dumps(json_safe(doc), indent=2, ensure_ascii=False, allow_nan=False)
+    chw = [[torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1) for t in r] for r in rows]
+    return image_grid(chw, pad, fill=255).permute(1, 2, 0).contiguous().numpy()
 
 
 # --------------------------------------------------------------------------- CLI frame

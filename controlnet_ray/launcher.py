@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlnet_ray import capacity
-from controlnet_ray.capacity import Need
+from controlnet_ray.capacity import DATA_CPUS, Need
 from controlnet_ray.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
 
-DATA_CPUS = 1.0  # kept free for Ray Data beside the training workers
 MIRROR_INTERVAL_S = 10.0  # how often the driver copies new outputs down while a run trains
 PROBE_TIMEOUT_S = 120.0  # for every node to answer whether it sees a path
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from controlnet_ray import checkpoint as ckpt
+from controlnet_ray.files import atomic_save
 from controlnet_ray.reporting import curves_path, history_path, save_curves_png, write_history_json
 from controlnet_ray.storage import LOG_DIR, SAVE_DIR, RunStorage
 
@@ -85,7 +86,7 @@ class RankZeroOutputs:
         written, the TensorBoard files' flushed sizes noted (they keep growing afterwards)."""
         ckpt_dir = self.scratch / CHECKPOINTS_DIR / f"epoch_{epoch}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_save(state, ckpt_dir / ckpt.RAY_STATE_FILE)
+        atomic_save(state, ckpt_dir / ckpt.RAY_STATE_FILE)
         files = EpochFiles(epoch, ckpt_dir, names.copies)
         files.small_files = self._write_small(names, train_history, val_history)
         files.events = {p: p.stat().st_size for p in self.log_dir.rglob("*") if p.is_file()}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from controlnet_ray.checkpoint import atomic_write
+from controlnet_ray.files import atomic_write, atomic_write_text, dumps_strict, is_finite
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,6 @@ _JUDGED_POSE = (
     "judge_floor_yaw_deg",
     "judge_floor_pitch_deg",
 )
-
-
-def _is_finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _strip_prefix(key: str, prefix: str) -> str:
@@ -161,9 +154,10 @@ class TensorBoardReporter:
         if self._writer is None:
             return
         rows = [_to_unit(t[:max_samples]) for t in (source, target, output)]
-        self._image(COMPARISON_TAG, _grid(rows), epoch)
+        self._image(COMPARISON_TAG, image_grid(rows, border=False), epoch)
         for i in range(rows[0].shape[0]):
-            self._image(SAMPLE_TAG.format(i=i), _grid([[r[i] for r in rows]]), epoch)
+            sample = image_grid([[r[i] for r in rows]], border=False)
+            self._image(SAMPLE_TAG.format(i=i), sample, epoch)
 
     def log_pose_histograms(
         self, epoch: int, source_pose: torch.Tensor, target_pose: torch.Tensor
@@ -195,7 +189,7 @@ class TensorBoardReporter:
     def _scalar(self, tag: str, value: Any, step: int) -> None:
         if self._writer is None:
             return
-        if not _is_finite(value):
+        if not is_finite(value):
             self._skip(tag)
             return
         self._writer.add_scalar(tag, float(value), step)
@@ -220,36 +214,28 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _grid(rows: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """Tile ``rows`` of equally sized ``[3, H, W]`` images into one ``[3, H', W']`` image."""
-    _, h, w = rows[0][0].shape
-    n_cols = max(len(r) for r in rows)
-    grid = torch.ones(3, len(rows) * (h + _PAD) - _PAD, n_cols * (w + _PAD) - _PAD)
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            y, x = r * (h + _PAD), c * (w + _PAD)
-            grid[:, y : y + h, x : x + w] = image
-    return grid
+def image_grid(
+    rows: Sequence[Sequence[torch.Tensor]],
+    pad: int = _PAD,
+    fill: float = 1.0,
+    border: bool = True,
+) -> torch.Tensor:
+    """Tile ``rows`` of equally sized ``[C, H, W]`` images into one ``[C, H', W']`` image, the
+    package's one grid (TensorBoard here, ``inference.grid`` for PNGs): ``pad`` pixels of
+    ``fill`` between tiles (and around them when ``border``); short rows end in ``fill``."""
+    from torchvision.utils import make_grid
+
+    cols = max(len(r) for r in rows)
+    blank = torch.full_like(rows[0][0], fill)
+    tiles = [t for row in rows for t in (*row, *[blank] * (cols - len(row)))]
+    if len(tiles) == 1:  # make_grid returns a single image as it is, unpadded
+        grid = torch.nn.functional.pad(tiles[0], (pad, pad, pad, pad), value=fill)
+    else:
+        grid = make_grid(tiles, nrow=cols, padding=pad, pad_value=fill)
+    return grid if border else grid[:, pad : grid.shape[1] - pad, pad : grid.shape[2] - pad]
 
 
 # --------------------------------------------------------------------------- history JSON
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values; non-finite numbers become ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.tolist())
-    if isinstance(value, (str, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        value = value.item()
-    if isinstance(value, (int, float)):
-        return value if _is_finite(value) else None
-    return str(value)
 
 
 def history_path(save_dir: str | os.PathLike[str]) -> Path:
@@ -268,16 +254,13 @@ def write_history_json(
     Layout: ``{"format_version": 1, "train": [...], "val": [...], "extra": {...}}``, one dict of
     metrics per epoch (the checkpoint's ``train_metrics_history`` / ``val_metrics_history``).
     """
-    doc = _json_safe(
-        {
-            "format_version": HISTORY_FORMAT_VERSION,
-            "train": list(train_history),
-            "val": list(val_history),
-            "extra": dict(extra or {}),
-        }
-    )
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    doc = {
+        "format_version": HISTORY_FORMAT_VERSION,
+        "train": list(train_history),
+        "val": list(val_history),
+        "extra": dict(extra or {}),
+    }
+    return atomic_write_text(path, dumps_strict(doc) + "\n")
 
 
 def load_history_json(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -312,12 +295,12 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
         entry = {_strip_prefix(_strip_prefix(k, "train_"), "val_"): v for k, v in entry.items()}
         value = entry.get(key)
         xs.append(float(entry.get("epoch", i + 1)))
-        ys.append(float(value) if _is_finite(value) else math.nan)
+        ys.append(float(value) if is_finite(value) else math.nan)
     return xs, ys
 
 
 def _has(history: Sequence[Mapping[str, Any]], key: str) -> bool:
-    return any(_is_finite(v) for v in _series(history, key)[1])
+    return any(is_finite(v) for v in _series(history, key)[1])
 
 
 def _panels(train: Sequence[Mapping], val: Sequence[Mapping]) -> list[tuple[str, list]]:

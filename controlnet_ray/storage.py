@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from controlnet_ray.files import atomic_write, publish, temp_name
 
 SAVE_DIR = "save_dir"  # under the run: the files the driver's --save_dir receives
 LOG_DIR = "log_dir"  # under the run: the TensorBoard events the driver's --log_dir receives
@@ -81,7 +82,7 @@ class RunStorage:
             return
         if _link_over(Path(src), Path(dest)):  # published files are never changed in place
             return
-        tmp = _temp_name(dest)
+        tmp = str(temp_name(dest))
         try:
             self.fs.copy_file(src, tmp)
             self.fs.move(tmp, dest)
@@ -126,15 +127,11 @@ class RunStorage:
             with self.fs.open_output_stream(dest) as out:
                 write(out)
             return
-        from controlnet_ray.checkpoint import atomic_write  # torch: only where it writes
-
         atomic_write(dest, write)
 
     def _fetch(self, info: pafs.FileInfo, target: Path) -> None:
         if self.is_local and _link_over(Path(info.path), target):
             return
-        from controlnet_ray.checkpoint import atomic_write
-
         with self.fs.open_input_stream(info.path) as src:
             atomic_write(target, lambda out: _copy_stream(src, out, None))
         if info.mtime_ns is not None:
@@ -166,22 +163,17 @@ def _link_over(source: Path, target: Path) -> bool:
     """Hard-link ``source`` at ``target`` atomically; False where links are impossible
     (another filesystem, or one without them), so the caller copies instead."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(_temp_name(str(target)))
+    tmp = temp_name(target)
     try:
         os.link(source, tmp)
     except OSError:
         return False
-    os.replace(tmp, target)
+    publish(tmp, target)
     return True
 
 
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] if "/" in path else ""
-
-
-def _temp_name(dest: str) -> str:
-    head, _, name = dest.rpartition("/")
-    return f"{head}/.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

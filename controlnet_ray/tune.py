@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from controlnet_ray import capacity
-from controlnet_ray.capacity import Need
+from controlnet_ray.capacity import DATA_CPUS, Need
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+from controlnet_ray.files import atomic_write_text, is_finite
 from controlnet_ray.storage import join_uri
 
 TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fails at start
@@ -48,7 +49,6 @@ TRIAL_CPUS = 0.25  # the trial function only waits on its trainer; zero CPUs fai
 # workers. A cluster without it (a local Ray) places trials by CPU as before.
 DRIVER_RESOURCE = "driver_node"
 DRIVER_SHARE = 0.001
-DATA_CPUS = 1.0  # kept free for Ray Data beside all trials (as launcher.DATA_CPUS)
 METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
 RESULTS_STEM = "sweep_results"
@@ -430,11 +430,7 @@ def save_rungs(brackets: Any, path: str) -> bool:
     if rungs is None:
         return False
     data = [[[m, dict(rec)] for m, rec in bracket] for bracket in rungs]
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, target)
+    atomic_write_text(path, json.dumps(data))
     return True
 
 
@@ -546,9 +542,9 @@ def summarize_trial(
 ) -> TrialSummary:
     """Best epoch by val PSNR and whether the scheduler cut the trial short."""
     cfg = trial_config(base, params, sweep_name, trial_id)
-    rows = [r for r in history if _finite(r.get(METRIC))]
+    rows = [r for r in history if is_finite(r.get(METRIC))]
     best = max(rows, key=lambda r: float(r[METRIC]), default=None)
-    epochs_run = max((int(r[TIME_ATTR]) for r in rows if _finite(r.get(TIME_ATTR))), default=0)
+    epochs_run = max((int(r[TIME_ATTR]) for r in rows if is_finite(r.get(TIME_ATTR))), default=0)
     stopped = error is None and 0 < epochs_run < cfg.optim.epochs
     status = _status(error, bool(rows), stopped)
     return TrialSummary(
@@ -578,13 +574,6 @@ def _status(error: str | None, has_results: bool, stopped: bool) -> str:
 
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def _finite(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def rank(rows: Iterable[TrialSummary]) -> list[TrialSummary]:
@@ -691,7 +680,7 @@ def merge_history(*sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     by_epoch: dict[int, dict[str, Any]] = {}
     for source in sources:
         for row in source:
-            if not _finite(row.get(TIME_ATTR)):
+            if not is_finite(row.get(TIME_ATTR)):
                 continue
             merged = by_epoch.setdefault(int(row[TIME_ATTR]), {})
             for key, value in row.items():

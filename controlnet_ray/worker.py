@@ -62,10 +62,6 @@ class RunState:
     val_history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -138,7 +134,7 @@ class WorkerRun:
         self.trainable_names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
         restored = self._load_initial_state(model)
         self.model = ray.train.torch.prepare_model(model)
-        self.optimizer = build_optimizer(_unwrap(self.model), cfg.optim)
+        self.optimizer = build_optimizer(ckpt.unwrap_model(self.model), cfg.optim)
         per_rank = self.num_train_pairs // (cfg.data.batch_size * self.world)
         if per_rank < 1:
             raise ValueError(
@@ -184,7 +180,7 @@ class WorkerRun:
         """This epoch's judged headline figures (rank 0; empty elsewhere or when off)."""
         if self.judging is None:
             return {}
-        model = _unwrap(self.model)
+        model = ckpt.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         try:
@@ -242,7 +238,7 @@ class WorkerRun:
             return None
         disc = build_discriminator(self.cfg.model)
         disc = ray.train.torch.prepare_model(disc)
-        optimizer = build_disc_optimizer(_unwrap(disc), self.cfg.optim)
+        optimizer = build_disc_optimizer(ckpt.unwrap_model(disc), self.cfg.optim)
         if self._initial_state is not None:
             restore_opt = optimizer if continuing else None
             line = ckpt.restore_discriminator(self._initial_state, disc, restore_opt)
@@ -399,7 +395,7 @@ class WorkerRun:
 
     def _validate(self, shard) -> EvalSums:
         sums = evaluate(
-            _unwrap(self.model),
+            ckpt.unwrap_model(self.model),
             self._batches(shard, train=False),
             self.cfg.optim,
             self.device,
@@ -437,7 +433,7 @@ class WorkerRun:
         s = self.state
         return ckpt.build_checkpoint(
             epoch=epoch,
-            model=_unwrap(self.model),
+            model=ckpt.unwrap_model(self.model),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             engine_state=self.engine.state_dict(),

@@ -90,9 +90,10 @@ def tiny_checkpoint(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactor
     """``best_model.pth`` of a tiny cnn ImageControlNet after a few optimiser steps."""
     import torch
 
-    from controlnet_ray.checkpoint import atomic_save, build_checkpoint
+    from controlnet_ray.checkpoint import build_checkpoint
     from controlnet_ray.data.shards import ensure_shards
     from controlnet_ray.engine import TrainEngine, build_optimizer, resolve_amp
+    from controlnet_ray.files import atomic_save
     from controlnet_ray.model import build_model, model_signature
 
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from controlnet_ray import checkpoint as ckpt
 from controlnet_ray import engine as eng
+from controlnet_ray import files
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from controlnet_ray.model import build_model
@@ -248,7 +249,7 @@ def save(engine: eng.TrainEngine, path: Path, with_disc: bool = True) -> Path:
         discriminator=adv.discriminator if with_disc else None,
         discriminator_optimizer=adv.optimizer if with_disc else None,
     )  # fmt: skip
-    return ckpt.atomic_save(state, path)
+    return files.atomic_save(state, path)
 
 
 def resume(path: Path, cfg: OptimConfig) -> tuple[eng.TrainEngine, str]:

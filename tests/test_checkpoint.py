@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from controlnet_ray import checkpoint as ckpt
+from controlnet_ray import files
 from controlnet_ray.config import TrainConfig
 
 SIGNATURE = {"encoder": "cnn", "depth": 0, "feature_dim": 8}
@@ -79,7 +80,7 @@ def _save(tmp_path: Path, model, opt, sched, epoch: int = 2, cfg: TrainConfig | 
         val_history=[{"loss": 1.1, "psnr": 20.0}, {"loss": 1.0, "psnr": 21.0}],
         engine_state={"scaler": {"scale": 1024.0, "_growth_tracker": 3}},
     )  # fmt: skip
-    return ckpt.atomic_save(state, ckpt.epoch_checkpoint_path(tmp_path, epoch))
+    return files.atomic_save(state, ckpt.epoch_checkpoint_path(tmp_path, epoch))
 
 
 def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_legacy_args_match_the_original_flags() -> None:
 
 def test_atomic_save_failure_mid_write_keeps_old_file(tmp_path, monkeypatch) -> None:
     path = tmp_path / "best_model.pth"
-    ckpt.atomic_save({"model_state_dict": {"w": torch.ones(3)}}, path)
+    files.atomic_save({"model_state_dict": {"w": torch.ones(3)}}, path)
     real_save = torch.save
 
     def half_then_crash(obj, f) -> None:
@@ -160,7 +161,7 @@ def test_atomic_save_failure_mid_write_keeps_old_file(tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(torch, "save", half_then_crash)
     with pytest.raises(OSError, match=r"cannot write .*best_model.pth: disk full"):
-        ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(100_000)}}, path)
+        files.atomic_save({"model_state_dict": {"w": torch.zeros(100_000)}}, path)
     monkeypatch.undo()
 
     assert torch.equal(ckpt.load_checkpoint(path)["model_state_dict"]["w"], torch.ones(3))
@@ -173,9 +174,9 @@ def test_atomic_save_unpicklable_object_keeps_old_file(tmp_path: Path) -> None:
             raise RuntimeError("cannot pickle this")
 
     path = tmp_path / "final_model.pth"
-    ckpt.atomic_save({"model_state_dict": {"w": torch.ones(3)}}, path)
+    files.atomic_save({"model_state_dict": {"w": torch.ones(3)}}, path)
     with pytest.raises(RuntimeError, match=r"cannot pickle"):
-        ckpt.atomic_save({"model_state_dict": {"w": torch.zeros(10_000)}, "x": Boom()}, path)
+        files.atomic_save({"model_state_dict": {"w": torch.zeros(10_000)}, "x": Boom()}, path)
     assert torch.equal(ckpt.load_checkpoint(path)["model_state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["final_model.pth"]
 
@@ -329,7 +330,7 @@ def test_plan_resume_two_stage_recipe_starts_fresh_optimizer(tmp_path: Path) -> 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
     _seed_all(5)
-    ckpt.atomic_save({"rng": ckpt.capture_rng_state()}, tmp_path / "rng.pth")
+    files.atomic_save({"rng": ckpt.capture_rng_state()}, tmp_path / "rng.pth")
     expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     _seed_all(6)
     ckpt.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
@@ -388,5 +389,5 @@ def test_full_disk_inside_torch_save_names_the_file(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(torch, "save", enospc)
     path = tmp_path / "final_model.pth"
     with pytest.raises(OSError, match=r"cannot write .*final_model\.pth: \[enforce fail"):
-        ckpt.atomic_save({"model_state_dict": {}}, path)
+        files.atomic_save({"model_state_dict": {}}, path)
     assert list(tmp_path.iterdir()) == []

@@ -518,3 +518,27 @@ def test_ddp_ranks_agree_on_skips_and_do_not_deadlock() -> None:
     assert results[0][0] == results[1][0] == [False, True, False, False]
     assert results[0][1] == results[1][1] == 1
     torch.testing.assert_close(torch.tensor(results[0][2]), torch.tensor(results[1][2]))
+
+
+def test_one_unwrap_for_ddp_in_engine_worker_and_checkpoint(tmp_path: Path) -> None:
+    """The engine (evaluation, the frozen critic), the worker (optimisers) and checkpoints all
+    unwrap through ``checkpoint.unwrap_model``: a real DDP wrapper (one gloo rank, in-process)
+    and DataParallel give the bare module, a bare module comes back as itself."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from controlnet_ray.checkpoint import unwrap_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        net = TinyNet()
+        ddp = DDP(net)
+        assert unwrap_model(ddp) is net and unwrap_model(net) is net
+        assert unwrap_model(nn.DataParallel(net)) is net
+        disc = nn.Conv2d(3, 1, 3)
+        adv = eng.Adversary(DDP(disc), torch.optim.SGD(disc.parameters(), lr=0.1), CPU, FP32)
+        assert adv.bare is disc
+        sums = eng.evaluate(ddp, [make_batch(2)], OptimConfig(), CPU, FP32, pose_scale=SCALE)
+        assert all(math.isfinite(v) for v in sums.means().values())
+    finally:
+        dist.destroy_process_group()

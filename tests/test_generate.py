@@ -278,8 +278,9 @@ def test_checkpoint_trained_on_an_arcface_onnx_loads_without_it(tmp_path):
     also where the .onnx file is gone (another machine)."""
     import warnings
 
-    from controlnet_ray.checkpoint import atomic_save, build_checkpoint
+    from controlnet_ray.checkpoint import build_checkpoint
     from controlnet_ray.config import ModelConfig, TrainConfig
+    from controlnet_ray.files import atomic_save
     from controlnet_ray.model import build_model, iresnet, model_signature
 
     torch.manual_seed(0)

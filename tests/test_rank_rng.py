@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from controlnet_ray import checkpoint as ckpt
+from controlnet_ray import files
 from controlnet_ray.config import TrainConfig
 from tests.ddp_helpers import run_ranks
 
@@ -47,7 +48,7 @@ def _save(path: Path, rank_states: list[dict]) -> None:
         rng_state=rank_states[0],
         rank_rng_states=rank_states,
     )
-    ckpt.atomic_save(state, path)
+    files.atomic_save(state, path)
 
 
 def _rank_worker(rank: int, world: int, port: int, queue: multiprocessing.Queue) -> None:

@@ -166,3 +166,20 @@ def test_curves_png_is_a_real_image(tmp_path: Path) -> None:
 
     final = reporting.save_curves_png([], [], reporting.curves_path(tmp_path))
     assert final.name == "final_training_curves.png" and imread(final).size > 0
+
+
+def test_one_image_grid_for_tensorboard_and_pngs() -> None:
+    """``image_grid`` lays out both TensorBoard's grids (no border) and the PNG grids of
+    evaluate/generate (``inference.grid``: uint8, white border, short rows end in white)."""
+    import numpy as np
+
+    from controlnet_ray.inference import grid
+    from controlnet_ray.reporting import image_grid
+
+    tile = np.zeros((4, 3, 3), np.uint8)
+    png = grid([[tile, tile], [tile]], pad=2)
+    assert png.shape == (2 * (4 + 2) + 2, 2 * (3 + 2) + 2, 3)
+    assert png[2:6, 2:5].max() == 0 and png[8:12, 7:10].min() == 255  # the short row's gap
+    assert grid([[tile]]).shape == (8, 7, 3)  # one tile still gets its border
+    tb = image_grid([[torch.zeros(3, 4, 3)] * 2], border=False)
+    assert tb.shape == (3, 4, 3 + 2 + 3) and tb[:, :, 3:5].min() == 1.0

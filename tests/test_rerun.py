@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from controlnet_ray import checkpoint as ckpt
-from controlnet_ray import launcher
+from controlnet_ray import files, launcher
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import ConfigError, TrainConfig
 from tests.test_checkpoint import SIGNATURE, _setup
@@ -34,7 +34,7 @@ def _ray_run(cfg: TrainConfig, epoch: int = 3, nan: bool = False) -> Path:
         state["model_state_dict"]["control.0.bias"][0] = float("nan")
         state.pop(ckpt.CONTENT_DIGEST_KEY)
     run_dir = Path(cfg.storage_path()) / cfg.run_name()
-    ckpt.atomic_save(state, run_dir / "checkpoint_2026-01-01_00-00-03" / ckpt.RAY_STATE_FILE)
+    files.atomic_save(state, run_dir / "checkpoint_2026-01-01_00-00-03" / ckpt.RAY_STATE_FILE)
     snapshot = {
         "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-03"}
     }

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from controlnet_ray.data.legacy import (
     legacy_keypoints,
 )
 from controlnet_ray.data.plausibility import keypoint_problem, landmark_problem
+from controlnet_ray.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -181,16 +181,12 @@ def _stack_keypoints(fits: list[LegacyFit], scale: float, center: np.ndarray | N
 
 def _atomic_write_json(path: Path, doc: dict[str, Any]) -> None:
     """UTF-8 JSON with real (non-escaped) non-ASCII names, replaced atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2, ensure_ascii=False))
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """``np.save`` replaced atomically (to a file object: no ``.npy`` appended to the name)."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 # --------------------------------------------------------------------------------------- reader

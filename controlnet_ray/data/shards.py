@@ -650,7 +650,11 @@ def _alive(pid: int) -> bool:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is swapped aside first and restored on failure."""
+    """Rename tmp to out; an existing out is swapped aside first and restored on failure.
+
+    Not :func:`controlnet_ray.files.atomic_write`: that replaces one *file*, and ``os.replace``
+    cannot rename a directory over a non-empty one, so a whole shards *directory* is swapped
+    in two renames (readers see the old set, briefly none, then the new one; never a mix)."""
     if not out.exists():
         os.replace(tmp, out)
         return

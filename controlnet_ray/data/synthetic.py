@@ -1307,6 +1307,7 @@ def ensure_synthetic_dataset(cache_root: Path, spec: SyntheticSpec, num_workers:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=base))
         try:
             render_dataset(tmp, spec, num_workers)
+            # A whole folder, published once under the lock (files.atomic_write replaces files).
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,9 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from controlnet_ray.files import atomic_save
 
 JUDGE_VERSION = 1
 POSE_SCALE_DEG = 45.0  # targets are regressed in units of 45 degrees
@@ -160,13 +160,9 @@ class PoseJudge:
 
 def save_net(path: str | Path, net: nn.Module, version: int, settings: dict, info: dict) -> None:
     """Atomic write of a judge's weights with its version, settings and info."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     doc = {"version": version, "settings": settings, "info": info}
-    torch.save({"state_dict": state, "meta": json.dumps(doc)}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"state_dict": state, "meta": json.dumps(doc)}, path)
 
 
 def load_net(path: str | Path, version: int, what: str) -> tuple[dict, dict]:
