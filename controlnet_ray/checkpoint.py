@@ -22,7 +22,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -649,47 +649,114 @@ def _setting(value: Any) -> str:
 
 
 @dataclass
-class RestoredRun:
-    """Run-level state the training loop continues from after :func:`restore_from_checkpoint`."""
+class RunState:
+    """What carries across epochs and into checkpoints: the epoch the loop starts at and the
+    best metrics and histories it extends.
+
+    Defined here rather than in the worker so that the one resume path (:func:`restore_weights`
+    then :func:`restore_training_state`) is Ray-free and the exact-continuation test runs the
+    code production runs.
+    """
 
     start_epoch: int = FRESH_START_EPOCH
     best_val_loss: float = float("inf")
     best_val_psnr: float = float("-inf")
-    train_metrics_history: list[dict[str, float]] = field(default_factory=list)
-    val_metrics_history: list[dict[str, float]] = field(default_factory=list)
-    engine_state: dict[str, Any] = field(default_factory=dict)
+    train_history: list[dict[str, float]] = field(default_factory=list)
+    val_history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def continued_from(cls, state: Mapping[str, Any], start_epoch: int) -> RunState:
+        """The run ``state`` was saved from, continuing at ``start_epoch`` (history adopted)."""
+        return cls(
+            start_epoch=start_epoch,
+            best_val_loss=float(state.get("best_val_loss", float("inf"))),
+            best_val_psnr=float(state.get("best_val_psnr", float("-inf"))),
+            train_history=list(state.get("train_metrics_history", [])),
+            val_history=list(state.get("val_metrics_history", [])),
+        )
 
 
-def restore_from_checkpoint(
-    state: Mapping[str, Any],
-    plan: ResumePlan,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    restore_rng: bool = True,
-) -> RestoredRun:
-    """Apply ``plan``: load weights always; optimiser, scheduler, RNG and history when it says.
+@dataclass(frozen=True)
+class StartingPoint:
+    """What :func:`restore_weights` decided about a starting checkpoint.
 
-    Call :func:`check_model_compat` first for a readable error instead of torch's.
-    ``engine_state`` (GradScaler etc.) is returned for the engine to apply.
+    ``continuing``: the run goes on where the file stopped, so the caller must follow with
+    :func:`restore_training_state` (and pass its discriminator optimizer to
+    :func:`restore_discriminator`); False is a warm start (weights only, fresh optimizer,
+    schedule, history). ``message`` is the line that tells the user which it was and why.
     """
+
+    run: RunState
+    continuing: bool
+    message: str
+
+
+def restore_weights(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    signature: Mapping[str, Any],
+    cfg: TrainConfig,
+    trainable: Sequence[str],
+    ray_checkpoint: str | None = None,
+) -> StartingPoint:
+    """First half of the one resume path: check ``state`` fits ``model``, load its weights, and
+    decide whether the run continues or warm-starts.
+
+    Split from :func:`restore_training_state` because the worker must load weights before DDP
+    wraps the model, and builds the optimizer, scheduler and engine only after.
+    ``ray_checkpoint`` is the folder of this run's own Ray checkpoint (a driver restart or worker
+    failure: always continues, flags were already checked by ``plan_rerun``); None for
+    ``--resume``, which continues or warm-starts as :func:`plan_resume` decides.
+    """
+    check_model_compat(state, model, signature)
     unwrap_model(model).load_state_dict(state["model_state_dict"])
-    if not plan.restore_optimizer:
-        return RestoredRun(start_epoch=plan.start_epoch)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer_state_dict"])
-    if scheduler is not None and state.get("scheduler_state_dict"):
-        scheduler.load_state_dict(state["scheduler_state_dict"])
-    if restore_rng and state.get("rng_state"):
-        restore_rng_state(state["rng_state"])
-    return RestoredRun(
-        start_epoch=plan.start_epoch,
-        best_val_loss=float(state.get("best_val_loss", float("inf"))),
-        best_val_psnr=float(state.get("best_val_psnr", float("-inf"))),
-        train_metrics_history=list(state.get("train_metrics_history", [])),
-        val_metrics_history=list(state.get("val_metrics_history", [])),
-        engine_state=dict(state.get("engine_state") or {}),
-    )
+    if ray_checkpoint:
+        run = RunState.continued_from(state, int(state["epoch"]) + 1)
+        message = (
+            f"resumed from Ray checkpoint {ray_checkpoint} at epoch {state['epoch']}"
+            f" (continuing at epoch {run.start_epoch})"
+        )
+        return StartingPoint(run, True, message)
+    plan = plan_resume(state, cfg, trainable)
+    message = f"--resume {cfg.output.resume}: {plan.reason}"
+    if plan.restore_optimizer:
+        return StartingPoint(RunState.continued_from(state, plan.start_epoch), True, message)
+    return StartingPoint(RunState(start_epoch=plan.start_epoch), False, message)
+
+
+class _Loadable(Protocol):
+    """Anything with ``load_state_dict`` (the engine: checkpoint.py cannot import it, the
+    engine imports this module)."""
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    engine: _Loadable | None,
+    *,
+    rank: int,
+    seed: int,
+    start_epoch: int,
+) -> None:
+    """Second half of the one resume path, for a continuing run (``StartingPoint.continuing``):
+    optimizer, scheduler, the engine's state (scaler, counters) and this rank's RNG streams.
+
+    Each rank continues its own streams (:func:`rng_state_for_rank`); a rank the file saved
+    none for (it was written by fewer workers, or by the original script) gets a stream derived
+    from (seed, rank, start_epoch) rather than a repeat of the one it started the run with.
+    """
+    optimizer.load_state_dict(state["optimizer_state_dict"])
+    scheduler.load_state_dict(state["scheduler_state_dict"])
+    if engine is not None and state.get("engine_state"):
+        engine.load_state_dict(state["engine_state"])
+    mine = rng_state_for_rank(state, rank)
+    if mine:
+        restore_rng_state(mine)
+    else:
+        seed_rank_streams(seed, rank, start_epoch)
 
 
 def restore_discriminator(

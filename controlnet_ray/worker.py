@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +48,6 @@ from controlnet_ray.storage import RunStorage
 RAY_CKPT_FILE = ckpt.RAY_STATE_FILE
 STEP_LOG_EVERY = 10
 SCRATCH_ROOT = "controlnet_ray_rank0"  # under the node's temp folder: rank 0's local files
-
-
-@dataclass
-class RunState:
-    """What carries across epochs and into checkpoints."""
-
-    start_epoch: int = 1
-    best_val_loss: float = math.inf
-    best_val_psnr: float = -math.inf
-    train_history: list[dict[str, float]] = field(default_factory=list)
-    val_history: list[dict[str, float]] = field(default_factory=list)
 
 
 def _distributed() -> bool:
@@ -114,7 +102,7 @@ class WorkerRun:
         self.device = ray.train.torch.get_device()
         self.amp = resolve_amp(self.cfg.optim.use_amp, self.device)
         self.outputs = self._rank_zero_outputs() if self.rank == 0 else None
-        self.state = RunState()
+        self.state = ckpt.RunState()
         self._resume_ref = loop_config.get("resume_state")  # --resume, read by the driver
         self._initial_state: dict | None = None  # the checkpoint the run starts from, if any
         self._ray_state_path: str | None = None  # its state file in storage, when Ray's
@@ -204,31 +192,22 @@ class WorkerRun:
         return from_rank_zero(found, self.device)
 
     def _load_initial_state(self, model: torch.nn.Module) -> dict | None:
-        """Apply the starting checkpoint: a Ray checkpoint continues the run; --resume
-        continues or warm-starts as ``plan_resume`` decides."""
+        """Apply the starting checkpoint's weights through ``checkpoint.restore_weights`` (the
+        one resume path, Ray-free so tests run it): a Ray checkpoint continues the run;
+        --resume continues or warm-starts as ``plan_resume`` decides. Returns the state when
+        the run continues (its optimizer, scheduler and RNG follow once they are built)."""
         ray_path, state = self._read_initial_state()
-        if state is not None and ray_path:
-            self._initial_state = state
+        if state is None:
+            return None
+        self._initial_state = state
+        if ray_path:
             self._ray_state_path = f"{ray_path}/{RAY_CKPT_FILE}"
-            ckpt.check_model_compat(state, model, self.signature)
-            model.load_state_dict(state["model_state_dict"])
-            self._adopt_history(state, start_epoch=int(state["epoch"]) + 1)
-            self.progress.message(
-                f"resumed from Ray checkpoint {ray_path} at epoch {state['epoch']}"
-                f" (continuing at epoch {self.state.start_epoch})",
-            )
-            return state
-        if state is not None:
-            self._initial_state = state
-            ckpt.check_model_compat(state, model, self.signature)
-            model.load_state_dict(state["model_state_dict"])
-            plan = ckpt.plan_resume(state, self.cfg, self.trainable_names)
-            self.progress.message(f"--resume {self.cfg.output.resume}: {plan.reason}")
-            if plan.restore_optimizer:
-                self._adopt_history(state, start_epoch=plan.start_epoch)
-                return state
-            self.state.start_epoch = plan.start_epoch
-        return None
+        start = ckpt.restore_weights(
+            state, model, self.signature, self.cfg, self.trainable_names, ray_path or None
+        )
+        self.state = start.run
+        self.progress.message(start.message)
+        return state if start.continuing else None
 
     def _build_adversary(self, continuing: bool) -> Adversary | None:
         """The discriminator of ``--adversarial_loss_weight`` (None when 0), wrapped and restored
@@ -245,30 +224,16 @@ class WorkerRun:
             self.progress.message(line)
         return Adversary(disc, optimizer, self.device, self.amp)
 
-    def _adopt_history(self, state: dict, start_epoch: int) -> None:
-        self.state = RunState(
-            start_epoch=start_epoch,
-            best_val_loss=float(state.get("best_val_loss", math.inf)),
-            best_val_psnr=float(state.get("best_val_psnr", -math.inf)),
-            train_history=list(state.get("train_metrics_history", [])),
-            val_history=list(state.get("val_metrics_history", [])),
-        )
-
     def _restore_optimizer(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer_state_dict"])
-        self.scheduler.load_state_dict(state["scheduler_state_dict"])
-        if state.get("engine_state"):
-            self.engine.load_state_dict(state["engine_state"])
-        self._restore_rng(state)
-
-    def _restore_rng(self, state: dict) -> None:
-        """This rank's own streams from the checkpoint; one derived for it when the file has
-        none for this rank (it was written by fewer workers, or by the original script)."""
-        mine = ckpt.rng_state_for_rank(state, self.rank)
-        if mine:
-            ckpt.restore_rng_state(mine)
-        else:
-            ckpt.seed_rank_streams(self.cfg.ray.seed, self.rank, self.state.start_epoch)
+        ckpt.restore_training_state(
+            state,
+            self.optimizer,
+            self.scheduler,
+            self.engine,
+            rank=self.rank,
+            seed=self.cfg.ray.seed,
+            start_epoch=self.state.start_epoch,
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> None:

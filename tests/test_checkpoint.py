@@ -83,6 +83,36 @@ def _save(tmp_path: Path, model, opt, sched, epoch: int = 2, cfg: TrainConfig | 
     return files.atomic_save(state, ckpt.epoch_checkpoint_path(tmp_path, epoch))
 
 
+class _EngineState:
+    """Stands in for TrainEngine's ``load_state_dict``: records what the restore hands it."""
+
+    def __init__(self) -> None:
+        self.loaded: dict | None = None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
+
+
+def _restore(
+    state: dict, model, opt, sched, engine=None, cfg: TrainConfig | None = None, rank: int = 0
+) -> ckpt.StartingPoint:
+    """What ``worker.WorkerRun`` does with a --resume file, in its order, without Ray: weights
+    (and the continue-or-warm-start decision) first, then, when continuing, the rest."""
+    cfg = cfg or _cfg()
+    start = ckpt.restore_weights(state, model, SIGNATURE, cfg, ckpt.trainable_names(model))
+    if start.continuing:
+        ckpt.restore_training_state(
+            state,
+            opt,
+            sched,
+            engine,
+            rank=rank,
+            seed=cfg.ray.seed,
+            start_epoch=start.run.start_epoch,
+        )
+    return start
+
+
 def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
     _seed_all(0)
     model, opt, sched = _setup(0)
@@ -98,22 +128,47 @@ def test_round_trip_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) 
     model, opt, sched = _setup(7)
 
     state = ckpt.load_checkpoint(path)
-    ckpt.check_model_compat(state, model, SIGNATURE)
-    plan = ckpt.plan_resume(state, _cfg(), ckpt.trainable_names(model))
-    run = ckpt.restore_from_checkpoint(state, plan, model, opt, sched)
+    engine = _EngineState()
+    start = _restore(state, model, opt, sched, engine)  # the worker's path, without Ray
     second = [_step(model, opt, sched) for _ in range(3)]
 
-    assert plan.restore_optimizer and plan.start_epoch == 3 == run.start_epoch
+    assert start.continuing and start.run.start_epoch == 3
     assert first + second == reference
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference_params[name]), name
-    assert run.engine_state == {"scaler": {"scale": 1024.0, "_growth_tracker": 3}}
-    assert run.train_metrics_history == [
+    assert engine.loaded == {"scaler": {"scale": 1024.0, "_growth_tracker": 3}}
+    assert start.run.train_history == [
         {"epoch": 1, "loss": 1.0},
         {"epoch": 2, "loss": pytest.approx(0.9)},
     ]
-    assert type(run.train_metrics_history[0]["epoch"]) is int
-    assert (run.best_val_loss, run.best_val_psnr) == (0.5, 21.0)
+    assert type(start.run.train_history[0]["epoch"]) is int
+    assert (start.run.best_val_loss, start.run.best_val_psnr) == (0.5, 21.0)
+
+
+def test_ray_checkpoint_always_continues_and_a_rank_without_streams_gets_its_own(
+    tmp_path: Path,
+) -> None:
+    """A Ray checkpoint is this run's own (a restart): it continues even where --resume's plan
+    would warm-start; a rank the file saved no streams for derives one (seed, rank, epoch)."""
+    model, opt, sched = _setup(0)
+    _step(model, opt, sched)
+    state = ckpt.load_checkpoint(_save(tmp_path, model, opt, sched, epoch=4))
+    other, opt2, sched2 = _setup(1, lr=5e-5)
+    start = ckpt.restore_weights(
+        state, other, SIGNATURE, _cfg(lr=5e-5), ckpt.trainable_names(other), "run/checkpoint_3"
+    )
+    assert start.continuing and start.run.start_epoch == 5
+    assert start.message == (
+        "resumed from Ray checkpoint run/checkpoint_3 at epoch 4 (continuing at epoch 5)"
+    )
+    assert start.run.val_history == [{"loss": 1.1, "psnr": 20.0}, {"loss": 1.0, "psnr": 21.0}]
+
+    ckpt.restore_training_state(state, opt2, sched2, None, rank=1, seed=3, start_epoch=5)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert sched2.last_epoch == sched.last_epoch == 1
+    got = torch.rand(3)
+    ckpt.seed_rank_streams(3, 1, 5)
+    assert torch.equal(got, torch.rand(3))
 
 
 def test_file_has_original_keys_and_plain_weights_only_load(tmp_path: Path) -> None:
@@ -313,8 +368,11 @@ def test_plan_resume_two_stage_recipe_starts_fresh_optimizer(tmp_path: Path) -> 
     )
     assert "epoch counter restarts at 1" in plan.reason
 
-    run = ckpt.restore_from_checkpoint(state, plan, stage2, opt2, sched2)
-    assert run.train_metrics_history == [] and run.best_val_psnr == float("-inf")
+    opt2_before = opt2.state_dict()
+    start = _restore(state, stage2, opt2, sched2, cfg=_cfg(lr=5e-5))
+    assert not start.continuing and start.message.endswith(plan.reason)
+    assert start.run == ckpt.RunState(start_epoch=1)  # history and best metrics start empty
+    assert opt2.state_dict() == opt2_before
     assert opt2.param_groups[0]["lr"] == 5e-5 and len(opt2.param_groups[0]["params"]) == 8
     assert torch.equal(stage2.generator[0].weight, model.generator[0].weight)
 
