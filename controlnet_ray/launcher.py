@@ -148,7 +148,10 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         # The dashboard is kept (the default): Ray's State API behind it cleans up the placement
         # groups of finished or stopped runs.
-        ray.init(num_cpus=plan_cpus, log_to_driver=True)
+        # address="local": always a new Ray of this run's size. Without it ray.init() joins
+        # whatever cluster /tmp/ray/ray_current_cluster names (a `ray start` left running on
+        # the machine), and then fails on num_cpus.
+        ray.init(address="local", num_cpus=plan_cpus, log_to_driver=True)
         return True
 
 
