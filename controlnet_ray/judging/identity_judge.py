@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from controlnet_ray.judging.pose_judge import (
+    FrozenJudge,
     _stage,
     augment,
     judge_cache_path,
     load_net,
     lr_at,
-    resize_tensor,
     resize_uint8,
     save_net,
 )
@@ -100,25 +100,15 @@ class IdentityJudgeNet(nn.Module):
         return F.normalize(self.embed(z.mean(dim=(2, 3))), dim=1)
 
 
-class IdentityJudge:
+class IdentityJudge(FrozenJudge):
     """A frozen identity judge: ``judge(images) -> [N, dim]`` unit embeddings."""
 
-    def __init__(self, net: IdentityJudgeNet, settings: IdentitySettings, info: dict | None = None):
-        self.net = net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        self.settings = settings
-        self.info = dict(info or {})
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Embeddings ``[N, dim]`` (CPU float32) of ``[N, 3, H, W]`` images in ``[-1, 1]``."""
-        device = next(self.net.parameters()).device
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = resize_tensor(images[i : i + batch_size], self.settings.input_size).to(device)
-            out.append(self.net(x).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.settings.dim)
+        return self._batched(images, self.settings.dim, batch_size)
 
     def save(self, path: str | Path) -> None:
         """Atomic write of weights, settings and info (loadable with ``weights_only=True``)."""

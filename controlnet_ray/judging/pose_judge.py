@@ -120,25 +120,41 @@ def resize_tensor(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-class PoseJudge:
-    """A frozen pose judge: ``judge(images) -> [N, 3]`` degrees (yaw, pitch, roll)."""
+class FrozenJudge:
+    """A frozen judge network (no gradients, eval mode) applied in batches at its input size;
+    the pose and identity judges differ only in what they make of the network's output."""
 
-    def __init__(self, net: PoseJudgeNet, settings: JudgeSettings, info: dict | None = None):
+    def __init__(self, net: nn.Module, settings: Any, info: dict | None = None):
         self.net = net.eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.settings = settings
         self.info = dict(info or {})
 
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        """The judge's reading of one resized batch on its device."""
+        raise NotImplementedError
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Poses in degrees ``[N, 3]`` (CPU float32) of ``[N, 3, H, W]`` images in ``[-1, 1]``."""
+    def _batched(self, images: torch.Tensor, width: int, batch_size: int) -> torch.Tensor:
+        """``_read`` of ``[N, 3, H, W]`` images in ``[-1, 1]`` as ``[N, width]`` CPU float32."""
         device = next(self.net.parameters()).device
         out = []
         for i in range(0, len(images), batch_size):
             x = resize_tensor(images[i : i + batch_size], self.settings.input_size).to(device)
-            out.append(self.net(standardise(x)).float().cpu() * POSE_SCALE_DEG)
-        return torch.cat(out) if out else torch.zeros(0, 3)
+            out.append(self._read(x).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, width)
+
+
+class PoseJudge(FrozenJudge):
+    """A frozen pose judge: ``judge(images) -> [N, 3]`` degrees (yaw, pitch, roll)."""
+
+    def _read(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(standardise(x)) * POSE_SCALE_DEG
+
+    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Poses in degrees ``[N, 3]`` (CPU float32) of ``[N, 3, H, W]`` images in ``[-1, 1]``."""
+        return self._batched(images, 3, batch_size)
 
     def to(self, device: torch.device | str) -> PoseJudge:
         self.net.to(device)
