@@ -1,59 +1,220 @@
-"""Typed configuration tree for controlnet-ray.
+"""Typed configuration tree for controlnet-ray, and the one description of the command line.
 
-One dataclass per concern (data, model, optimisation, output, Ray).  The CLI in
-:mod:`controlnet_ray.cli` fills it from the original script's flags; everything
-else in the package reads only these objects, never ``argparse.Namespace`` or globals.
-Validation lives here so that a bad value fails before Ray (or any heavy import) starts.
+One dataclass per concern (data, model, optimisation, output, Ray). Each field carries its
+flag's help text in its metadata (:func:`option`), so :mod:`controlnet_ray.cli` generates the
+parser from these classes and nothing repeats a default, a type or a choice list. Choice lists
+are ``Literal`` types; the tuples below are read from them. Everything else in the package reads
+only these objects, never ``argparse.Namespace`` or globals.
+
+Validation: each section checks its own values in ``__post_init__`` (choices, ranges, finite
+floats; the message names the flag), and :class:`TrainConfig` checks the few rules that span
+sections. Both are pure, so a config loaded from a checkpoint or a Tune trial is checked the same
+way without touching the file system; :meth:`TrainConfig.validate` adds the checks of the paths a
+run reads and repeats the value checks for objects changed after construction. All of it runs
+before Ray (or any heavy import) starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-LOSS_TYPES = ("mse", "l1", "combined")
-ENCODERS = ("auto", "iresnet", "resnet50", "cnn")
-IRESNET_DEPTHS = (18, 34, 50, 100)
-PAIR_MODES = ("front_to_video", "any")
-FRAMINGS = ("head", "arcface")
-GENERATORS = ("warp", "plain")
-BEST_METRICS = ("val_psnr", "val_loss")
-PROGRESS_MODES = ("auto", "bar", "lines")
-DEVICE_CHOICES = ("cpu", "cuda", "auto")  # --device of the inference CLIs and benchmarks
+LossType = Literal["mse", "l1", "combined"]
+EncoderName = Literal["auto", "iresnet", "resnet50", "cnn"]
+IResNetDepth = Literal[18, 34, 50, 100]
+PairMode = Literal["front_to_video", "any"]
+Framing = Literal["head", "arcface"]
+GeneratorName = Literal["warp", "plain"]
+BestMetric = Literal["val_psnr", "val_loss"]
+ProgressMode = Literal["auto", "bar", "lines"]
+Device = Literal["cpu", "cuda", "auto"]  # --device of the inference CLIs and benchmarks
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+ENCODERS: tuple[str, ...] = get_args(EncoderName)
+IRESNET_DEPTHS: tuple[int, ...] = get_args(IResNetDepth)
+PAIR_MODES: tuple[str, ...] = get_args(PairMode)
+FRAMINGS: tuple[str, ...] = get_args(Framing)
+GENERATORS: tuple[str, ...] = get_args(GeneratorName)
+BEST_METRICS: tuple[str, ...] = get_args(BestMetric)
+PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
+DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag and what is allowed."""
 
 
+# --------------------------------------------------------------------------- field metadata
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    original: bool = False,
+    flag: str | None = None,
+    metavar: str | tuple[str, ...] | None = None,
+    cli: bool = True,
+    shared: bool = False,
+) -> Any:
+    """A config field described for the command line (read by :mod:`controlnet_ray.cli`).
+
+    ``help``: the flag's help text (choices and default are added by the CLI). ``original``:
+    a flag of the original script (listed first, must keep its name, default and meaning).
+    ``flag``: the flag's name where it differs from the field's. ``cli=False``: a field with no
+    flag. ``shared``: the flag is declared by an earlier section and sets this field too.
+    """
+    meta = {"help": help, "original": original, "flag": flag, "metavar": metavar}
+    return field(default=default, metadata={**meta, "cli": cli, "shared": shared})
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The flag of a config field, without dashes (the field's name unless it says otherwise)."""
+    return f.metadata.get("flag") or f.name
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Evaluated annotations of a config dataclass (they are strings under PEP 563)."""
+    return get_type_hints(cls)
+
+
+def choices_of(cls: type, name: str) -> tuple | None:
+    """The allowed values of a ``Literal`` field (None for other fields): the one list of them."""
+    tp = field_types(cls)[name]
+    return get_args(tp) if get_origin(tp) is Literal else None
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple | list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _positive(value: float, flag: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be > 0, got {value}")
+
+
+def _at_least_zero(value: float, flag: str, note: str = "") -> None:
+    if value < 0:
+        raise ConfigError(f"{flag} must be >= 0{note}, got {value:g}")
+
+
+def _choice(value: object, flag: str, allowed: tuple) -> None:
+    if value not in allowed:
+        allowed_s = ", ".join(str(a) for a in allowed)
+        raise ConfigError(f"{flag} must be one of {{{allowed_s}}}, got {value!r}")
+
+
 @dataclass
-class DataConfig:
+class _Section:
+    """Base of the config sections: checks run at construction and again on ``check()``."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError naming the flag for the first invalid value of this section.
+
+        Every float must be finite (NaN and inf pass ``x < 0`` / ``not x > 0`` checks and would
+        train and save a broken model) and every ``Literal`` field one of its values; then the
+        section's own rules. Fields added later are covered without being listed here.
+        """
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), f"--{flag_name(f)}"
+            values = value if isinstance(value, tuple | list) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{flag} must be a finite number, got {_shown(value)}")
+            allowed = choices_of(type(self), f.name)
+            if allowed is not None:
+                _choice(value, flag, allowed)
+        self._check()
+
+    def _check(self) -> None:
+        """The section's own rules (ranges, relations between its fields)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig(_Section):
     """Where the data comes from and how it is turned into training pairs."""
 
-    data_dir: str | None = None  # None: the embedded synthetic dataset
-    image_dir: str | None = None
-    batch_size: int = 16
-    num_workers: int = 4  # data-loading parallelism (the original's DataLoader workers)
-    image_size: int = 112
-    pair_mode: Literal["front_to_video", "any"] = "front_to_video"
-    min_pose_distance: float = 5.0  # degrees, original rule
-    max_pose_distance: float = 90.0
-    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    skip_bad_images: bool = False
-    # crop framing: "head" centres the fitted 3D head (same place and size at every pose);
-    # "arcface" is the 5-point similarity alignment identity encoders were trained on
-    framing: Literal["head", "arcface"] = "head"
-    cache_dir: str | None = (
-        None  # shards and the synthetic dataset; default ~/.cache/controlnet_ray
+    data_dir: str | None = option(
+        None,
+        "folder with front/video metadata JSON and keypoint .npy (the original layout); "
+        "absent: embedded synthetic dataset",
+        original=True,
     )
-    synthetic_identities: int = 40
-    synthetic_frames: int = 16
-    synthetic_seed: int = 0
+    image_dir: str | None = option(
+        None,
+        "root the metadata's relative image paths hang from "
+        "(default: the ancestor of data_dir that contains train/)",
+        original=True,
+    )
+    batch_size: int = option(16, "per-worker batch size", original=True)
+    num_workers: int = option(
+        4,
+        "data-loading parallelism (shard preparation processes, decode concurrency)",
+        original=True,
+    )
+    image_size: int = option(
+        112, "aligned crop size, also the model's input size; divisible by 16", original=True
+    )
+    pair_mode: PairMode = option(
+        "front_to_video",
+        "source -> target pairs: front_to_video = a person's front photo -> one of their video "
+        "frames (the original rule); any = every ordered pair of a person's images",
+    )
+    min_pose_distance: float = option(5.0, "least head-pose distance of a pair, degrees")
+    max_pose_distance: float = option(90.0, "largest head-pose distance of a pair, degrees")
+    split_ratios: tuple[float, float, float] = option(
+        (0.7, 0.15, 0.15),
+        "person-level train/val/test split (normalised)",
+        metavar=("TRAIN", "VAL", "TEST"),
+    )
+    skip_bad_images: bool = option(False, "skip unreadable images (counted) instead of failing")
+    framing: Framing = option(
+        "head",
+        "crop framing: head = the fitted 3D head at the same place and size at every pose; "
+        "arcface = 5-point ArcFace alignment (what identity encoders were trained on)",
+    )
+    cache_dir: str | None = option(
+        None,
+        "cache for shards and the synthetic set "
+        "(default $CONTROLNET_RAY_CACHE, else ~/.cache/controlnet_ray)",
+    )
+    synthetic_identities: int = option(40, "embedded dataset: number of identities")
+    synthetic_frames: int = option(16, "embedded dataset: video frames per identity")
+    synthetic_seed: int = option(0, "embedded dataset: random seed of the rendered heads")
+
+    def _check(self) -> None:
+        _positive(self.batch_size, "--batch_size")
+        _at_least_zero(self.num_workers, "--num_workers")
+        _positive(self.image_size, "--image_size")
+        if self.image_size % 16:
+            raise ConfigError(f"--image_size must be divisible by 16, got {self.image_size}")
+        if not 0 <= self.min_pose_distance <= self.max_pose_distance:
+            raise ConfigError(
+                "--min_pose_distance/--max_pose_distance must satisfy 0 <= min <= max, got "
+                f"{self.min_pose_distance}, {self.max_pose_distance}"
+            )
+        r = self.split_ratios
+        if len(r) != 3 or any(x < 0 for x in r) or sum(r) <= 0:
+            raise ConfigError(f"--split_ratios must be three non-negative numbers, got {r}")
+        _positive(self.synthetic_identities, "--synthetic_identities")
+        _positive(self.synthetic_frames, "--synthetic_frames")
 
     def resolved_cache_dir(self) -> Path:
         """Cache root: explicit flag, then $CONTROLNET_RAY_CACHE, then ~/.cache/controlnet_ray."""
@@ -66,89 +227,174 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """ImageControlNet architecture (see controlnet_ray.model)."""
 
-    image_size: int = 112
-    feature_dim: int = 512  # width of the global identity code
-    pose_dim: int = 3
-    num_control_layers: int = 3
-    freeze_generator: bool = False
-    encoder: Literal["auto", "iresnet", "resnet50", "cnn"] = "auto"
-    encoder_weights: str | None = None  # local .pth or .onnx; nothing is downloaded
-    iresnet_depth: int = 50
-    freeze_backbone: bool = False
-    base_channels: int = 32  # width of the generator/cnn encoder at full resolution
-    # "warp": warp-and-refine from a 3D head proxy (needs --framing head); "plain": the seed's
-    # U-Net whose skips carry the source's layout (checkpoints from before this field)
-    generator: Literal["warp", "plain"] = "warp"
-    # frozen ArcFace (local .onnx/.pth) scoring identity for --identity_loss_weight; kept out of
-    # the model's parameters and checkpoints
-    identity_weights: str | None = None
+    # The model is built from this section alone, so it holds its input size; in a TrainConfig
+    # it is --image_size, the data section's crop size (TrainConfig checks that they agree).
+    image_size: int = option(112, "the model's input size", shared=True)
+    feature_dim: int = option(512, "global code width", original=True)
+    pose_dim: int = option(3, "pose dims (yaw,pitch,roll)", original=True)
+    num_control_layers: int = option(
+        3, "control injections into the generator (1..5)", original=True
+    )
+    freeze_generator: bool = option(
+        False, "train only the encoder, control branch and pose head", original=True
+    )
+    encoder: EncoderName = option(
+        "auto", "auto: iresnet when --encoder_weights is given, else the small cnn"
+    )
+    encoder_weights: str | None = option(
+        None, "local ArcFace .onnx/.pth or torchvision ResNet-50 .pth (never downloaded)"
+    )
+    iresnet_depth: IResNetDepth = option(50, "depth of the iresnet encoder")
+    freeze_backbone: bool = option(False, "freeze the pretrained encoder, BatchNorm stats included")
+    base_channels: int = option(32, "width of the generator and cnn encoder at full resolution")
+    generator: GeneratorName = option(
+        "warp",
+        "warp = warp the source by a 3D head proxy and refine (needs --framing head); "
+        "plain = the seed's U-Net (checkpoints from before this flag)",
+    )
+    identity_weights: str | None = option(
+        None,
+        "local ArcFace .onnx/.pth for the identity loss (frozen, kept out of the model's "
+        "checkpoints, never downloaded)",
+    )
+
+    def _check(self) -> None:
+        _positive(self.image_size, "--image_size")
+        _positive(self.feature_dim, "--feature_dim")
+        if self.pose_dim != 3:
+            raise ConfigError(f"--pose_dim must be 3 (yaw, pitch, roll), got {self.pose_dim}")
+        if not 1 <= self.num_control_layers <= 5:
+            raise ConfigError(
+                f"--num_control_layers must be in 1..5, got {self.num_control_layers}"
+            )
+        _positive(self.base_channels, "--base_channels")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """Loss, optimiser and numerics of the training step."""
 
-    epochs: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    pose_loss_weight: float = 0.1
-    loss_type: Literal["mse", "l1", "combined"] = "mse"
-    identity_loss_weight: float = 0.0
-    # image-loss weight of pixels outside the target's head: a video frame's background cannot
-    # be predicted from the ID photo, so it should not take the generator's capacity
-    background_loss_weight: float = 0.1
-    # weight of the generator's hinge adversarial term against a patch discriminator
-    # (model.discriminator); 0 = off: no discriminator is built, trained or saved
-    adversarial_loss_weight: float = 0.0
-    # the discriminator's peak Adam learning rate; it follows --lr's warm-up and cosine
-    disc_lr: float = 2e-4
-    use_amp: bool = False
-    gradient_accumulation_steps: int = 1
-    grad_clip: float = 1.0
-    max_nonfinite_steps: int = 20  # abort after this many non-finite losses in a row
-    warmup_epochs: int = 1
+    epochs: int = option(100, "training epochs", original=True)
+    lr: float = option(
+        1e-4, "peak AdamW learning rate (linear warm-up, then cosine)", original=True
+    )
+    weight_decay: float = option(1e-5, "AdamW weight decay", original=True)
+    pose_loss_weight: float = option(0.1, "weight of the pose head's loss", original=True)
+    loss_type: LossType = option("mse", "image loss", original=True)
+    identity_loss_weight: float = option(
+        0.0, "weight of the ArcFace identity loss (needs --identity_weights); 0 = off"
+    )
+    # a video frame's background cannot be predicted from the ID photo, so it should not take
+    # the generator's capacity
+    background_loss_weight: float = option(
+        0.1, "image-loss weight of pixels outside the target's head, in [0, 1]"
+    )
+    adversarial_loss_weight: float = option(
+        0.0,
+        "weight of the hinge adversarial loss from a spectral-norm patch discriminator "
+        "(trained and checkpointed with the model); 0 = off",
+    )
+    disc_lr: float = option(
+        2e-4, "the discriminator's peak Adam learning rate (follows --lr's warm-up and cosine)"
+    )
+    use_amp: bool = option(
+        False, "mixed precision: bf16 autocast, or fp16+GradScaler on old GPUs", original=True
+    )
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step", original=True)
+    grad_clip: float = option(1.0, "gradient-norm clipping threshold")
+    max_nonfinite_steps: int = option(
+        20, "abort after this many non-finite losses in a row", cli=False
+    )
+    warmup_epochs: int = option(1, "epochs of linear learning-rate warm-up")
+
+    def _check(self) -> None:
+        _positive(self.epochs, "--epochs")
+        _positive(self.lr, "--lr")
+        _at_least_zero(self.weight_decay, "--weight_decay")
+        _at_least_zero(self.pose_loss_weight, "--pose_loss_weight")
+        if not 0 <= self.background_loss_weight <= 1:
+            raise ConfigError(
+                f"--background_loss_weight must be in [0, 1], got {self.background_loss_weight}"
+            )
+        _at_least_zero(self.identity_loss_weight, "--identity_loss_weight")
+        _at_least_zero(self.adversarial_loss_weight, "--adversarial_loss_weight", " (0 = off)")
+        _positive(self.disc_lr, "--disc_lr")
+        _positive(self.gradient_accumulation_steps, "--gradient_accumulation_steps")
+        _positive(self.grad_clip, "--grad_clip")
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(_Section):
     """What the run leaves behind, named as the original names it."""
 
-    resume: str | None = None
-    save_dir: str = "checkpoints_image"
-    log_dir: str = "logs_image"
-    save_interval: int = 10
-    image_log_interval: int = 10  # epochs between Images/* summaries
-    best_metric: Literal["val_psnr", "val_loss"] = "val_psnr"
-    # console: "auto" draws an in-epoch bar when a terminal is attached; "lines" never does
-    progress: Literal["auto", "bar", "lines"] = "auto"
-    # skip the independent judges (controlnet_ray.judging) in each epoch's validation report
-    no_judge: bool = False
+    resume: str | None = option(None, "a .pth file to resume from", original=True)
+    save_dir: str = option("checkpoints_image", "checkpoint folder", original=True)
+    log_dir: str = option("logs_image", "TensorBoard log folder", original=True)
+    save_interval: int = option(10, "epochs between checkpoint_epoch_N.pth files", original=True)
+    image_log_interval: int = option(10, "epochs between Images/* TensorBoard summaries")
+    best_metric: BestMetric = option("val_psnr", "selects best_model.pth")
+    progress: ProgressMode = option(
+        "auto",
+        "console progress: auto draws an in-epoch bar when a terminal is attached, "
+        "bar always draws it (on stderr), lines prints only the per-epoch lines",
+    )
+    no_judge: bool = option(
+        False,
+        "skip the independent judges (held-out pose judge, identity, sharpness, trivial "
+        "predictors) in each epoch's line",
+    )
+
+    def _check(self) -> None:
+        _positive(self.save_interval, "--save_interval")
+        _positive(self.image_log_interval, "--image_log_interval")
 
 
 @dataclass
-class RayOptions:
+class RayOptions(_Section):
     """How the run is placed on Ray; none of these exist in the original script."""
 
-    num_ray_workers: int = 1
-    use_gpu: bool = False
-    address: str | None = None
-    run_name: str | None = None  # default: derived from save_dir, stable across re-runs
-    storage_path: str | None = None  # default: <save_dir>/ray_results
-    seed: int = 42
-    max_failures: int = 2
-    num_to_keep: int = 2
-    fresh: bool = False  # ignore an existing Ray checkpoint of the same run
-    cpus_per_worker: float | None = None  # None: planned from the machine
-    # connected cluster short of resources: seconds to wait for its autoscaler (0: fail at once)
-    resource_wait_s: float = 600.0
+    num_ray_workers: int = option(1, "training workers (DDP ranks)")
+    use_gpu: bool = option(False, "one GPU per worker (a local Ray without GPUs fails fast)")
+    address: str | None = option(
+        None, "Ray cluster address; absent: $RAY_ADDRESS, else a local Ray"
+    )
+    run_name: str | None = option(
+        None, "Ray run name (default: derived from --save_dir, stable across re-runs)"
+    )
+    storage_path: str | None = option(
+        None,
+        "Ray checkpoint storage (local path, NFS, s3://...); default save_dir/ray_results",
+    )
+    seed: int = option(42, "random seed (rank r seeds torch with seed + r)")
+    max_failures: int = option(
+        2, "worker failures Ray recovers from by restarting from the last checkpoint"
+    )
+    num_to_keep: int = option(2, "Ray checkpoints kept (best by val PSNR, plus the latest)")
+    fresh: bool = option(False, "start over even if a Ray checkpoint of this run exists")
+    cpus_per_worker: float | None = option(
+        None, "CPUs reserved per training worker (default: planned so Ray Data keeps one CPU)"
+    )
+    resource_wait_s: float = option(
+        600.0,
+        "on a connected cluster short of GPUs/CPUs: seconds to wait for its autoscaler "
+        "to add nodes (0: fail at once); a local Ray never waits",
+    )
+
+    def _check(self) -> None:
+        _positive(self.num_ray_workers, "--num_ray_workers")
+        _at_least_zero(self.max_failures, "--max_failures")
+        _positive(self.num_to_keep, "--num_to_keep")
+        if self.cpus_per_worker is not None:
+            _positive(self.cpus_per_worker, "--cpus_per_worker")
+        _at_least_zero(self.resource_wait_s, "--resource_wait_s")
 
 
 @dataclass
 class TrainConfig:
-    """The whole run."""
+    """The whole run: one section per concern, checked together at construction."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,9 +402,17 @@ class TrainConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayOptions = field(default_factory=RayOptions)
 
+    def __post_init__(self) -> None:
+        _check_together(self)
+
     def validate(self) -> TrainConfig:
-        """Raise ConfigError naming the flag for the first invalid value; return self."""
-        _validate(self)
+        """Every check, for a config about to run: the sections' values again (they may have
+        been changed since construction), the cross-section rules, then the paths it reads.
+        Raise ConfigError naming the flag for the first problem; return self."""
+        for section in sections(self).values():
+            section.check()
+        _check_together(self)
+        _check_paths(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,23 +423,14 @@ class TrainConfig:
         """Inverse of to_dict; unknown keys (from newer versions) are rejected by name, and
         fields missing from an older dict take their old behaviour (``_LEGACY_DEFAULTS``)."""
         parts = {}
-        for f in dataclasses.fields(cls):
-            sub_cls = {
-                "data": DataConfig,
-                "model": ModelConfig,
-                "optim": OptimConfig,
-                "output": OutputConfig,
-                "ray": RayOptions,
-            }[f.name]
-            values = dict(d.get(f.name, {}))
-            known = {sf.name for sf in dataclasses.fields(sub_cls)}
-            unknown = set(values) - known
+        for name, sub_cls in section_classes().items():
+            values = dict(d.get(name, {}))
+            unknown = set(values) - {f.name for f in dataclasses.fields(sub_cls)}
             if unknown:
-                raise ConfigError(f"unknown config keys in section {f.name!r}: {sorted(unknown)}")
+                raise ConfigError(f"unknown config keys in section {name!r}: {sorted(unknown)}")
             if "split_ratios" in values:
                 values["split_ratios"] = tuple(values["split_ratios"])
-            values = {**_LEGACY_DEFAULTS.get(f.name, {}), **values}
-            parts[f.name] = sub_cls(**values)
+            parts[name] = sub_cls(**{**_LEGACY_DEFAULTS.get(name, {}), **values})
         return cls(**parts)
 
     def run_name(self) -> str:
@@ -210,6 +455,16 @@ class TrainConfig:
         )
 
 
+def section_classes() -> dict[str, type[_Section]]:
+    """Section name -> its dataclass, in TrainConfig's order."""
+    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
+
+
+def sections(cfg: TrainConfig) -> dict[str, _Section]:
+    """Section name -> the section object of ``cfg``."""
+    return {name: getattr(cfg, name) for name in section_classes()}
+
+
 #: Values of fields added after checkpoints were first written, for configs that lack them:
 #: a stored config describes what that run did, so a missing field means the old behaviour.
 _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -219,116 +474,40 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _finite_floats(cfg: TrainConfig) -> None:
-    """Every float flag must be a finite number: NaN and inf pass ``x < 0`` / ``not x > 0``
-    style checks and would train (and save) a broken model. Walks all sections, so fields
-    added later are covered without being listed here."""
-    for section in dataclasses.fields(cfg):
-        part = getattr(cfg, section.name)
-        for f in dataclasses.fields(part):
-            value = getattr(part, f.name)
-            values = value if isinstance(value, tuple | list) else (value,)
-            for v in values:
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise ConfigError(f"--{f.name} must be a finite number, got {_shown(value)}")
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, tuple | list):
-        return " ".join(str(v) for v in value)
-    return str(value)
-
-
-def _positive(value: float, flag: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{flag} must be > 0, got {value}")
-
-
-def _choice(value: object, flag: str, allowed: tuple) -> None:
-    if value not in allowed:
-        allowed_s = ", ".join(str(a) for a in allowed)
-        raise ConfigError(f"{flag} must be one of {{{allowed_s}}}, got {value!r}")
-
-
-def _validate(cfg: TrainConfig) -> None:
-    d, m, o, out, r = cfg.data, cfg.model, cfg.optim, cfg.output, cfg.ray
-    _finite_floats(cfg)
-    _positive(d.batch_size, "--batch_size")
-    if d.num_workers < 0:
-        raise ConfigError(f"--num_workers must be >= 0, got {d.num_workers}")
-    _positive(d.image_size, "--image_size")
-    if d.image_size % 16:
-        raise ConfigError(f"--image_size must be divisible by 16, got {d.image_size}")
-    if d.data_dir is not None and not Path(d.data_dir).is_dir():
-        raise ConfigError(f"--data_dir does not exist or is not a directory: {d.data_dir}")
-    if d.image_dir is not None and not Path(d.image_dir).is_dir():
-        raise ConfigError(f"--image_dir does not exist or is not a directory: {d.image_dir}")
-    _choice(d.pair_mode, "--pair_mode", PAIR_MODES)
-    _choice(d.framing, "--framing", FRAMINGS)
-    if not 0 <= d.min_pose_distance <= d.max_pose_distance:
+def _check_together(cfg: TrainConfig) -> None:
+    """The rules that span sections (pure: no file system)."""
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    if m.image_size != d.image_size:
         raise ConfigError(
-            "--min_pose_distance/--max_pose_distance must satisfy 0 <= min <= max, got "
-            f"{d.min_pose_distance}, {d.max_pose_distance}"
+            f"--image_size: the model's input size {m.image_size} differs from the data's crop "
+            f"size {d.image_size} (TrainConfig.model.image_size must equal data.image_size)"
         )
-    if len(d.split_ratios) != 3 or any(x < 0 for x in d.split_ratios) or sum(d.split_ratios) <= 0:
-        raise ConfigError(
-            f"--split_ratios must be three non-negative numbers, got {d.split_ratios}"
-        )
-    _positive(d.synthetic_identities, "--synthetic_identities")
-    _positive(d.synthetic_frames, "--synthetic_frames")
-    _positive(m.feature_dim, "--feature_dim")
-    if m.pose_dim != 3:
-        raise ConfigError(f"--pose_dim must be 3 (yaw, pitch, roll), got {m.pose_dim}")
-    if m.num_control_layers < 1 or m.num_control_layers > 5:
-        raise ConfigError(f"--num_control_layers must be in 1..5, got {m.num_control_layers}")
-    _choice(m.encoder, "--encoder", ENCODERS)
-    _choice(m.generator, "--generator", GENERATORS)
     if m.generator == "warp" and d.framing != "head":
         raise ConfigError(
             "--generator warp needs --framing head (its 3D proxy assumes head-centred crops); "
             "use --generator plain with --framing arcface"
         )
-    _choice(m.iresnet_depth, "--iresnet_depth", IRESNET_DEPTHS)
-    if m.encoder_weights is not None and not Path(m.encoder_weights).is_file():
-        raise ConfigError(f"--encoder_weights file not found: {m.encoder_weights}")
-    _positive(o.epochs, "--epochs")
-    _positive(o.lr, "--lr")
-    if o.weight_decay < 0:
-        raise ConfigError(f"--weight_decay must be >= 0, got {o.weight_decay}")
-    if o.pose_loss_weight < 0:
-        raise ConfigError(f"--pose_loss_weight must be >= 0, got {o.pose_loss_weight}")
-    if not 0 <= o.background_loss_weight <= 1:
-        raise ConfigError(
-            f"--background_loss_weight must be in [0, 1], got {o.background_loss_weight}"
-        )
-    if o.identity_loss_weight < 0:
-        raise ConfigError(f"--identity_loss_weight must be >= 0, got {o.identity_loss_weight}")
     if o.identity_loss_weight > 0 and m.identity_weights is None:
         raise ConfigError(
             f"--identity_loss_weight {o.identity_loss_weight} needs --identity_weights "
             "(a local ArcFace .onnx or .pth; nothing is downloaded)"
         )
-    if m.identity_weights is not None and not Path(m.identity_weights).is_file():
-        raise ConfigError(f"--identity_weights file not found: {m.identity_weights}")
-    if o.adversarial_loss_weight < 0:
-        raise ConfigError(
-            f"--adversarial_loss_weight must be >= 0 (0 = off), got {o.adversarial_loss_weight}"
-        )
-    _positive(o.disc_lr, "--disc_lr")
-    _choice(o.loss_type, "--loss_type", LOSS_TYPES)
-    _positive(o.gradient_accumulation_steps, "--gradient_accumulation_steps")
-    _positive(o.grad_clip, "--grad_clip")
-    _positive(out.save_interval, "--save_interval")
-    _positive(out.image_log_interval, "--image_log_interval")
-    _choice(out.best_metric, "--best_metric", BEST_METRICS)
-    _choice(out.progress, "--progress", PROGRESS_MODES)
-    if out.resume is not None and not Path(out.resume).is_file():
-        raise ConfigError(f"--resume checkpoint not found: {out.resume}")
-    _positive(r.num_ray_workers, "--num_ray_workers")
-    if r.max_failures < 0:
-        raise ConfigError(f"--max_failures must be >= 0, got {r.max_failures}")
-    _positive(r.num_to_keep, "--num_to_keep")
-    if r.cpus_per_worker is not None:
-        _positive(r.cpus_per_worker, "--cpus_per_worker")
-    if r.resource_wait_s < 0:
-        raise ConfigError(f"--resource_wait_s must be >= 0, got {r.resource_wait_s:g}")
+
+
+def _check_paths(cfg: TrainConfig) -> None:
+    """The files and folders a run reads must exist (checked on the machine that starts it,
+    not when a stored config is loaded elsewhere)."""
+    for flag, path, kind in (
+        ("--data_dir", cfg.data.data_dir, "dir"),
+        ("--image_dir", cfg.data.image_dir, "dir"),
+        ("--encoder_weights", cfg.model.encoder_weights, "file"),
+        ("--identity_weights", cfg.model.identity_weights, "file"),
+        ("--resume", cfg.output.resume, "file"),
+    ):
+        if path is None:
+            continue
+        if kind == "dir" and not Path(path).is_dir():
+            raise ConfigError(f"{flag} does not exist or is not a directory: {path}")
+        if kind == "file" and not Path(path).is_file():
+            what = "checkpoint" if flag == "--resume" else "file"
+            raise ConfigError(f"{flag} {what} not found: {path}")

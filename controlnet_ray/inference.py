@@ -386,19 +386,17 @@ def _match_iresnet_form(model: Any, cfg: ModelConfig, sd: dict[str, Any]) -> Non
 
 def _train_config(state: dict[str, Any], path: Path) -> TrainConfig:
     from controlnet_ray.checkpoint import CheckpointError
-    from controlnet_ray.config import ConfigError, ModelConfig, TrainConfig
+    from controlnet_ray.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 
-    if isinstance(state.get("config"), dict):
-        try:
+    try:
+        if isinstance(state.get("config"), dict):
             return TrainConfig.from_dict(state["config"])
-        except (ConfigError, TypeError) as exc:
-            raise CheckpointError(f"{path}: unreadable config: {exc}") from exc
-    args = state.get("args") or {}  # the original script's file: only its flags are known
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = ModelConfig(**{k: v for k, v in args.items() if k in fields and v is not None})
-    cfg = TrainConfig(model=model)
-    cfg.data.image_size = model.image_size
-    return cfg
+        args = state.get("args") or {}  # the original script's file: only its flags are known
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = ModelConfig(**{k: v for k, v in args.items() if k in fields and v is not None})
+        return TrainConfig(data=DataConfig(image_size=model.image_size), model=model)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable config: {exc}") from exc
 
 
 def _inference_model_config(cfg: ModelConfig, state: dict[str, Any], path: Path) -> ModelConfig:

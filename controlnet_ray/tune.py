@@ -156,9 +156,9 @@ def validate_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
         if len(set(values)) != len(values):
             raise ConfigError(f"{flag} has duplicates: {list(values)}")
         for v in values:
-            trial = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **{field: v}))
-            try:
-                trial.validate()
+            try:  # replace() checks the section's values, validate() the rest
+                optim = dataclasses.replace(cfg.optim, **{field: v})
+                dataclasses.replace(cfg, optim=optim).validate()
             except ConfigError as exc:
                 raise ConfigError(f"{flag}: {exc}") from None
     if opts.num_samples < 1:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import time
+import typing
 from pathlib import Path
 
 import pytest
 
 from controlnet_ray.cli import parse_train_args
+from controlnet_ray.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    RayOptions,
+    TrainConfig,
+)
 from tests.cli_helpers import run_module
 
 ORIGINAL_DEFAULTS = {
@@ -147,3 +159,102 @@ def test_help_lists_every_original_flag():
     assert proc.returncode == 0
     for _, name in ORIGINAL_DEFAULTS:
         assert f"--{name}" in proc.stdout
+
+
+# --------------------------------------------------------------------------- config <-> CLI
+
+
+def test_every_config_field_is_a_flag_with_its_default_and_help():
+    """The parser is generated from the dataclasses: every described field is a flag whose
+    default is the field's, and ``parse_train_args([])`` is exactly ``TrainConfig()``."""
+    from controlnet_ray.cli import build_parser, flags
+    from controlnet_ray.config import section_classes
+
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for cls in section_classes().values():
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli") or f.metadata.get("shared"):
+                continue
+            action = actions[f.name]
+            assert action.option_strings == [f"--{f.name}"]
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            assert action.default == default, f.name
+            assert action.help, f.name
+    assert {fl.name for fl in flags()} == set(actions) - {"help"}
+    assert parse_train_args([]).to_dict() == TrainConfig().to_dict()
+    assert "max_nonfinite_steps" not in actions  # a config field without a flag
+
+
+def test_original_flags_come_first_in_their_own_groups():
+    from controlnet_ray.cli import build_parser
+
+    groups = [g for g in build_parser()._action_groups if g._group_actions]
+    originals = [a.dest for g in groups if g.title.startswith("original") for a in g._group_actions]
+    assert originals == [name for _, name in ORIGINAL_DEFAULTS]  # the original's order
+
+
+def test_choices_come_from_the_literal_types(capsys):
+    """Each choice list exists once (the Literal); help shows it and errors name it."""
+    from controlnet_ray import config
+    from controlnet_ray.cli import build_parser
+
+    assert config.LOSS_TYPES == typing.get_args(config.LossType) == ("mse", "l1", "combined")
+    assert config.IRESNET_DEPTHS == (18, 34, 50, 100)
+    help_text = build_parser().format_help()
+    for flag, allowed in [
+        ("--loss_type", config.LOSS_TYPES),
+        ("--iresnet_depth", config.IRESNET_DEPTHS),
+        ("--progress", config.PROGRESS_MODES),
+        ("--framing", config.FRAMINGS),
+    ]:
+        assert f"{flag} {{{','.join(map(str, allowed))}}}" in help_text
+    with pytest.raises(SystemExit):
+        parse_train_args(["--progress", "fancy"])
+    assert "--progress must be one of {auto, bar, lines}, got 'fancy'" in capsys.readouterr().err
+    assert parse_train_args(["--iresnet_depth", "18"]).model.iresnet_depth == 18
+
+
+def test_one_image_size_flag_sets_data_and_model():
+    cfg = parse_train_args(["image_size", "64"])
+    assert cfg.data.image_size == cfg.model.image_size == 64
+    with pytest.raises(ConfigError, match="--image_size: the model's input size 64 differs"):
+        TrainConfig(model=ModelConfig(image_size=64))
+    cfg.model.image_size = 128  # changed after construction: validate() sees it
+    with pytest.raises(ConfigError, match="--image_size"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: DataConfig(batch_size=0), "--batch_size must be > 0, got 0"),
+        (lambda: DataConfig(split_ratios=(0.5, float("nan"), 0.5)), "--split_ratios must be a"),
+        (lambda: ModelConfig(encoder="vit"), "--encoder must be one of {auto, iresnet,"),
+        (lambda: ModelConfig(iresnet_depth=7), "--iresnet_depth must be one of {18, 34, 50"),
+        (lambda: OptimConfig(lr=float("inf")), "--lr must be a finite number, got inf"),
+        (lambda: OptimConfig(background_loss_weight=2.0), "--background_loss_weight must be in"),
+        (lambda: OutputConfig(best_metric="psnr"), "--best_metric must be one of"),
+        (lambda: RayOptions(resource_wait_s=-1.0), "--resource_wait_s must be >= 0, got -1"),
+        (lambda: TrainConfig(data=DataConfig(framing="arcface")), "--generator warp needs"),
+    ],
+)
+def test_sections_check_their_values_at_construction(make, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()
+
+
+def test_stored_configs_load_without_touching_their_paths(tmp_path: Path):
+    """A checkpoint's config names paths of the machine that wrote it: loading it checks
+    values only; validate() (before a run) checks the paths."""
+    stored = TrainConfig().to_dict()
+    stored["data"]["data_dir"] = "/elsewhere/data"
+    stored["output"]["resume"] = "/elsewhere/ck.pth"
+    stored["data"]["split_ratios"] = [0.8, 0.1, 0.1]  # JSON has lists
+    cfg = TrainConfig.from_dict(stored)
+    assert cfg.data.split_ratios == (0.8, 0.1, 0.1) and cfg.data.data_dir == "/elsewhere/data"
+    with pytest.raises(ConfigError, match="--data_dir does not exist"):
+        cfg.validate()
+    stored["optim"]["lr"] = -1.0
+    with pytest.raises(ConfigError, match="--lr must be > 0"):
+        TrainConfig.from_dict(stored)

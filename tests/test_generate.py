@@ -279,7 +279,7 @@ def test_checkpoint_trained_on_an_arcface_onnx_loads_without_it(tmp_path):
     import warnings
 
     from controlnet_ray.checkpoint import build_checkpoint
-    from controlnet_ray.config import ModelConfig, TrainConfig
+    from controlnet_ray.config import DataConfig, ModelConfig, TrainConfig
     from controlnet_ray.files import atomic_save
     from controlnet_ray.model import build_model, iresnet, model_signature
 
@@ -310,7 +310,7 @@ def test_checkpoint_trained_on_an_arcface_onnx_loads_without_it(tmp_path):
         iresnet_depth=18,
         encoder_weights=str(arcface),
     )
-    cfg = TrainConfig(model=mcfg)
+    cfg = TrainConfig(data=DataConfig(image_size=mcfg.image_size), model=mcfg)
     model = build_model(mcfg).eval()
     assert "encoder.backbone.conv1.bias" in model.state_dict()  # the fused form
     state = build_checkpoint(

@@ -17,6 +17,7 @@ import warnings
 import cv2
 import numpy as np
 
+from controlnet_ray.config import FRAMINGS as FRAMINGS  # the one list (config.Framing)
 from controlnet_ray.data.geometry import ARCFACE_TEMPLATE_112, FLIP, rotation_from_ypr
 
 
@@ -78,7 +79,6 @@ HEAD_CENTER_MM = np.array([0.0, 25.0, -95.0])
 #: Half the crop's side at the head centre's depth: fits the whole head (chin to the top of
 #: the hair, nose tip to the back of the head at profile) with a small margin.
 HEAD_HALF_SIZE_MM = 140.0
-FRAMINGS = ("head", "arcface")
 
 
 def head_translation(
