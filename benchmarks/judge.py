@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         synthetic_identities=args.identities,
         synthetic_frames=args.frames,
     )
+    cfg.model = dataclasses.replace(cfg.model, image_size=args.image_size)
     if args.shards is None:
         from controlnet_ray.launcher import resolve_shards
 

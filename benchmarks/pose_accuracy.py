@@ -29,9 +29,8 @@ from controlnet_ray.data.pose import (  # noqa: E402
     estimate_dataset_poses,
     estimate_poses_generic,
     legacy_epnp_pose,
-    pose_errors,
-    synthesize_landmark_set,
 )
+from tests.landmark_sets import pose_errors, synthesize_landmark_set  # noqa: E402
 
 
 def _population(name: str) -> np.ndarray:

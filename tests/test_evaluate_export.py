@@ -18,6 +18,8 @@ from controlnet_ray.inference import (
     ONNX_FORMAT,
     read_image,
 )
+from controlnet_ray.judging.arcface import ArcFaceScorer
+from controlnet_ray.judging.checkpoint_report import METHODS
 from tests.cli_helpers import run_module
 from tests.inference_fixtures import TINY_IMAGE_SIZE, aligned_face, cli_args
 
@@ -89,7 +91,7 @@ def test_report_contents(report, tiny_data):
     doc = report
     assert doc["split"] == "test" and doc["num_pairs"] == len(doc["per_pair"]) > 0
     assert doc["split_ratios"] == [0.7, 0.15, 0.15]  # the checkpoint's: same test persons
-    for method in evaluate.METHODS:
+    for method in METHODS:
         s = doc["summary"][method]
         psnr = [p[method]["psnr"] for p in doc["per_pair"]]
         assert s["psnr"] == pytest.approx(np.mean(psnr))
@@ -157,7 +159,7 @@ def test_grid_png_has_source_target_output_rows(report):
 
 def test_arcface_preprocessing_matches_insightface(arcface_onnx):
     path, net = arcface_onnx
-    scorer = evaluate.ArcFaceScorer(path, "cpu")
+    scorer = ArcFaceScorer(path, "cpu")
     assert scorer.input_name == "data" and scorer.size == (ARCFACE_INPUT, ARCFACE_INPUT)
     faces = np.stack([aligned_face(ARCFACE_INPUT), aligned_face(ARCFACE_INPUT)[:, ::-1]])
     x = torch.from_numpy((faces.astype(np.float32) - 127.5) / 127.5).permute(0, 3, 1, 2)

@@ -19,6 +19,8 @@ from controlnet_ray.data.geometry import (  # noqa: E402
     rotation_from_ypr,
     ypr_from_rotation,
 )
+from controlnet_ray.data.pose import rotations  # noqa: E402
+from tests.landmark_sets import pose_errors, synthesize_landmark_set  # noqa: E402
 
 MAX_YAW = 70.0
 
@@ -31,7 +33,7 @@ def _landmarks(shape, ypr, width=224, height=224, dist=220.0, offset=(0.0, 0.0))
 
 def _errors(pred, ds):
     keep = np.abs(ds.poses[:, 0]) <= MAX_YAW
-    return P.pose_errors(pred, ds.poses)[keep]
+    return pose_errors(pred, ds.poses)[keep]
 
 
 def _assert_targets(err, med=2.0, p90=5.0):
@@ -50,13 +52,13 @@ def test_geometry_round_trip_through_projection():
         ypr = rng.uniform([-80, -40, -30], [80, 40, 30])
         rot = rotation_from_ypr(*ypr)
         np.testing.assert_allclose(ypr_from_rotation(rot), ypr, atol=1e-9)
-        np.testing.assert_allclose(P._ypr_batch(rot[None])[0], ypr, atol=1e-9)
-        rvec = P._rotvec_from_matrix(rot[None])
-        np.testing.assert_allclose(P._rodrigues_with_jac(rvec)[0][0], rot, atol=1e-9)
+        np.testing.assert_allclose(rotations._ypr_batch(rot[None])[0], ypr, atol=1e-9)
+        rvec = rotations._rotvec_from_matrix(rot[None])
+        np.testing.assert_allclose(rotations._rodrigues_with_jac(rvec)[0][0], rot, atol=1e-9)
         t = np.array([rng.uniform(-20, 20), rng.uniform(-20, 20), rng.uniform(150, 400)])
         w, h = 320.0, 400.0
         uv = project(head_to_camera(shape, rot, t), w, h)
-        uv_batch = P._project_batch(shape, rot[None], t[None], np.array([[w, h]]))[0]
+        uv_batch = rotations._project_batch(shape, rot[None], t[None], np.array([[w, h]]))[0]
         np.testing.assert_allclose(uv_batch, uv, atol=1e-9)
         # back through the pinhole: the camera-frame points reproject onto the same pixels
         cam = head_to_camera(shape, rot, t)
@@ -112,7 +114,7 @@ def test_sign_conventions(estimator):
 
 
 def test_bundle_adjustment_meets_targets_on_synthetic_set():
-    ds = P.synthesize_landmark_set(40, 24, seed=3)
+    ds = synthesize_landmark_set(40, 24, seed=3)
     poses, report = P.estimate_dataset_poses(ds.person_names, ds.roles, ds.landmarks_2d, ds.sizes)
     assert poses.dtype == np.float32 and poses.shape == (len(ds.roles), 3)
     assert report.n_bundle_persons == 40 and report.n_generic_persons == 0
@@ -126,7 +128,7 @@ def test_bundle_adjustment_meets_targets_on_synthetic_set():
 def test_bundle_adjustment_recovers_from_a_wrong_mean_face():
     """True population = the legacy template (very unlike MEAN_FACE_3D): the dataset pass
     re-estimates the mean face, and the generic fallback uses it plus the measured bias."""
-    ds = P.synthesize_landmark_set(40, 24, seed=4, population_mean=LEGACY_TEMPLATE_3D)
+    ds = synthesize_landmark_set(40, 24, seed=4, population_mean=LEGACY_TEMPLATE_3D)
     names = list(ds.person_names)
     few = ds.person_index >= 36  # the last 4 persons keep only 3 images each
     keep = ~few | (np.arange(len(names)) - np.searchsorted(ds.person_index, ds.person_index) < 3)
@@ -135,12 +137,12 @@ def test_bundle_adjustment_recovers_from_a_wrong_mean_face():
         [names[i] for i in idx], [ds.roles[i] for i in idx], ds.landmarks_2d[idx], ds.sizes[idx]
     )
     assert report.mean_face_refined and report.n_generic_persons == 4
-    err = P.pose_errors(poses, ds.poses[idx])
+    err = pose_errors(poses, ds.poses[idx])
     ba = err[~few[idx] & (np.abs(ds.poses[idx, 0]) <= MAX_YAW)]
     _assert_targets(ba)
     # fallback persons: the legacy-template pitch bias (~30 deg with the default mean face) is gone
     fb = err[few[idx]]
-    naive = P.pose_errors(
+    naive = pose_errors(
         P.estimate_poses_generic(ds.landmarks_2d[idx][few[idx]], ds.sizes[idx][few[idx]]),
         ds.poses[idx][few[idx]],
     )
@@ -148,7 +150,7 @@ def test_bundle_adjustment_recovers_from_a_wrong_mean_face():
 
 
 def test_fallback_recorded_for_person_with_too_few_images():
-    ds = P.synthesize_landmark_set(6, 8, seed=5)
+    ds = synthesize_landmark_set(6, 8, seed=5)
     names = list(ds.person_names)
     drop = np.flatnonzero(ds.person_index == 2)[3:]  # person_00002 keeps 3 images
     idx = np.setdiff1d(np.arange(len(names)), drop)
@@ -176,7 +178,7 @@ def test_fallback_recorded_for_person_with_too_few_images():
 
 
 def test_process_pool_matches_single_process():
-    ds = P.synthesize_landmark_set(6, 6, seed=6)
+    ds = synthesize_landmark_set(6, 6, seed=6)
     args = (ds.person_names, ds.roles, ds.landmarks_2d, ds.sizes)
     one, rep1 = P.estimate_dataset_poses(*args, num_workers=1)
     two, rep2 = P.estimate_dataset_poses(*args, num_workers=2)
@@ -228,16 +230,16 @@ def test_rejects_bad_inputs_with_the_field_name():
 
 
 def test_mislabelled_front_photo_loses_its_prior():
-    ds = P.synthesize_landmark_set(1, 24, seed=9)
+    ds = synthesize_landmark_set(1, 24, seed=9)
     lm, true = ds.landmarks_2d.copy(), ds.poses.copy()
     true[0] = (40.0, 0.0, 0.0)  # the "front" photo is in fact turned 40 degrees
     rot = rotation_from_ypr(*true[0])
     lm[0] = project(head_to_camera(ds.shapes[0], rot, ds.translations[0]), *ds.sizes[0])
     fit = P.fit_person(lm, ds.sizes, np.arange(25) == 0)
     assert fit.front_ignored == 1
-    err = P.pose_errors(fit.poses, true)
+    err = pose_errors(fit.poses, true)
     assert np.all(np.median(err, axis=0) < 2.0) and abs(fit.poses[0, 0] - 40.0) < 3.0
     # images all labelled "front": no frontal prior at all (it would pull every pose to 0)
     fit = P.fit_person(ds.landmarks_2d, ds.sizes, np.ones(25, dtype=bool))
     assert fit.front_ignored == 25
-    assert np.all(np.median(P.pose_errors(fit.poses, ds.poses), axis=0) < 2.0)
+    assert np.all(np.median(pose_errors(fit.poses, ds.poses), axis=0) < 2.0)

@@ -24,6 +24,8 @@ from controlnet_ray.data.synthetic import (
     render_dataset,
     render_face,
 )
+from controlnet_ray.data.synthetic import dataset as syn_dataset
+from controlnet_ray.data.synthetic.render import _render
 
 TINY = SyntheticSpec(num_identities=2, frames_per_identity=3, seed=0, image_px=64)
 GREEN = Background("plain", (0.0, 1.0, 0.0), (0.0, 1.0, 0.0))  # never a skin/hair colour
@@ -37,7 +39,7 @@ def identity(seed: int) -> syn.Identity:
 
 def render(ident: syn.Identity, yaw: float, pitch: float = 0.0, roll: float = 0.0, px: int = 160):
     """(rgb float 0..1, head coverage, landmarks) on a green background under even light."""
-    rgb, cover, lm, _ = syn._render(
+    rgb, cover, lm, _ = _render(
         ident, yaw, pitch, roll, EVEN, GREEN, px, syn.Placement(0.0, -15.0, 350.0)
     )
     return rgb.astype(np.float64) / 255.0, cover, lm
@@ -235,7 +237,7 @@ def test_cache_renders_once_and_reuses(tmp_path: Path, monkeypatch, capsys) -> N
         time.sleep(0.2)  # widen the race window for the concurrent caller
         return real(root, spec, num_workers)
 
-    monkeypatch.setattr(syn, "render_dataset", counting)
+    monkeypatch.setattr(syn_dataset, "render_dataset", counting)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(ensure_synthetic_dataset(tmp_path, TINY)))
@@ -264,7 +266,7 @@ def test_failed_render_leaves_no_cache_entry(tmp_path: Path, monkeypatch) -> Non
         (root / "partial.txt").write_text("x")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(syn, "render_dataset", broken)
+    monkeypatch.setattr(syn_dataset, "render_dataset", broken)
     with pytest.raises(RuntimeError, match="boom"):
         ensure_synthetic_dataset(tmp_path, TINY)
     assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [f"{TINY.digest()}.lock"]

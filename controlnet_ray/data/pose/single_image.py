@@ -1,0 +1,115 @@
+"""Single-image estimators: the original's EPnP on the legacy template (comparison only) and
+iterative PnP with a mean face (the generic estimate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from controlnet_ray.data.geometry import (
+    FLIP,
+    LEGACY_TEMPLATE_3D,
+    camera_matrix,
+    ypr_from_rotation,
+)
+from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
+from controlnet_ray.data.pose.rotations import _ypr_batch
+from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_size, _as_sizes
+
+
+def _pnp_camera(
+    landmarks: np.ndarray, width: float, height: float, template: np.ndarray, flags: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV PnP in our convention: head rotation R (cam = FLIP R p + t) and t."""
+    k = camera_matrix(width, height)
+    obj = np.ascontiguousarray(template, dtype=np.float64)
+    img = np.ascontiguousarray(landmarks, dtype=np.float64).reshape(5, 1, 2)
+    ok, rvec, tvec = cv2.solvePnP(obj, img, k, None, flags=flags)
+    if not ok:
+        raise RuntimeError("cv2.solvePnP failed")
+    if flags != cv2.SOLVEPNP_EPNP:
+        rvec, tvec = cv2.solvePnPRefineLM(obj, img, k, None, rvec, tvec)
+    r_cv = cv2.Rodrigues(rvec)[0]
+    return FLIP @ r_cv, tvec.ravel()
+
+
+def legacy_epnp_pose(
+    landmarks_2d: np.ndarray, width: float, height: float
+) -> tuple[float, float, float]:
+    """The original script's pose: EPnP on ``LEGACY_TEMPLATE_3D`` (in our convention).
+
+    For comparison figures only: with five points EPnP is unstable, and the legacy template
+    is far from real faces (nose 13 mm below the eyes instead of ~36 mm), so it is off by 10
+    degrees or more.
+    """
+    lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=False)
+    w, h = _as_size(width, height)
+    rot, _ = _pnp_camera(lm, w, h, LEGACY_TEMPLATE_3D, cv2.SOLVEPNP_EPNP)
+    return ypr_from_rotation(rot)
+
+
+def _generic_rt(
+    lm: np.ndarray, w: float, h: float, template: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative PnP: SQPnP (global minimum of its object-space error), then LM on pixels."""
+    try:
+        rot, t = _pnp_camera(lm, w, h, template, cv2.SOLVEPNP_SQPNP)
+    except (cv2.error, RuntimeError):
+        t = np.zeros(3)
+    if not (np.isfinite(t).all() and t[2] > 0):  # degenerate: EPnP start, then LM
+        rot, t = _pnp_camera(lm, w, h, template, cv2.SOLVEPNP_EPNP)
+        k = camera_matrix(w, h)
+        obj = np.ascontiguousarray(template, dtype=np.float64)
+        img = np.ascontiguousarray(lm, dtype=np.float64).reshape(5, 1, 2)
+        rvec = cv2.Rodrigues(FLIP @ rot)[0]
+        rvec, tvec = cv2.solvePnPRefineLM(obj, img, k, None, rvec, t.reshape(3, 1).copy())
+        rot, t = FLIP @ cv2.Rodrigues(rvec)[0], tvec.ravel()
+    return rot, t
+
+
+def estimate_pose_generic(
+    landmarks_2d: np.ndarray,
+    width: float,
+    height: float,
+    template: np.ndarray | None = None,
+    bias_deg: Sequence[float] | None = None,
+) -> tuple[float, float, float]:
+    """Single-image (yaw, pitch, roll) in degrees: iterative PnP with a mean face.
+
+    ``template`` is the 3D mean face (default :data:`MEAN_FACE_3D`, whose frontal view is the
+    ArcFace layout, which removes the legacy template's pitch bias); ``bias_deg`` is a
+    correction added to the result (the dataset pass measures it on bundle-adjusted persons).
+    Exact when the person's shape equals ``template`` and the landmarks are noise-free; otherwise
+    off by what the person's geometry differs from the template (about 2 deg median).
+    """
+    lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=False)
+    w, h = _as_size(width, height)
+    tpl = MEAN_FACE_3D if template is None else _as_shape(template, "template")
+    rot, _ = _generic_rt(lm, w, h, tpl)
+    ypr = np.array(ypr_from_rotation(rot))
+    if bias_deg is not None:
+        ypr = ypr + np.asarray(bias_deg, dtype=np.float64).reshape(3)
+    return float(ypr[0]), float(ypr[1]), float(ypr[2])
+
+
+def estimate_poses_generic(
+    landmarks_2d: np.ndarray,
+    sizes: np.ndarray,
+    template: np.ndarray | None = None,
+    bias_deg: Sequence[float] | None = None,
+) -> np.ndarray:
+    """:func:`estimate_pose_generic` for a batch: [N,5,2], [N,2] -> [N,3] degrees."""
+    lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=True)
+    sz = _as_sizes(sizes, "sizes", lm.shape[0])
+    tpl = MEAN_FACE_3D if template is None else _as_shape(template, "template")
+    rot = (
+        np.stack([_generic_rt(lm[i], sz[i, 0], sz[i, 1], tpl)[0] for i in range(lm.shape[0])])
+        if lm.shape[0]
+        else np.zeros((0, 3, 3))
+    )
+    ypr = _ypr_batch(rot)
+    if bias_deg is not None:
+        ypr = ypr + np.asarray(bias_deg, dtype=np.float64).reshape(1, 3)
+    return ypr
