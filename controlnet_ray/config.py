@@ -31,6 +31,7 @@ IResNetDepth = Literal[18, 34, 50, 100]
 PairMode = Literal["front_to_video", "any"]
 Framing = Literal["head", "arcface"]
 GeneratorName = Literal["warp", "plain"]
+FillSeed = Literal["latitude", "head_colour"]
 BestMetric = Literal["val_psnr", "val_loss"]
 ProgressMode = Literal["auto", "bar", "lines"]
 Device = Literal["cpu", "cuda", "auto"]  # --device of the inference CLIs and benchmarks
@@ -255,6 +256,13 @@ class ModelConfig(_Section):
         "warp = warp the source by a 3D head proxy and refine (needs --framing head); "
         "plain = the seed's U-Net (checkpoints from before this flag)",
     )
+    fill_seed: FillSeed = option(
+        "latitude",
+        "what the warp generator fills the head the source did not show from: latitude = the "
+        "source's head at the same height, on its nearest well-seen side (hair at hair height, "
+        "skin at cheek height); head_colour = the source head's mean colour (checkpoints from "
+        "before this flag)",
+    )
     identity_weights: str | None = option(
         None,
         "local ArcFace .onnx/.pth for the identity loss (frozen, kept out of the model's "
@@ -469,7 +477,7 @@ def sections(cfg: TrainConfig) -> dict[str, _Section]:
 #: a stored config describes what that run did, so a missing field means the old behaviour.
 _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"framing": "arcface"},
-    "model": {"generator": "plain"},
+    "model": {"generator": "plain", "fill_seed": "head_colour"},
     "optim": {"background_loss_weight": 1.0},
 }
 

@@ -503,11 +503,12 @@ def test_proxy_flow_moves_the_face_the_way_the_pose_convention_says(axis: int, s
     assert 0 < flow.visible.sum() < flow.head.sum()
 
 
-def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source() -> None:
+@pytest.mark.parametrize("fill_seed", ["latitude", "head_colour"])
+def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed: str) -> None:
     """Zero-initialised mask, flow and gain: the output is the proxy's warp of the source,
-    blended by the visibility prior with the fill (here zeroed too, so exactly the mean colour
-    of the source's head)."""
-    model = build_model(ModelConfig(image_size=64)).eval()
+    blended by the visibility prior with the fill (here zeroed too, so exactly its seed: the
+    source at the hidden point's height on its seen side, or the mean colour of its head)."""
+    model = build_model(ModelConfig(image_size=64, fill_seed=fill_seed)).eval()
     with torch.no_grad():
         model.generator.to_rgb[0].weight.zero_()
         model.generator.to_rgb[0].bias.zero_()
@@ -516,18 +517,40 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source() -> None
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
     flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64)
     mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
-    seen = flow.source_head
-    colour = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
-    expected = mask * warp(b["source"], flow.grid) + (1 - mask) * colour
+    if fill_seed == "latitude":
+        seed = warp(b["source"], flow.fill_grid)
+    else:
+        seen = flow.source_head
+        seed = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
+    expected = mask * warp(b["source"], flow.grid) + (1 - mask) * seed
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_fill_seed_samples_the_source_head_at_the_hidden_points_height() -> None:
+    """Frontal source, head turned 70 deg: the points the source hid are sampled from inside
+    the source's head silhouette at their own height (y unchanged in a frontal source), and
+    the points it showed well are sampled where the proxy warp samples them."""
+    size = 64
+    flow = proxy_flow(torch.zeros(1, 3), torch.tensor([[70.0, 0.0, 0.0]]), size, size)
+    head = flow.head[0, 0] > 0
+    hidden = head & (flow.visible[0, 0] == 0)
+    assert hidden.sum() > 100  # the turned side of the head
+    inside = warp(flow.source_head, flow.fill_grid)[0, 0]
+    assert (inside[hidden] > 0.99).all()
+    torch.testing.assert_close(flow.fill_grid[0, ..., 1][head], flow.grid[0, ..., 1][head])
+    well_seen = head & (flow.visible[0, 0] == 1)
+    torch.testing.assert_close(
+        flow.fill_grid[0][well_seen], flow.grid[0][well_seen], atol=1e-5, rtol=0
+    )
 
 
 def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> None:
     stored = TrainConfig().to_dict()
     del stored["model"]["generator"], stored["data"]["framing"]
-    del stored["optim"]["background_loss_weight"]
+    del stored["optim"]["background_loss_weight"], stored["model"]["fill_seed"]
     cfg = TrainConfig.from_dict(stored)
     assert (cfg.model.generator, cfg.data.framing) == ("plain", "arcface")
+    assert cfg.model.fill_seed == "head_colour"  # a warp model of then filled from the mean
     assert cfg.optim.background_loss_weight == 1.0  # the old loss: every pixel counts
     plain = build_model(cfg.model)
     assert plain.generator.to_rgb[0].out_channels == 12  # the seed's layout: old files load

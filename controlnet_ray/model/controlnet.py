@@ -242,6 +242,7 @@ class ImageControlNet(nn.Module):
         super().__init__()
         self.image_size = cfg.image_size
         self.warp_mode = cfg.generator == "warp"
+        self.fill_seed = cfg.fill_seed
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
         out_channels = WARP_CHANNELS if self.warp_mode else 3
@@ -292,7 +293,7 @@ class ImageControlNet(nn.Module):
         flow = proxy_flow(source_pose, target_pose, height, width)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
-        image = compose(source, flow, self.generator(feats, injections))
+        image = compose(source, flow, self.generator(feats, injections), self.fill_seed)
         return image, flow.head.to(image.dtype)
 
     def forward(
@@ -345,18 +346,31 @@ def _init_warp_head(conv: nn.Conv2d) -> None:
             conv.bias[4 * k : 4 * k + 4] = conv.bias[4 * k].clone()
 
 
-def compose(source: torch.Tensor, flow: ProxyFlow, raw: torch.Tensor) -> torch.Tensor:
+def compose(
+    source: torch.Tensor, flow: ProxyFlow, raw: torch.Tensor, fill_seed: str = "latitude"
+) -> torch.Tensor:
     """The warp generator's image from its raw decoder output (``WARP_CHANNELS``).
 
-    The fill is a residual on the source head's mean colour, so what the source could not show
-    starts skin- and hair-coloured rather than grey."""
-    fill = (head_colour(source, flow) + raw[:, 0:3]).clamp(-1.0, 1.0)
+    The fill is a residual on a seed, so what the source could not show starts from the
+    person's own hair and skin rather than grey: ``latitude``, the source's head at the same
+    height seen from its nearest well-seen side (``ProxyFlow.fill_grid``), or ``head_colour``,
+    the source head's mean colour (models trained before ``--fill_seed``)."""
+    fill = (fill_seed_image(source, flow, fill_seed) + raw[:, 0:3]).clamp(-1.0, 1.0)
     prior = MASK_PRIOR * (2.0 * flow.visible - 1.0) * flow.head
     mask = torch.sigmoid(raw[:, 3:4] + prior.to(raw.dtype))
     residual = FLOW_RESIDUAL_SCALE * torch.tanh(raw[:, 4:6]).permute(0, 2, 3, 1)
     moved = warp(source, flow.grid + residual.to(flow.grid.dtype))
     gain = torch.exp(raw[:, 6:7].clamp(-2.0, 2.0))
     return (mask * (moved * gain + gain - 1.0) + (1.0 - mask) * fill).clamp(-1.0, 1.0)
+
+
+def fill_seed_image(source: torch.Tensor, flow: ProxyFlow, fill_seed: str) -> torch.Tensor:
+    """What the fill starts from (see :func:`compose`)."""
+    if fill_seed == "head_colour":
+        return head_colour(source, flow)
+    if fill_seed == "latitude":
+        return warp(source, flow.fill_grid)
+    raise ValueError(f"fill_seed must be 'latitude' or 'head_colour', got {fill_seed!r}")
 
 
 def head_colour(source: torch.Tensor, flow: ProxyFlow) -> torch.Tensor:

@@ -10,7 +10,11 @@ learning anything:
 * a target pixel's ray (orthographic, along the view axis) is intersected with the ellipsoid
   rotated to the target pose; no hit is background, which is left in place;
 * the hit point, rotated to the source pose and projected, is where to sample the source;
-* it was visible in the source when the ellipsoid's normal there faced the camera.
+* it was visible in the source when the ellipsoid's normal there faced the camera;
+* where it was not, the fill starts from the same height of the head turned round to its
+  nearest well-seen side (``fill_grid``): the side of a head the ID photo never showed is
+  mostly more of what it showed at that height -- hair at hair height, skin at cheek height --
+  which identifies the person far better than the head's mean colour.
 
 The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
 ears, hair), and fills what the source could not show.  Angles follow
@@ -39,6 +43,13 @@ PROXY_RADII = (0.58, 0.78, 1.0)
 #: Visibility in the source ramps from 0 to 1 as the cosine between the proxy's normal and the
 #: view axis goes from 0.15 to 0.45 (about 81 to 63 degrees off the view axis).
 VISIBLE_COS = (0.15, 0.45)
+#: The fill seed of a head point the source did not show: the same point turned about the
+#: head's vertical axis to at most this many degrees of longitude from the source's view
+#: direction, where the source shows the head well inside its silhouette (further out, the
+#: background beside a head narrower than the proxy leaks in; nearer the middle, the turned
+#: side looks like a second face and reads as less turned).  Chosen by training
+#: (``benchmarks/recipe.py``; benchmarks/README.md, "Faces that turn").
+FILL_LONGITUDE_DEG = 55.0
 
 
 @dataclass
@@ -49,6 +60,7 @@ class ProxyFlow:
     head: torch.Tensor  # [B,1,H,W] 1 where the target pixel shows the head (the proxy's hit)
     visible: torch.Tensor  # [B,1,H,W] 1 where that head point was visible in the source
     source_head: torch.Tensor  # [B,1,H,W] the head's silhouette in the source image
+    fill_grid: torch.Tensor  # [B,H,W,2] where the source shows the head at that height
 
 
 def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
@@ -100,8 +112,7 @@ def proxy_flow(
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
     hit, p_hit = _cast(rot_t, pix)
-    q = torch.einsum("bij,bhwj->bhwi", rot_s, p_hit)  # camera frame, source pose
-    src = torch.stack([q[..., 0], -q[..., 1]], dim=-1)
+    src = _project(rot_s, p_hit)  # where the source shows it
     centre = torch.tensor(PROXY_CENTER, device=pix.device)
     radii = torch.tensor(PROXY_RADII, device=pix.device)
     normal = (p_hit - centre) / (radii * radii)
@@ -111,7 +122,33 @@ def proxy_flow(
     facing = ((cos_view - VISIBLE_COS[0]) / (VISIBLE_COS[1] - VISIBLE_COS[0])).clamp(0.0, 1.0)
     grid = torch.where(hit[..., None], src, pix.expand_as(src))
     source_head = _cast(rot_s, pix)[0].float()[:, None]
-    return ProxyFlow(grid, hit.float()[:, None], (hit.float() * facing)[:, None], source_head)
+    seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s))
+    fill_grid = torch.where(hit[..., None], seen_side, pix.expand_as(seen_side))
+    visible = (hit.float() * facing)[:, None]
+    return ProxyFlow(grid, hit.float()[:, None], visible, source_head, fill_grid)
+
+
+def _project(rot: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Head-frame points [B,H,W,3] seen at rotation ``rot`` -> grid_sample coordinates."""
+    q = torch.einsum("bij,bhwj->bhwi", rot, p)
+    return torch.stack([q[..., 0], -q[..., 1]], dim=-1)
+
+
+def _turn_to_seen_side(p: torch.Tensor, rot_s: torch.Tensor) -> torch.Tensor:
+    """Proxy points [B,H,W,3] turned about the head's vertical axis, each at its own height,
+    to at most ``FILL_LONGITUDE_DEG`` from the source's view direction (points already
+    within it stay where they are)."""
+    centre = torch.tensor(PROXY_CENTER, device=p.device)
+    radii = torch.tensor(PROXY_RADII, device=p.device)
+    u = (p - centre) / radii  # on the unit sphere
+    view = rot_s[:, 2]  # the source camera's view axis in the head frame, [B,3]
+    view_lon = torch.atan2(view[:, 0], view[:, 2])[:, None, None]
+    off = torch.remainder(torch.atan2(u[..., 0], u[..., 2]) - view_lon + math.pi, 2 * math.pi)
+    limit = math.radians(FILL_LONGITUDE_DEG)
+    lon = view_lon + (off - math.pi).clamp(-limit, limit)
+    ring = (1 - u[..., 1] ** 2).clamp(min=0).sqrt()
+    turned = torch.stack([ring * lon.sin(), u[..., 1], ring * lon.cos()], dim=-1)
+    return centre + radii * turned
 
 
 def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Tensor:
