@@ -185,7 +185,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from controlnet_ray.progress import EpochLines
+    from controlnet_ray.epoch_lines import EpochLines
     from controlnet_ray.worker import train_loop_per_worker
 
     scaling = ScalingConfig(

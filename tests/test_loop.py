@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,10 @@ def test_the_loop_trains_saves_and_resumes_without_ray(
     loop.run_worker(parts, host)
     assert "nothing to train: the run already reached epoch 4" in capfd.readouterr().out
     assert host.reports[-1]["epoch"] == EPOCHS and len(host.reports) == EPOCHS + 1
+
+
+def test_the_loop_imports_without_ray() -> None:
+    """The loop and what it imports load in an interpreter where ``import ray`` fails."""
+    code = "import sys; sys.modules['ray'] = None; import controlnet_ray.loop"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
