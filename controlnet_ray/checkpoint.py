@@ -1,4 +1,5 @@
-"""Checkpoint files in ``--save_dir``, named and shaped as the original script leaves them.
+"""Checkpoint files in ``--save_dir``, shaped as the original script leaves them (named in
+:mod:`controlnet_ray.run_files`).
 
 Users of the original script load ``checkpoint_epoch_{N}.pth``, ``best_model.pth`` and
 ``final_model.pth`` with plain ``torch.load`` and read ``model_state_dict``, ``epoch``, ``args``
@@ -28,13 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from controlnet_ray import run_files
 from controlnet_ray.config import TrainConfig
 
 FORMAT_VERSION = 1
 LEGACY_FORMAT_VERSION = 0  # files without ``format_version``: written by the original script
-RAY_STATE_FILE = "state.pth"  # the file inside each Ray checkpoint folder
-BEST_MODEL_NAME = "best_model.pth"
-FINAL_MODEL_NAME = "final_model.pth"
 # Epochs are 1-based: the loop is ``for epoch in range(start_epoch, epochs + 1)`` and ``epoch``
 # in a file is the last completed one, so a continuation starts at ``epoch + 1``.
 FRESH_START_EPOCH = 1
@@ -64,22 +63,6 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit this run; the message names the file."""
-
-
-# --------------------------------------------------------------------------- file names
-
-
-def epoch_checkpoint_path(save_dir: str | os.PathLike[str], epoch: int) -> Path:
-    """``<save_dir>/checkpoint_epoch_{epoch}.pth``; the caller picks N as the original did."""
-    return Path(save_dir) / f"checkpoint_epoch_{epoch}.pth"
-
-
-def best_model_path(save_dir: str | os.PathLike[str]) -> Path:
-    return Path(save_dir) / BEST_MODEL_NAME
-
-
-def final_model_path(save_dir: str | os.PathLike[str]) -> Path:
-    return Path(save_dir) / FINAL_MODEL_NAME
 
 
 # --------------------------------------------------------------------------- contents
@@ -663,6 +646,20 @@ class RunState:
     best_val_psnr: float = float("-inf")
     train_history: list[dict[str, float]] = field(default_factory=list)
     val_history: list[dict[str, float]] = field(default_factory=list)
+
+    def record_epoch(
+        self, epoch: int, train: Mapping[str, float], val: Mapping[str, float], best_metric: str
+    ) -> bool:
+        """Append the epoch to the histories and update the bests; returns whether the epoch is
+        the best so far by ``best_metric`` (:func:`run_files.improves`): its state becomes
+        ``best_model.pth``. Both bests are kept whatever the metric (the files store both)."""
+        self.train_history.append({"epoch": epoch, **train})
+        self.val_history.append({"epoch": epoch, **val})
+        best = {"loss": self.best_val_loss, "psnr": self.best_val_psnr}
+        is_best = run_files.improves(best_metric, val, best)
+        self.best_val_loss = min(self.best_val_loss, val["loss"])
+        self.best_val_psnr = max(self.best_val_psnr, val["psnr"])
+        return is_best
 
     @classmethod
     def continued_from(cls, state: Mapping[str, Any], start_epoch: int) -> RunState:

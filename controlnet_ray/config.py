@@ -380,7 +380,7 @@ class RayOptions(_Section):
     max_failures: int = option(
         2, "worker failures Ray recovers from by restarting from the last checkpoint"
     )
-    num_to_keep: int = option(2, "Ray checkpoints kept (best by val PSNR, plus the latest)")
+    num_to_keep: int = option(2, "Ray checkpoints kept (best by --best_metric, plus the latest)")
     fresh: bool = option(False, "start over even if a Ray checkpoint of this run exists")
     cpus_per_worker: float | None = option(
         None, "CPUs reserved per training worker (default: planned so Ray Data keeps one CPU)"

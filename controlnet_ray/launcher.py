@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controlnet_ray import capacity
+from controlnet_ray import capacity, run_files
 from controlnet_ray.capacity import DATA_CPUS, Need
 from controlnet_ray.config import ConfigError, TrainConfig
 
@@ -185,7 +185,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from controlnet_ray.progress import EpochLines
+    from controlnet_ray.epoch_lines import EpochLines
     from controlnet_ray.worker import train_loop_per_worker
 
     scaling = ScalingConfig(
@@ -198,8 +198,8 @@ def build_trainer(
         storage_path=cfg.storage_path(),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.ray.num_to_keep,
-            checkpoint_score_attribute="val_psnr",
-            checkpoint_score_order="max",
+            checkpoint_score_attribute=cfg.output.best_metric,
+            checkpoint_score_order=run_files.score_order(cfg.output.best_metric),
         ),
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         logging_config=LoggingConfig(log_level="WARNING"),
@@ -262,7 +262,7 @@ def latest_ray_checkpoint(run_dir: Path) -> Path | None:
     Read from Ray's own snapshot, not guessed from folder names: a folder written but never
     registered (a worker killed while reporting) is not what Ray restores.
     """
-    from controlnet_ray.checkpoint import RAY_STATE_FILE
+    from controlnet_ray.run_files import RAY_STATE_FILE
 
     snapshot = run_dir / RAY_SNAPSHOT_FILE
     if not snapshot.is_file():
@@ -309,8 +309,8 @@ def check_rerun(cfg: TrainConfig) -> None:
         return
     ways_out = (
         "--fresh starts this run over (its Ray checkpoints are deleted), a new --save_dir "
-        f"starts a separate run, or --resume {cfg.output.save_dir}/final_model.pth with a new "
-        "--save_dir starts a new stage from its weights"
+        f"starts a separate run, or --resume {cfg.output.save_dir}/{run_files.FINAL_MODEL} "
+        "with a new --save_dir starts a new stage from its weights"
     )
     try:
         state = ckpt.load_checkpoint(state_file)

@@ -8,6 +8,7 @@ file as the Ray checkpoint, then ``best_model.pth`` / ``checkpoint_epoch_N.pth``
 ``final_model.pth`` as copies of it inside the storage (server-side on object stores, hard
 links on a file system), then history, curves and the flushed part of the TensorBoard events.
 
+Which files an epoch leaves, and their names, is :mod:`controlnet_ray.run_files`'s to say.
 Nothing here imports ray: the worker hands :meth:`RankZeroOutputs.publish` to Ray.
 """
 
@@ -19,35 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlnet_ray import checkpoint as ckpt
+from controlnet_ray import run_files
 from controlnet_ray.files import atomic_save
-from controlnet_ray.reporting import curves_path, history_path, save_curves_png, write_history_json
+from controlnet_ray.reporting import save_curves_png, write_history_json
+from controlnet_ray.run_files import RAY_STATE_FILE, EpochNames
 from controlnet_ray.storage import LOG_DIR, SAVE_DIR, RunStorage
 
 CHECKPOINTS_DIR = "ray_checkpoints"  # under the scratch folder: one folder per epoch
-
-
-@dataclass(frozen=True)
-class EpochNames:
-    """Which of the original's files an epoch leaves (names from checkpoint/reporting)."""
-
-    copies: tuple[str, ...]  # names in save_dir that are the epoch's state, byte for byte
-    curves: tuple[str, ...]  # curve PNGs drawn this epoch
-
-
-def epoch_names(epoch: int, epochs: int, save_interval: int, is_best: bool) -> EpochNames:
-    """The original's cadence: every ``save_interval`` epochs a numbered checkpoint and
-    curves, ``best_model.pth`` when the epoch is the best so far, the final files last."""
-    copies, curves = [], []
-    if epoch % save_interval == 0:
-        copies.append(ckpt.epoch_checkpoint_path("", epoch).name)
-        curves.append(curves_path("", epoch).name)
-    if is_best:
-        copies.append(ckpt.BEST_MODEL_NAME)
-    if epoch == epochs:
-        copies.append(ckpt.FINAL_MODEL_NAME)
-        curves.append(curves_path("").name)
-    return EpochNames(tuple(copies), tuple(curves))
 
 
 @dataclass
@@ -86,7 +65,7 @@ class RankZeroOutputs:
         written, the TensorBoard files' flushed sizes noted (they keep growing afterwards)."""
         ckpt_dir = self.scratch / CHECKPOINTS_DIR / f"epoch_{epoch}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save(state, ckpt_dir / ckpt.RAY_STATE_FILE)
+        atomic_save(state, ckpt_dir / RAY_STATE_FILE)
         files = EpochFiles(epoch, ckpt_dir, names.copies)
         files.small_files = self._write_small(names, train_history, val_history)
         files.events = {p: p.stat().st_size for p in self.log_dir.rglob("*") if p.is_file()}
@@ -95,7 +74,8 @@ class RankZeroOutputs:
     def _write_small(
         self, names: EpochNames, train_history: Sequence, val_history: Sequence
     ) -> list[Path]:
-        written = [write_history_json(history_path(self.save_dir), train_history, val_history)]
+        history = self.save_dir / run_files.HISTORY
+        written = [write_history_json(history, train_history, val_history)]
         for name in names.curves:
             written.append(save_curves_png(train_history, val_history, self.save_dir / name))
         return written
@@ -108,7 +88,7 @@ class RankZeroOutputs:
         s = self.storage
         ckpt_path = s.upload_dir(files.checkpoint_dir, s.path(checkpoint_dir_name))
         for name in files.copies:
-            s.copy(f"{ckpt_path}/{ckpt.RAY_STATE_FILE}", s.path(SAVE_DIR, name))
+            s.copy(f"{ckpt_path}/{RAY_STATE_FILE}", s.path(SAVE_DIR, name))
         for path in files.small_files:
             s.put_file(path, s.path(SAVE_DIR, path.relative_to(self.save_dir).as_posix()))
         for path, size in files.events.items():
@@ -121,7 +101,7 @@ class RankZeroOutputs:
         """A run restarted after its last epoch: the final files again, from the stored state
         (no serialisation), in case an older version's run stopped before writing them."""
         s = self.storage
-        s.copy(state_path, s.path(SAVE_DIR, ckpt.FINAL_MODEL_NAME))
-        names = EpochNames((), (curves_path("").name,))
+        s.copy(state_path, s.path(SAVE_DIR, run_files.FINAL_MODEL))
+        names = EpochNames((), (run_files.FINAL_CURVES,))
         for path in self._write_small(names, train_history, val_history):
             s.put_file(path, s.path(SAVE_DIR, path.name))

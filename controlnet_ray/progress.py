@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ray.train import UserCallback
-
 POST_INTERVAL_S = 0.5  # rank 0 posts step state at most this often
 POLL_INTERVAL_S = 0.5  # the driver drains the board this often
 
@@ -127,21 +125,6 @@ class WorkerProgress:
         if self.enabled:
             # sys.__stdout__: Ray Train's print patch would both log and echo a plain print.
             post_or_print(self.board, kind, payload, sys.__stdout__)
-
-
-class EpochLines(UserCallback):
-    """Train callback, run in the controller after it registered a report and its checkpoint.
-
-    Posting the epoch line from here, not from rank 0, means a printed epoch is a saved epoch:
-    a run killed right after the line resumes after that epoch.
-    """
-
-    def __init__(self, board: Any | None = None) -> None:
-        self.board = board
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics and "val_psnr" in metrics[0]:
-            post_or_print(self.board, "epoch", metrics[0], None)
 
 
 def bar_stream(mode: str) -> TextIO | None:

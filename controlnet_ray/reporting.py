@@ -33,8 +33,6 @@ from controlnet_ray.files import atomic_write, atomic_write_text, dumps_strict, 
 logger = logging.getLogger(__name__)
 
 HISTORY_FORMAT_VERSION = 1
-FINAL_CURVES_NAME = "final_training_curves.png"
-HISTORY_NAME = "training_history.json"
 
 STEP_TAGS = {
     "loss": "Train/Loss",
@@ -238,11 +236,6 @@ def image_grid(
 # --------------------------------------------------------------------------- history JSON
 
 
-def history_path(save_dir: str | os.PathLike[str]) -> Path:
-    """``<save_dir>/training_history.json``, the original's name."""
-    return Path(save_dir) / HISTORY_NAME
-
-
 def write_history_json(
     path: str | os.PathLike[str],
     train_history: Sequence[Mapping[str, Any]],
@@ -280,12 +273,6 @@ def load_history_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- curves PNG
-
-
-def curves_path(save_dir: str | os.PathLike[str], epoch: int | None = None) -> Path:
-    """``training_curves_epoch_{N}.png`` during training, ``final_training_curves.png`` at end."""
-    name = FINAL_CURVES_NAME if epoch is None else f"training_curves_epoch_{epoch}.png"
-    return Path(save_dir) / name
 
 
 def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:

@@ -28,20 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"training failed: {worker_error_line(str(exc))}", file=sys.stderr)
             return 1
         raise
+    from controlnet_ray import run_files
     from controlnet_ray.storage import LOG_DIR, SAVE_DIR, join_uri
 
     save_dir = Path(cfg.output.save_dir).resolve()
     print("outputs:")
-    print(
-        f"  checkpoints       {save_dir} (best_model.pth, final_model.pth, checkpoint_epoch_N.pth)"
-    )
+    pth = (run_files.BEST_MODEL, run_files.FINAL_MODEL, run_files.epoch_checkpoint("N"))
+    print(f"  checkpoints       {save_dir} ({', '.join(pth)})")
     print(
         f"  TensorBoard logs  {Path(cfg.output.log_dir).resolve()}  "
         f"(tensorboard --logdir {cfg.output.log_dir})"
     )
     print(
-        f"  curves, history   {save_dir / 'final_training_curves.png'}, "
-        f"{save_dir / 'training_history.json'}"
+        f"  curves, history   {save_dir / run_files.FINAL_CURVES}, {save_dir / run_files.HISTORY}"
     )
     run_dir = join_uri(cfg.storage_path(), cfg.run_name())
     print(f"  Ray checkpoints   {run_dir}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from controlnet_ray import run_files
 from tests.datasets import make_legacy_fixture
 from tests.train_helpers import TINY, run_train
 
@@ -48,7 +49,7 @@ def test_output_folder_that_is_a_file_is_one_line_before_ray(tmp_path: Path, fla
 
 
 def history_epochs(save_dir: Path) -> list[int]:
-    doc = json.loads((save_dir / "training_history.json").read_text())
+    doc = json.loads((save_dir / run_files.HISTORY).read_text())
     return [h["epoch"] for h in doc["val"]]
 
 
@@ -63,7 +64,7 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path: Path):
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("training failed: ")]
     assert "NonFiniteLossError" in line and "non-finite" in line, out[-4000:]
     assert not list((tmp_path / "ck").glob("*.pth"))
-    assert not (tmp_path / "ck" / "training_history.json").exists()
+    assert not (tmp_path / "ck" / run_files.HISTORY).exists()
 
 
 @pytest.mark.slow
@@ -71,7 +72,7 @@ def test_rerun_with_changed_flags_stops_and_longer_epochs_continue(tmp_path: Pat
     base = [*TINY, "--save_dir", "ck", "--log_dir", "logs"]
     first = run_train([*base, "--epochs", "1"], tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    final = tmp_path / "ck" / "final_model.pth"
+    final = tmp_path / "ck" / run_files.FINAL_MODEL
     before = final.read_bytes()
 
     changed = run_train([*base, "--epochs", "2", "--lr", "5e-3"], tmp_path)

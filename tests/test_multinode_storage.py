@@ -21,7 +21,9 @@ import pyarrow.fs as pafs
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.train_helpers import TINY, train_env
+from controlnet_ray import run_files
+from controlnet_ray.storage import SAVE_DIR
+from tests.train_helpers import TINY, TINY_FILES, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -72,18 +74,11 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
     assert "RELATIVE_RC 2" in out and "--storage_path rel is relative" in out, out[-4000:]
     assert proc.returncode == 0, out[-4000:]
     save = tmp_path / "ck"
-    for name in (
-        "best_model.pth",
-        "final_model.pth",
-        "checkpoint_epoch_1.pth",
-        "checkpoint_epoch_2.pth",
-        "training_history.json",
-        "final_training_curves.png",
-    ):
+    for name in TINY_FILES:
         assert (save / name).is_file(), name
     # nothing of Ray's on the driver's disk (the refused run's checks made the empty folder)
     assert not [p for p in (save / "ray_results").rglob("*") if p.is_file()]
-    history = json.loads((save / "training_history.json").read_text())
+    history = json.loads((save / run_files.HISTORY).read_text())
     assert [h["epoch"] for h in history["val"]] == [1, 2]
     acc = EventAccumulator(str(tmp_path / "logs"))
     acc.Reload()
@@ -94,6 +89,7 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
         for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
         if i.type == pafs.FileType.File
     }
-    assert {"save_dir/best_model.pth", "save_dir/final_model.pth"} <= stored, stored
-    assert any(p.startswith("checkpoint_") and p.endswith("/state.pth") for p in stored), stored
+    assert {f"{SAVE_DIR}/{name}" for name in TINY_FILES} <= stored, stored
+    state_file = f"/{run_files.RAY_STATE_FILE}"
+    assert any(p.startswith("checkpoint_") and p.endswith(state_file) for p in stored), stored
     assert any(p.startswith("log_dir/events.out.tfevents") for p in stored), stored

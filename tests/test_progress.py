@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from controlnet_ray import progress
+from controlnet_ray.epoch_lines import EpochLines
 from controlnet_ray.progress import (
     ConsoleProgress,
-    EpochLines,
     ProgressBoard,
     WorkerProgress,
     bar_stream,

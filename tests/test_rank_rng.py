@@ -56,7 +56,7 @@ def _rank_worker(rank: int, world: int, port: int, queue: multiprocessing.Queue)
     file (read by rank 0 only) and the draws after it."""
     import torch.distributed as dist
 
-    from controlnet_ray.worker import all_rng_states, from_rank_zero
+    from controlnet_ray.loop import all_rng_states, from_rank_zero
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from controlnet_ray import run_files
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +208,7 @@ def test_training_job_writes_outputs_and_a_second_submission_resumes(head: Head)
     logs = head.run("train", "train-1", [*TINY, "--epochs", "1"])
     assert "epoch 1/1" in logs
     save = head.shared / "runs" / "train"
-    for name in ("best_model.pth", "final_model.pth", "checkpoint_epoch_1.pth"):
+    for name in (run_files.BEST_MODEL, run_files.FINAL_MODEL, run_files.epoch_checkpoint(1)):
         assert (save / name).is_file(), name
     runs = list((head.shared / "ray_results").glob("controlnet_train_*"))
     assert len(runs) == 1 and list(runs[0].glob("checkpoint_*/state.pth")), runs
@@ -216,7 +218,7 @@ def test_training_job_writes_outputs_and_a_second_submission_resumes(head: Head)
     assert "found Ray run" in logs and "resuming" in logs, logs[-4000:]
     assert "resumed from Ray checkpoint" in logs and "at epoch 1" in logs, logs[-4000:]
     assert "epoch 2/2" in logs and "epoch 1/2" not in logs
-    history = json.loads((save / "training_history.json").read_text())
+    history = json.loads((save / run_files.HISTORY).read_text())
     assert [h["epoch"] for h in history["val"]] == [1, 2]
 
 
@@ -258,7 +260,7 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
     first, second = trials[1e-9], trials[3e-3]  # grid order, one trial at a time
 
     def rung1(trial: dict) -> float:
-        history = json.loads((Path(trial["save_dir"]) / "training_history.json").read_text())
+        history = json.loads((Path(trial["save_dir"]) / run_files.HISTORY).read_text())
         return history["val"][0]["psnr"]
 
     assert (first["status"], first["epochs_run"], first["stopped_early"]) == ("finished", 2, False)
@@ -272,6 +274,6 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
     )
     best = max(trials.values(), key=lambda t: t["best_val_psnr"])
     assert doc["best"]["trial_id"] == best["trial_id"] and doc["best_config"]["lr"] == best["lr"]
-    assert Path(best["checkpoint"], "state.pth").is_file()
-    assert (Path(best["save_dir"]) / "best_model.pth").is_file()
+    assert Path(best["checkpoint"], run_files.RAY_STATE_FILE).is_file()
+    assert (Path(best["save_dir"]) / run_files.BEST_MODEL).is_file()
     assert (sweep_out / "sweep_results.csv").read_text().count("\n") == 3

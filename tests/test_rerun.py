@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from controlnet_ray import checkpoint as ckpt
-from controlnet_ray import files, launcher
+from controlnet_ray import files, launcher, run_files
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import ConfigError, TrainConfig
 from tests.test_checkpoint import SIGNATURE, _setup
@@ -34,7 +34,7 @@ def _ray_run(cfg: TrainConfig, epoch: int = 3, nan: bool = False) -> Path:
         state["model_state_dict"]["control.0.bias"][0] = float("nan")
         state.pop(ckpt.CONTENT_DIGEST_KEY)
     run_dir = Path(cfg.storage_path()) / cfg.run_name()
-    files.atomic_save(state, run_dir / "checkpoint_2026-01-01_00-00-03" / ckpt.RAY_STATE_FILE)
+    files.atomic_save(state, run_dir / "checkpoint_2026-01-01_00-00-03" / run_files.RAY_STATE_FILE)
     snapshot = {
         "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-03"}
     }
@@ -137,7 +137,7 @@ def test_unregistered_checkpoint_folders_are_pruned_registered_kept(tmp_path: Pa
     (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text(json.dumps(doc))
     for name in ("checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-04"):
         (run_dir / name).mkdir()
-        (run_dir / name / ckpt.RAY_STATE_FILE).write_bytes(b"x" * 100)
+        (run_dir / name / run_files.RAY_STATE_FILE).write_bytes(b"x" * 100)
     launcher.check_rerun(cfg)  # before Ray starts
     left = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
     assert left == ["checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"]

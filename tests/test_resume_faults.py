@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from controlnet_ray import run_files
 from tests.train_helpers import TINY, run_train, train_env
 
 pytestmark = pytest.mark.slow
 
 
 def history_epochs(save_dir: Path) -> list[int]:
-    doc = json.loads((save_dir / "training_history.json").read_text())
+    doc = json.loads((save_dir / run_files.HISTORY).read_text())
     return [h["epoch"] for h in doc["val"]]
 
 
@@ -96,7 +97,7 @@ def test_worker_sigkill_is_recovered_with_two_workers(tmp_path: Path):
     assert proc.returncode == 0, rest[-4000:]
     assert "resumed from Ray checkpoint" in rest
     assert history_epochs(tmp_path / "ck") == [1, 2, 3]
-    state = torch.load(tmp_path / "ck" / "final_model.pth", weights_only=True)
+    state = torch.load(tmp_path / "ck" / run_files.FINAL_MODEL, weights_only=True)
     assert state["epoch"] == 3
 
 
@@ -105,7 +106,7 @@ def test_two_stage_recipe_and_resume_file(tmp_path: Path):
         [*TINY, "--freeze_generator", "--save_dir", "s1", "--log_dir", "l1"], tmp_path
     )
     assert stage1.returncode == 0, (stage1.stdout + stage1.stderr)[-4000:]
-    best = tmp_path / "s1" / "best_model.pth"
+    best = tmp_path / "s1" / run_files.BEST_MODEL
     s1 = torch.load(best, weights_only=True)
     stage2 = run_train(
         [*TINY, "--resume", str(best), "--lr", "5e-5", "--save_dir", "s2", "--log_dir", "l2"],
@@ -114,7 +115,7 @@ def test_two_stage_recipe_and_resume_file(tmp_path: Path):
     out = stage2.stdout + stage2.stderr
     assert stage2.returncode == 0, out[-4000:]
     assert "fresh optimizer" in out and "trainable set changed" in out
-    s2 = torch.load(tmp_path / "s2" / "final_model.pth", weights_only=True)
+    s2 = torch.load(tmp_path / "s2" / run_files.FINAL_MODEL, weights_only=True)
     gen = [k for k in s1["model_state_dict"] if k.startswith("generator.")]
     assert gen and any(
         not torch.equal(s1["model_state_dict"][k], s2["model_state_dict"][k]) for k in gen
@@ -126,7 +127,7 @@ def test_two_stage_recipe_and_resume_file(tmp_path: Path):
             "--epochs",
             "3",
             "--resume",
-            str(tmp_path / "s2" / "final_model.pth"),
+            str(tmp_path / "s2" / run_files.FINAL_MODEL),
             "--lr",
             "5e-5",
             "--save_dir",
@@ -151,7 +152,7 @@ def test_resume_with_wrong_architecture_names_the_mismatch(tmp_path: Path):
             "--epochs",
             "1",
             "--resume",
-            str(tmp_path / "a" / "final_model.pth"),
+            str(tmp_path / "a" / run_files.FINAL_MODEL),
             "--num_control_layers",
             "2",
             "--save_dir",

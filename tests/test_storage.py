@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from controlnet_ray import checkpoint as ckpt
+from controlnet_ray import run_files
 from controlnet_ray.config import TrainConfig
-from controlnet_ray.outputs import RankZeroOutputs, epoch_names
+from controlnet_ray.outputs import RankZeroOutputs
 from controlnet_ray.reporting import TensorBoardReporter
 from controlnet_ray.storage import LOG_DIR, SAVE_DIR, RunStorage
 
@@ -72,7 +73,7 @@ def _history(epoch: int) -> list[dict]:
 
 
 def _epoch(outputs: RankZeroOutputs, epoch: int, is_best: bool, reporter: TensorBoardReporter):
-    names = epoch_names(epoch, epochs=2, save_interval=1, is_best=is_best)
+    names = run_files.epoch_names(epoch, epochs=2, save_interval=1, is_best=is_best)
     reporter.log_epoch(epoch, {"loss": 1.0 / epoch}, {"psnr": 10.0 + epoch})
     reporter.flush()
     model = torch.nn.Linear(3, 3)
@@ -107,22 +108,13 @@ def test_an_epoch_is_serialised_once_and_published_under_the_original_names(
     local = tmp_path / "driver"
     storage.materialise(storage.path(SAVE_DIR), local / "save")
     storage.materialise(storage.path(LOG_DIR), local / "logs")
-    expected = {
-        "best_model.pth",
-        "final_model.pth",
-        "checkpoint_epoch_1.pth",
-        "checkpoint_epoch_2.pth",
-        "training_history.json",
-        "training_curves_epoch_1.png",
-        "training_curves_epoch_2.png",
-        "final_training_curves.png",
-    }
+    expected = run_files.run_names(epochs=2, save_interval=1)
     assert {p.name for p in (local / "save").iterdir()} == expected
-    best = ckpt.load_checkpoint(local / "save" / "best_model.pth")
-    final = ckpt.load_checkpoint(local / "save" / "final_model.pth")
+    best = ckpt.load_checkpoint(local / "save" / run_files.BEST_MODEL)
+    final = ckpt.load_checkpoint(local / "save" / run_files.FINAL_MODEL)
     assert (best["epoch"], final["epoch"]) == (1, 2)  # epoch 2 was not the best
     assert torch.equal(final["model_state_dict"]["weight"], state["model_state_dict"]["weight"])
-    doc = json.loads((local / "save" / "training_history.json").read_text())
+    doc = json.loads((local / "save" / run_files.HISTORY).read_text())
     assert [h["epoch"] for h in doc["val"]] == [1, 2]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -134,21 +126,10 @@ def test_an_epoch_is_serialised_once_and_published_under_the_original_names(
 def test_a_new_attempt_empties_what_a_killed_one_left(tmp_path: Path) -> None:
     left = tmp_path / "scratch" / "ray_checkpoints" / "epoch_3"
     left.mkdir(parents=True)
-    (left / ckpt.RAY_STATE_FILE).write_bytes(b"\0" * 1000)
+    (left / run_files.RAY_STATE_FILE).write_bytes(b"\0" * 1000)
     storage = RunStorage.open(str(tmp_path / "storage"), "run_a")
     outputs = RankZeroOutputs(storage, tmp_path / "scratch")
     assert not left.exists() and outputs.save_dir.is_dir() and outputs.log_dir.is_dir()
-
-
-def test_epoch_names_follow_the_original_cadence() -> None:
-    assert epoch_names(3, 10, 5, is_best=False).copies == ()
-    assert epoch_names(5, 10, 5, is_best=True).copies == (
-        "checkpoint_epoch_5.pth",
-        "best_model.pth",
-    )
-    last = epoch_names(10, 10, 5, is_best=False)
-    assert last.copies == ("checkpoint_epoch_10.pth", "final_model.pth")
-    assert last.curves == ("training_curves_epoch_10.png", "final_training_curves.png")
 
 
 def test_join_uri_keeps_the_query_at_the_end() -> None:
@@ -173,18 +154,18 @@ def test_the_driver_copies_the_run_down_when_fit_ends_and_keeps_a_failures_error
 
     class PublishingTrainer:  # what rank 0 does during fit(), then fit's result
         def fit(self) -> str:
-            storage.put_bytes(b"{}", storage.path(SAVE_DIR, "training_history.json"))
+            storage.put_bytes(b"{}", storage.path(SAVE_DIR, run_files.HISTORY))
             storage.put_bytes(b"ev", storage.path(LOG_DIR, "events.out.tfevents.1"))
             return "result"
 
     class FailingTrainer:
         def fit(self) -> str:
-            storage.put_bytes(b"x", storage.path(SAVE_DIR, "best_model.pth"))
+            storage.put_bytes(b"x", storage.path(SAVE_DIR, run_files.BEST_MODEL))
             raise RuntimeError("worker died")
 
     assert fit_with_outputs(cfg, PublishingTrainer()) == "result"
-    assert (tmp_path / "ck" / "training_history.json").read_bytes() == b"{}"
+    assert (tmp_path / "ck" / run_files.HISTORY).read_bytes() == b"{}"
     assert (tmp_path / "logs" / "events.out.tfevents.1").read_bytes() == b"ev"
     with pytest.raises(RuntimeError, match="worker died"):
         fit_with_outputs(cfg, FailingTrainer())
-    assert (tmp_path / "ck" / "best_model.pth").read_bytes() == b"x"  # what a failed run left
+    assert (tmp_path / "ck" / run_files.BEST_MODEL).read_bytes() == b"x"  # what a failed run left

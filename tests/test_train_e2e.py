@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.train_helpers import TINY, run_train
+from controlnet_ray import run_files
+from tests.train_helpers import TINY, TINY_FILES, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +29,10 @@ def test_cli_trains_on_embedded_dataset(tmp_path: Path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     save = tmp_path / "ck"
-    for name in (
-        "best_model.pth",
-        "final_model.pth",
-        "checkpoint_epoch_1.pth",
-        "checkpoint_epoch_2.pth",
-        "training_history.json",
-        "final_training_curves.png",
-        "training_curves_epoch_2.png",
-    ):
+    for name in TINY_FILES:
         assert (save / name).is_file(), name
     history = json.loads(
-        (save / "training_history.json").read_text(),
+        (save / run_files.HISTORY).read_text(),
         parse_constant=lambda c: pytest.fail(f"non-finite {c} in history"),
     )
     assert [h["epoch"] for h in history["val"]] == [1, 2]

@@ -1,32 +1,36 @@
-"""The worker's guards against recording or reporting what was not trained (no Ray started).
+"""The loop's guards against recording or reporting what was not trained (no Ray started).
 
-A ``WorkerRun`` is assembled around a real ``TrainEngine`` and stand-in model (the pieces its
+A ``TrainingLoop`` is assembled around a real ``TrainEngine`` and stand-in model (the pieces its
 epoch loop uses), so these run in-process in milliseconds.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from controlnet_ray import worker as wk
+from controlnet_ray import loop
+from controlnet_ray.checkpoint import RunState
 from controlnet_ray.config import OptimConfig, TrainConfig
 from controlnet_ray.engine import NonFiniteLossError
 from controlnet_ray.progress import WorkerProgress
 from tests.test_engine import make_batch, make_engine, nan_batch
 
 
-def _run(batches_per_epoch: int) -> tuple[wk.WorkerRun, object]:
-    """A rank-0 WorkerRun whose engine trains the engine tests' TinyNet (no Ray context)."""
-    run = object.__new__(wk.WorkerRun)
-    run.cfg = TrainConfig()
-    run.rank, run.world = 0, 1
-    run.batches_per_epoch = batches_per_epoch
-    run.progress = WorkerProgress(None, 1)  # not rank 0: prints nothing
-    run.engine = make_engine(OptimConfig(max_nonfinite_steps=100))
-    run.model = run.engine.model
+def _run(batches_per_epoch: int, rank: int = 0) -> tuple[loop.TrainingLoop, object]:
+    """A TrainingLoop whose engine trains the engine tests' TinyNet (no host is asked)."""
+    engine = make_engine(OptimConfig(max_nonfinite_steps=100))
+    trainee = loop.Trainee(
+        model=engine.model, optimizer=engine.optimizer, scheduler=engine.scheduler,
+        engine=engine, adversary=None, signature={}, trainable=[],
+        batches_per_epoch=batches_per_epoch, run=RunState(),
+    )  # fmt: skip
+    host = SimpleNamespace(rank=rank, world=1, device=torch.device("cpu"))
+    progress = WorkerProgress(None, 1)  # not rank 0: prints nothing
+    run = loop.TrainingLoop(TrainConfig(), host, trainee, None, None, progress)
 
     class NoReporter:
         def log_step(self, *_: object) -> None:
@@ -44,14 +48,13 @@ def test_epoch_where_every_step_was_skipped_fails_instead_of_loss_zero() -> None
 
 
 def test_epoch_with_some_skipped_steps_averages_the_trained_ones() -> None:
-    run, _ = _run(batches_per_epoch=3)
-    run.rank = 1  # no step logging
+    run, _ = _run(batches_per_epoch=3, rank=1)  # no step logging
     metrics = run._train_epoch(1, [nan_batch(), make_batch(4), nan_batch()], None)
     assert metrics["samples"] == 4 and math.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_metrics_never_reach_ray(bad: float) -> None:
-    assert wk._require_finite({"val_psnr": 20.0}, "epoch 1") == {"val_psnr": 20.0}
+    assert loop._require_finite({"val_psnr": 20.0}, "epoch 1") == {"val_psnr": 20.0}
     with pytest.raises(NonFiniteLossError, match=f"epoch 2: validation.*val_psnr {bad}"):
-        wk._require_finite({"val_loss": 0.1, "val_psnr": bad}, "epoch 2: validation")
+        loop._require_finite({"val_loss": 0.1, "val_psnr": bad}, "epoch 2: validation")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from controlnet_ray import run_files
+
 # A tiny embedded dataset: 8 identities x 8 frames, 64 px crops; two quick epochs.
 TINY = [
     "--synthetic_identities",
@@ -24,6 +26,8 @@ TINY = [
     "--num_workers",
     "2",
 ]
+TINY_EPOCHS = 2
+TINY_FILES = run_files.run_names(epochs=TINY_EPOCHS, save_interval=1)  # what --save_dir gets
 
 
 def train_env(tmp: Path) -> dict[str, str]:

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
+from controlnet_ray.run_files import score_order
 
-METRIC, MODE, TIME_ATTR = "val_psnr", "max", "epoch"
+# Trials are ranked by PSNR whatever their --best_metric: val_loss is not comparable across
+# loss types, which a sweep varies. Its direction is the best-model policy's (run_files).
+METRIC, TIME_ATTR = "val_psnr", "epoch"
+MODE = score_order(METRIC)
 SCHEDULERS = ("asha", "none")
 
 

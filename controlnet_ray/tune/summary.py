@@ -224,9 +224,9 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
 
 def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
     """Validation history from the trial's ``training_history.json`` (all epochs)."""
-    from controlnet_ray.reporting import history_path
+    from controlnet_ray import run_files
 
-    path = history_path(cfg.output.save_dir)
+    path = run_files.in_dir(cfg.output.save_dir, run_files.HISTORY)
     try:
         val = json.loads(path.read_text()).get("val", [])
     except (OSError, ValueError):
