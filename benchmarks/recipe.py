@@ -30,7 +30,7 @@ from common import assert_no_ray  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import LOSS_TYPES, TrainConfig  # noqa: E402
+from controlnet_ray.config import FILL_SEEDS, LOSS_TYPES, TrainConfig  # noqa: E402
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.engine import (  # noqa: E402
     Adversary,
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss_type", choices=LOSS_TYPES, default="mse")
     p.add_argument("--generator", default="warp")
     p.add_argument("--framing", default="head")
+    p.add_argument("--fill_seed", choices=FILL_SEEDS, default=None, help="default: the config's")
     p.add_argument("--background_loss_weight", type=float, default=None)
     p.add_argument("--adversarial_loss_weight", type=float, default=0.0)
     p.add_argument("--disc_lr", type=float, default=None, help="default: the config's")
@@ -66,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig()
     cfg.data = dataclasses.replace(cfg.data, framing=args.framing)
-    cfg.model = dataclasses.replace(cfg.model, generator=args.generator)
+    model = {"generator": args.generator}
+    if args.fill_seed is not None:
+        model["fill_seed"] = args.fill_seed
+    cfg.model = dataclasses.replace(cfg.model, **model)
     optim = {"lr": args.lr, "epochs": args.epochs, "loss_type": args.loss_type,
              "adversarial_loss_weight": args.adversarial_loss_weight}  # fmt: skip
     if args.disc_lr is not None:

@@ -352,9 +352,9 @@ def compose(
     """The warp generator's image from its raw decoder output (``WARP_CHANNELS``).
 
     The fill is a residual on a seed, so what the source could not show starts from the
-    person's own hair and skin rather than grey: ``latitude``, the source's head at the same
-    height seen from its nearest well-seen side (``ProxyFlow.fill_grid``), or ``head_colour``,
-    the source head's mean colour (models trained before ``--fill_seed``)."""
+    person's own hair and skin rather than grey: ``head_colour``, the source head's mean
+    colour (the default), or ``latitude``, the source's head at the same height seen from its
+    nearest well-seen side (``ProxyFlow.fill_grid``; ``--fill_seed``)."""
     fill = (fill_seed_image(source, flow, fill_seed) + raw[:, 0:3]).clamp(-1.0, 1.0)
     prior = MASK_PRIOR * (2.0 * flow.visible - 1.0) * flow.head
     mask = torch.sigmoid(raw[:, 3:4] + prior.to(raw.dtype))

@@ -11,10 +11,10 @@ learning anything:
   rotated to the target pose; no hit is background, which is left in place;
 * the hit point, rotated to the source pose and projected, is where to sample the source;
 * it was visible in the source when the ellipsoid's normal there faced the camera;
-* where it was not, the fill starts from the same height of the head turned round to its
-  nearest well-seen side (``fill_grid``): the side of a head the ID photo never showed is
-  mostly more of what it showed at that height -- hair at hair height, skin at cheek height --
-  which identifies the person far better than the head's mean colour.
+* where it was not, the fill may start (``--fill_seed latitude``) from the same height of the
+  head turned round to its nearest well-seen side (``fill_grid``): the side of a head the ID
+  photo never showed is mostly more of what it showed at that height -- hair at hair height,
+  skin at cheek height.
 
 The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
 ears, hair), and fills what the source could not show.  Angles follow
@@ -48,7 +48,7 @@ VISIBLE_COS = (0.15, 0.45)
 #: direction, where the source shows the head well inside its silhouette (further out, the
 #: background beside a head narrower than the proxy leaks in; nearer the middle, the turned
 #: side looks like a second face and reads as less turned).  Chosen by training
-#: (``benchmarks/recipe.py``; benchmarks/README.md, "Faces that turn").
+#: (``benchmarks/recipe.py``, 40/55/65 deg; benchmarks/README.md, "Faces that turn").
 FILL_LONGITUDE_DEG = 55.0
 
 
