@@ -62,9 +62,10 @@ MiB = 1 << 20
 
 
 def synthetic_rows(n: int, per_person: int, size: int, seed: int = 0) -> list[dict]:
-    """``n`` crops of ``n // per_person`` persons. Pixel (0, 0) spells the person (R + 256 G)
-    so batches can be counted by identity; the rest is smooth noise (PNG-compressible like a
-    face crop, not like white noise)."""
+    """``n`` crops of ``n // per_person`` persons. Pixels (0, 0) and (0, W-1) spell the person
+    (R + 256 G; both, so mirrored crops read the same), so batches can be counted by
+    identity; the rest is smooth noise (PNG-compressible like a face crop, unlike white
+    noise)."""
     rng = np.random.default_rng(seed)
     rows = []
     base = rng.integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
@@ -72,7 +73,7 @@ def synthetic_rows(n: int, per_person: int, size: int, seed: int = 0) -> list[di
         person = i // per_person
         img = cv2.resize(base[i % 64], (size, size), interpolation=cv2.INTER_LINEAR)
         img = cv2.add(img, rng.integers(0, 8, img.shape, dtype=np.uint8))
-        img[0, 0, :2] = (person % 256, person // 256)
+        img[0, 0, :2] = img[0, -1, :2] = (person % 256, person // 256)  # mirror-proof
         ok, buf = cv2.imencode(
             ".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
         )
@@ -128,7 +129,8 @@ def build_former(shards: Path, cfg: DataConfig):
         files = [str(f) for f in split_files(shards, split)]
         cols = ["person_name", "role", "frame_index", "image", "yaw", "pitch", "roll"]
         return (
-            ray.data.read_parquet(files, columns=cols)
+            ray.data.read_parquet(files)
+            .select_columns(cols)
             .groupby("person_name", num_partitions=len(files))
             .map_groups(former_pair_group, fn_kwargs=pair_kwargs(cfg), batch_format="pandas")
             .materialize()

@@ -229,3 +229,62 @@ def test_validation_is_decoded_per_batch_in_index_order(ray_epochs):
     for ep in ray_epochs["val"]:
         assert list(zip(ep["source"], ep["target"], strict=True)) == val_index
     assert ray_epochs["val_materialized"] != "MaterializedDataset"
+
+
+# ------------------------------------------------------------------------------ preparation
+
+
+def test_prepare_without_out_fills_the_cache_training_reuses(tmp_path, capsys):
+    from controlnet_ray import prepare
+
+    fx = make_legacy_fixture(tmp_path / "repo")
+    cache = tmp_path / "cache"
+    argv = ["--data_dir", str(fx.data_dir), "--cache_dir", str(cache), "--num_workers", "1"]
+    assert prepare.main(argv) == 0
+    cfg = DataConfig(data_dir=str(fx.data_dir), cache_dir=str(cache))
+    capsys.readouterr()
+    ensure_shards(cfg, num_workers=1)
+    assert "reusing shards at" in capsys.readouterr().out
+
+
+CLUSTER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from controlnet_ray import prepare
+    from controlnet_ray.data import shards
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    calls = []
+    real = shards._windowed_ray
+    shards._windowed_ray = lambda *a: calls.append(1) or real(*a)
+    try:
+        rc = prepare.main(sys.argv[1:] + ["--address", cluster.address])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    print(f"RC {rc} RAY_USED {bool(calls)}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_preparation_spreads_over_a_ray_cluster_and_writes_the_same_shards(tmp_path):
+    """Two Ray nodes: ``prepare --address`` aligns through Ray tasks; the shards equal a local
+    preparation's (same rows, crops, poses and pair index)."""
+    fx = make_legacy_fixture(tmp_path / "repo")
+    local, spread = tmp_path / "local", tmp_path / "spread"
+    prepare_shards(fx.data_dir, local, num_workers=1)
+    argv = ["--data_dir", str(fx.data_dir), "--out", str(spread), "--num_workers", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, *argv], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "RC 0 RAY_USED True" in done.stdout, done.stdout[-2000:]
+    cols = ["person_name", "split", "image_path", "image", "yaw", "pitch", "roll"]
+    assert read_shard_table(spread, columns=cols).equals(read_shard_table(local, columns=cols))
+    for split in shards.SPLITS:
+        np.testing.assert_array_equal(load_pair_index(spread, split), load_pair_index(local, split))

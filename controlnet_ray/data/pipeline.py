@@ -210,9 +210,11 @@ def load_image_store(shards_dir: str | Path, split: str) -> ImageStore:
 def decode_pair_rows(batch: dict[str, np.ndarray], store: ImageStore) -> dict[str, np.ndarray]:
     """map_batches function: index rows -> uint8 images ``[B, H, W, 3]`` RGB and float32
     poses ``[B, 3]`` (degrees); see the module docstring for why uint8."""
-    out = {}
+    n = len(batch["source_row"])
+    rows = np.concatenate([batch["source_row"], batch["target_row"]])
+    images = decode_rgb(store.fetch(rows))  # one object-store round trip for both sides
+    out = {"source": images[:n], "target": images[n:]}
     for side in ("source", "target"):
-        out[side] = decode_rgb(store.fetch(batch[f"{side}_row"]))
         poses = [np.asarray(batch[f"{side}_{a}"], np.float32) for a in _POSE_AXES]
         out[f"{side}_pose"] = np.stack(poses, axis=1)
     return out

@@ -237,6 +237,12 @@ def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None,
     return out
 
 
+def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> list:
+    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU."""
+    _init_worker()
+    return _align_chunk(task)
+
+
 def _run_alignment(
     tasks: list[tuple[list[tuple], int]], num_workers: int, total: int
 ) -> Iterator[tuple[int, bytes | None, str | None]]:
@@ -245,6 +251,10 @@ def _run_alignment(
 
     bar = tqdm(total=total, desc="decode+align", unit="img", file=sys.stderr, mininterval=1.0)
     try:
+        cluster_cpus = _ray_cluster_cpus()
+        if cluster_cpus:
+            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus), bar)
+            return
         if num_workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
             yield from _tick(map(_align_chunk, tasks), bar)
             return
@@ -270,6 +280,46 @@ def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
         task = next(remaining, None)
         if task is not None:
             pending.append(ex.submit(_align_chunk, task))
+        yield result
+
+
+def _ray_cluster_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to, when it has several nodes
+    (0 otherwise: no Ray, or one machine, where the process pool does the same job without
+    Ray's per-task cost). Never starts Ray."""
+    if "ray" not in sys.modules:
+        return 0
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    if len(nodes) < 2:
+        return 0
+    return int(sum(n["Resources"]["CPU"] for n in nodes))
+
+
+def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
+    """:func:`_windowed` over a Ray cluster: each chunk of images is decoded and aligned by a
+    Ray task on whichever node has a CPU (``SPREAD``), results in task order, at most
+    ``window`` chunks in flight. Every node must see the source images at the same paths
+    (a shared mount, as ``--cache_dir`` already must be); the crops (PNG, a few KB each)
+    come back to this process, which writes the shards as before, so the files, their
+    order and the checks are those of a local preparation."""
+    import ray
+
+    remote = ray.remote(_align_chunk_one_thread).options(
+        num_cpus=1, scheduling_strategy="SPREAD"
+    )
+    pending: deque = deque()
+    remaining = iter(tasks)
+    for task in itertools.islice(remaining, window):
+        pending.append(remote.remote(task))
+    while pending:
+        result = ray.get(pending.popleft())
+        task = next(remaining, None)
+        if task is not None:
+            pending.append(remote.remote(task))
         yield result
 
 
