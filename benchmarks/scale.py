@@ -9,8 +9,9 @@ measured) are read by
            materialised, a 4x-batch local shuffle buffer (the code before issue 13 item 2,
            kept here as the baseline);
   index    ``controlnet_ray.data.pipeline.build_pair_datasets``: pair index rows ->
-           seeded random_shuffle -> look images up by row in the object store -> uint8;
-           normalised and mirrored as the worker does (``data.batch.to_model_batch``).
+           seeded random_shuffle -> look images up by row in the object store -> uint8,
+           consumed as delivered (the worker normalises and mirrors on its device,
+           ``data.batch.to_model_batch``, whose CPU rate is printed beside it).
 
 For each: build seconds, object-store bytes held after the build (what stays pinned while a
 run trains) and the peak while building and iterating (sampled every 50 ms from the raylets'
@@ -182,20 +183,37 @@ class PeakSampler:
 
 
 def persons_of(images: torch.Tensor) -> set[int]:
-    """Person ids spelled by pixel (0, 0) of [B, 3, H, W] images in [-1, 1]."""
-    px = torch.round((images[:, :2, 0, 0] + 1) * 127.5).to(torch.int64)
+    """Person ids spelled by pixel (0, 0): uint8 [B, H, W, 3] or [B, 3, H, W] in [-1, 1]."""
+    if images.dtype == torch.uint8:
+        px = images[:, 0, 0, :2].to(torch.int64)
+    else:
+        px = torch.round((images[:, :2, 0, 0] + 1) * 127.5).to(torch.int64)
     return set((px[:, 0] + 256 * px[:, 1]).tolist())
 
 
-def consume(batches, bs: int) -> tuple[float, int, float]:
-    """(samples/s, bytes delivered, mean distinct persons per full batch) of one pass."""
-    n, nbytes, persons, t0 = 0, 0, [], time.perf_counter()
+def normalise_rate(ds, bs: int, repeats: int = 50) -> float:
+    """samples/s of ``to_model_batch(flip=True)`` on this CPU (a GPU does it in microseconds):
+    the work the former pipeline did in its decode tasks and the index pipeline leaves to
+    the worker's device."""
+    batch = next(iter(ds.iter_torch_batches(batch_size=bs, dtypes=None)))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        to_model_batch(batch, flip=True)
+    return repeats * len(batch["source"]) / (time.perf_counter() - t0)
+
+
+def consume(batches, bs: int) -> tuple[float, float, int, float]:
+    """(samples/s, seconds to the first batch, bytes delivered, mean distinct persons per
+    full batch) of one pass. The rate counts the whole pass, first batch included."""
+    n, nbytes, persons, t0, first = 0, 0, [], time.perf_counter(), None
     for raw, batch in batches:
+        first = first if first is not None else time.perf_counter() - t0
         nbytes += sum(v.numel() * v.element_size() for v in raw.values())
         n += len(batch["source"])
         if len(batch["source"]) == bs:
             persons.append(len(persons_of(batch["source"])))
-    return n / (time.perf_counter() - t0), nbytes, float(np.mean(persons)) if persons else 0.0
+    mixed = float(np.mean(persons)) if persons else 0.0
+    return n / (time.perf_counter() - t0), first or 0.0, nbytes, mixed
 
 
 def former_batches(ds, bs: int):
@@ -206,8 +224,9 @@ def former_batches(ds, bs: int):
 
 
 def index_batches(ds, bs: int):
+    """As delivered to a worker (uint8); normalising is the device's job (normalise_rate)."""
     for b in ds.iter_torch_batches(batch_size=bs, dtypes=None):
-        yield b, to_model_batch(b, flip=True)
+        yield b, b
 
 
 def dataset_bytes(ds) -> int:
@@ -250,16 +269,24 @@ def run(args: argparse.Namespace, shards: Path) -> None:
                 per_run = 0
             build_s = time.perf_counter() - t0
             held = store_used_bytes() - base
-            rates = []
+            rates, firsts = [], []
             for _ in range(args.epochs):
                 make = former_batches if name == "former" else index_batches
-                rate, delivered, mixed = consume(make(train, args.batch_size), args.batch_size)
+                rate, first, delivered, mixed = consume(
+                    make(train, args.batch_size), args.batch_size
+                )
                 rates.append(rate)
+                firsts.append(first)
             val_bytes = sum(
                 v.numel() * v.element_size()
                 for b in val.iter_torch_batches(batch_size=args.batch_size, dtypes=None)
                 for v in b.values()
             )
+            if name == "index":
+                print(
+                    f"  to_model_batch on 1 CPU: {normalise_rate(train, args.batch_size):.0f} "
+                    "samples/s (on the worker's device in training)"
+                )
         moved = per_epoch_in + delivered + val_bytes
         rows.append(
             (name, build_s, held, peak.peak - base, max(rates), mixed, moved, per_run, delivered)
@@ -267,7 +294,8 @@ def run(args: argparse.Namespace, shards: Path) -> None:
         print(
             f"{name:7s} build {build_s:6.1f} s  store held {held / MiB:8.1f} MiB  "
             f"peak {(peak.peak - base) / MiB:8.1f} MiB  {max(rates):8.0f} samples/s "
-            f"(epochs {', '.join(f'{r:.0f}' for r in rates)})  {mixed:4.1f} persons/batch  "
+            f"(epochs {', '.join(f'{r:.0f}' for r in rates)}; first batch after "
+            f"{', '.join(f'{t:.2f}' for t in firsts)} s)  {mixed:4.1f} persons/batch  "
             f"moves/epoch <= {moved / MiB:8.1f} MiB (to workers {delivered / MiB:.1f})  "
             f"+ per run {per_run / MiB:.1f} MiB",
             flush=True,
