@@ -98,12 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = load_manifest(_into_cache(args))
         else:
             manifest = prepare_shards(
-            args.data_dir,
-            args.out,
-            image_dir=args.image_dir,
-            image_size=args.image_size,
-            num_workers=args.num_workers,
-            skip_bad_images=args.skip_bad_images,
+                args.data_dir,
+                args.out,
+                image_dir=args.image_dir,
+                image_size=args.image_size,
+                num_workers=args.num_workers,
+                skip_bad_images=args.skip_bad_images,
                 split_ratios=tuple(args.split_ratios),
                 pair_mode=args.pair_mode,
                 min_pose_distance=args.min_pose_distance,

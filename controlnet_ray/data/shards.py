@@ -308,9 +308,7 @@ def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
     order and the checks are those of a local preparation."""
     import ray
 
-    remote = ray.remote(_align_chunk_one_thread).options(
-        num_cpus=1, scheduling_strategy="SPREAD"
-    )
+    remote = ray.remote(_align_chunk_one_thread).options(num_cpus=1, scheduling_strategy="SPREAD")
     pending: deque = deque()
     remaining = iter(tasks)
     for task in itertools.islice(remaining, window):
