@@ -900,7 +900,12 @@ def load_pair_index(
     path = Path(shards_dir) / pair_index_name(split, mode, min_deg, max_deg)
     if not path.is_file():
         rows = _read_rows(Path(shards_dir), split_files(shards_dir, split), _META_COLUMNS)
-        _write_pair_index(path, make_pairs(rows, mode, min_deg, max_deg))
+        pairs = make_pairs(rows, mode, min_deg, max_deg)
+        try:
+            _write_pair_index(path, pairs)
+        except OSError as exc:  # a read-only cache: the same pairs, just not kept
+            print(f"note: {exc}; pairs computed for this run only", file=sys.stderr)
+            return pairs
     table = pq.read_table(path)
     if table.schema != PAIR_SCHEMA:
         raise DataError(f"{path}: not a pair index (columns {table.column_names})")
