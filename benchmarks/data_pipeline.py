@@ -1,7 +1,8 @@
 """Decoded samples/s: the Ray Data pipeline against a plain PyTorch DataLoader, same shards.
 
-Both read the same Parquet shards, form the same pairs and decode the same PNG crops to
-normalised float tensors of the training batch layout. Prints both rates and their ratio.
+Both read the same Parquet shards and pair index and decode the same PNG crops to normalised
+float tensors of the training batch layout (Ray Data delivers uint8, normalised and mirrored
+by ``data.batch.to_model_batch`` as the worker does). Prints both rates and their ratio.
 
     python benchmarks/data_pipeline.py [--shards DIR] [--epochs 3] [--batch_size 16]
 
@@ -15,37 +16,24 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from controlnet_ray.config import PAIR_MODES, DataConfig
-from controlnet_ray.data.pipeline import (
-    build_pair_datasets,
-    decode_pairs,
-    pair_group,
-    pair_kwargs,
-    shard_files,
-)
+from controlnet_ray.data.batch import to_model_batch
+from controlnet_ray.data.pipeline import build_pair_datasets, decode_pairs, encoded_pairs
 
 
 class PairTable(torch.utils.data.Dataset):
     """Plain-PyTorch baseline: all pairs of the train split in memory, decoded per item."""
 
     def __init__(self, shards: Path, cfg: DataConfig) -> None:
-        frame = pd.concat(pd.read_parquet(f) for f in shard_files(shards, "train"))
-        kwargs = pair_kwargs(cfg)
-        self.pairs = pd.concat(pair_group(g, **kwargs) for _, g in frame.groupby("person_name"))
+        self.pairs = encoded_pairs(shards, "train", cfg)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pairs["source"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = self.pairs.iloc[i]
-        batch = {
-            k: np.array([row[k]], dtype=object if k in ("source", "target") else None)
-            for k in ("source", "target", "source_pose", "target_pose")
-        }
+        batch = {k: v[i : i + 1] for k, v in self.pairs.items()}
         out = decode_pairs(batch, flip=True)
         return {k: torch.from_numpy(v[0]) for k, v in out.items()}
 
@@ -87,10 +75,8 @@ def main() -> None:
     pairs = build_pair_datasets(shards, cfg)
     ray_rates = []
     for _ in range(args.epochs):
-        it = pairs.train.iter_torch_batches(
-            batch_size=args.batch_size, local_shuffle_buffer_size=4 * args.batch_size
-        )
-        n, dt = time_loader(it)
+        it = pairs.train.iter_torch_batches(batch_size=args.batch_size, dtypes=None)
+        n, dt = time_loader(to_model_batch(b, flip=True) for b in it)  # as the worker does
         ray_rates.append(n / dt)
     ray.shutdown()
     table = PairTable(shards, cfg)

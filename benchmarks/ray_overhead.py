@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from controlnet_ray.config import TrainConfig
-from controlnet_ray.data.pipeline import decode_pairs, pair_group, pair_kwargs, shard_files
-from controlnet_ray.data.shards import read_shard_table
+from controlnet_ray.data.pipeline import decode_pairs, encoded_pairs
+from controlnet_ray.data.shards import split_files
 from controlnet_ray.engine import TrainEngine, build_optimizer, build_scheduler, resolve_amp
 from controlnet_ray.launcher import resolve_shards, run_training
 from controlnet_ray.model import apply_freezing, build_model
@@ -39,12 +39,7 @@ from controlnet_ray.model import apply_freezing, build_model
 
 def plain_batches(shards: Path, cfg: TrainConfig, limit: int) -> list[dict[str, torch.Tensor]]:
     """Pre-decoded training batches, so the plain loop measures the engine alone."""
-    table = read_shard_table(shards, split="train").to_pandas()
-    pairs = [pair_group(g, **pair_kwargs(cfg.data)) for _, g in table.groupby("person_name")]
-    rows = {
-        k: [v for p in pairs for v in p[k]]
-        for k in ("source", "target", "source_pose", "target_pose")
-    }
+    rows = encoded_pairs(shards, "train", cfg.data)
     bs = cfg.data.batch_size
     out = []
     for i in range(0, min(len(rows["source"]), limit * bs) - bs + 1, bs):
@@ -138,7 +133,7 @@ def main() -> None:
     plain = max(plain, plain_rate(cfg, batches, rounds=2))
     print(
         f"\n{os.cpu_count()} CPUs, batch {args.batch_size}, {args.image_size} px, "
-        f"{len(shard_files(shards, 'train'))} train shard(s)"
+        f"{len(split_files(shards, 'train'))} train shard(s)"
     )
     print(f"plain engine loop (1 thread)  : {plain:7.1f} samples/s")
     print(

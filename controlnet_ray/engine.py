@@ -449,6 +449,9 @@ def move_batch(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"batch is missing {missing}; expected keys {list(BATCH_KEYS)}")
+    raw = [k for k in BATCH_KEYS if batch[k].dtype == torch.uint8]
+    if raw:  # the pipeline's uint8 images would silently train as 0..255
+        raise TypeError(f"batch {raw} are uint8: normalise them first (data.batch.to_model_batch)")
     return {k: batch[k].to(device, dtype=torch.float32, non_blocking=True) for k in BATCH_KEYS}
 
 

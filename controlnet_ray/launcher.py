@@ -159,7 +159,7 @@ def build_pairs(cfg: TrainConfig, shards: Path) -> PairDatasets:
     """The pair datasets, built on the driver once per run (or once per sweep)."""
     from controlnet_ray.data.pipeline import build_pair_datasets
 
-    pairs = build_pair_datasets(shards, cfg.data)
+    pairs = build_pair_datasets(shards, cfg.data, seed=cfg.ray.seed)
     print(
         f"pairs: {pairs.num_train_pairs} train, {pairs.num_val_pairs} val "
         f"({cfg.data.pair_mode}, {cfg.data.min_pose_distance:g}-"

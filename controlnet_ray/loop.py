@@ -33,6 +33,7 @@ from torch import nn
 from controlnet_ray import checkpoint as ckpt
 from controlnet_ray import run_files
 from controlnet_ray.config import TrainConfig
+from controlnet_ray.data.batch import to_model_batch
 from controlnet_ray.data.prefetch import FirstItemPrefetch
 from controlnet_ray.engine import (
     Adversary,
@@ -107,7 +108,9 @@ class WorkerHost(Protocol):
         ...
 
     def batches(self, train: bool) -> Iterable[dict[str, torch.Tensor]]:
-        """One pass over this worker's training (or validation) shard, on its device."""
+        """One pass over this worker's training (or validation) shard, on its device, as the
+        pipeline delivers it: uint8 ``[B, H, W, 3]`` images, float32 poses (the loop turns
+        them into the engine's batch with ``data.batch.to_model_batch``)."""
         ...
 
     def report(self, metrics: dict[str, Any], saved: EpochCheckpoint | None) -> None:
@@ -365,9 +368,12 @@ class TrainingLoop:
         n_batches = self.batches_per_epoch
         steps_before, skipped_before = self.engine.optimizer_steps, self.engine.skipped_steps
         t0 = time.time()
-        for i, batch in enumerate(batches):
+        for i, raw in enumerate(batches):
             if i >= n_batches:  # equal batch counts on every rank keep DDP in step
                 break
+            # Normalised and mirrored on the device, in this thread (not the prefetch
+            # thread's): the mirrors draw from this rank's seeded, checkpointed RNG.
+            batch = to_model_batch(raw, flip=True)
             m = self.engine.train_micro_batch(batch, is_last_in_epoch=i == n_batches - 1)
             if not m.skipped:
                 self._account(m, sums, reporter)
@@ -442,7 +448,7 @@ class TrainingLoop:
     def _validate(self) -> EvalSums:
         sums = evaluate(
             ckpt.unwrap_model(self.model),
-            self.host.batches(train=False),
+            (to_model_batch(b) for b in self.host.batches(train=False)),
             self.cfg.optim,
             self.host.device,
             self.engine.amp,

@@ -56,13 +56,11 @@ class RayHost:
         return self._batches(self._shards[train], train)
 
     def _batches(self, shard, train: bool):
-        bs = self.cfg.data.batch_size
+        """The shard's batches as they arrive: uint8 images, already on the device (the loop
+        normalises them). The dataset reshuffles every epoch (``data.pipeline``), so no local
+        shuffle buffer."""
         return shard.iter_torch_batches(
-            batch_size=bs,
-            drop_last=train,
-            local_shuffle_buffer_size=4 * bs if train else None,
-            device=self.device,
-            dtypes=torch.float32,
+            batch_size=self.cfg.data.batch_size, drop_last=train, device=self.device, dtypes=None
         )
 
     def report(self, metrics: dict[str, Any], saved: EpochCheckpoint | None) -> None:

@@ -1,12 +1,16 @@
-"""The decode step of the Ray Data pipeline, as a plain function: values, mirroring, errors."""
+"""Decoding and the one normalisation: uint8 from the pipeline, [-1, 1] floats on the device,
+mirroring, errors."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
-from controlnet_ray.data.pipeline import decode_image, decode_pairs
+from controlnet_ray.data.batch import normalise_images, to_model_batch
+from controlnet_ray.data.pipeline import decode_image, decode_pairs, decode_rgb
+from controlnet_ray.engine import move_batch
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -48,12 +52,39 @@ def test_decode_pairs_without_flip_keeps_images_and_poses():
     assert all(out[k].flags["C_CONTIGUOUS"] for k in ("source", "target"))
 
 
+def test_pipeline_images_are_uint8_rgb_and_normalised_in_one_place():
+    rgb = _images(3)
+    raw = decode_rgb([_png(x) for x in rgb])
+    assert raw.dtype == np.uint8 and raw.shape == (3, 16, 16, 3)
+    np.testing.assert_array_equal(raw, np.stack(rgb))
+    out = normalise_images(torch.from_numpy(raw))
+    assert out.dtype == torch.float32 and out.shape == (3, 3, 16, 16) and out.is_contiguous()
+    np.testing.assert_array_equal(out[1].numpy(), decode_image(_png(rgb[1])))
+    assert out.min() >= -1 and out.max() <= 1
+
+
+def test_mirrors_are_fixed_by_the_generator_seed():
+    batch, _, _ = _batch(16)
+    a = decode_pairs(batch, flip=True, generator=torch.Generator().manual_seed(3))
+    b = decode_pairs(batch, flip=True, generator=torch.Generator().manual_seed(3))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_the_engine_refuses_unnormalised_uint8_images():
+    raw = {k: torch.zeros(2, 16, 16, 3, dtype=torch.uint8) for k in ("source", "target")}
+    raw |= {k: torch.zeros(2, 3) for k in ("source_pose", "target_pose")}
+    with pytest.raises(TypeError, match="uint8.*to_model_batch"):
+        move_batch(raw, torch.device("cpu"))
+    assert move_batch(to_model_batch(raw), torch.device("cpu"))["source"].shape == (2, 3, 16, 16)
+
+
 def test_mirroring_flips_both_images_and_negates_yaw_and_roll_together():
     batch, src, tgt = _batch(64)
-    out = decode_pairs(batch, flip=True)
+    out = decode_pairs(batch, flip=True, generator=torch.Generator().manual_seed(0))
     plain = decode_pairs(batch, flip=False)
     mirrored = out["source_pose"][:, 0] != plain["source_pose"][:, 0]
-    assert 0 < mirrored.sum() < 64  # some of each, with overwhelming probability
+    assert 0 < mirrored.sum() < 64  # some of each (seeded, so no coin toss in the test)
     for i in range(64):
         flip = bool(mirrored[i])
         sign = np.array([-1, 1, -1], np.float32) if flip else np.ones(3, np.float32)

@@ -67,11 +67,14 @@ class InProcessHost:
 
 @pytest.fixture(scope="module")
 def pairs(tiny_data: TinyData) -> list[dict[str, torch.Tensor]]:
-    """8 training pairs of the tiny synthetic dataset as two batches of 4."""
+    """8 training pairs of the tiny synthetic dataset as two batches of 4, as the pipeline
+    delivers them to a worker: uint8 [B, H, W, 3] images (the loop normalises them)."""
     from controlnet_ray.data.shards import ensure_shards
 
     cfg = tiny_config(tiny_data)
     batch = _train_batch(ensure_shards(cfg.data, num_workers=1), cfg)
+    for k in ("source", "target"):  # exact: the floats came from uint8 pixels
+        batch[k] = torch.round((batch[k] + 1) * 127.5).to(torch.uint8).movedim(1, -1)
     return [{k: v[i : i + 4] for k, v in batch.items()} for i in (0, 4)]
 
 

@@ -1,57 +1,64 @@
-"""Ray Data pipeline: Parquet shards -> per-person pairs -> decoded, normalised batches.
+"""Ray Data pipeline: pair index rows -> shuffled every epoch -> images looked up and decoded.
 
-read_parquet -> groupby(person).map_groups(pairing) -> materialize (encoded pairs, small)
--> map_batches(decode/normalise[/flip]) streamed to the workers, where
-``get_dataset_shard(...).iter_torch_batches`` reshuffles every epoch through a local shuffle
-buffer. The validation pairs are decoded and materialised once.
+Design (issue 13, "the data pipeline does not scale"), and why:
+
+* **Pairs are indices, made once.** The preparation writes each split's pairs as
+  ``(source row, target row)`` beside the image table (``shards.load_pair_index``). A run
+  never groups image rows by person, so no image bytes are hash-shuffled between nodes to
+  form pairs, and no pair row carries an image (a front photo used by 30 pairs is stored once,
+  not 30 times).
+* **Images are stored once, in the object store, in chunks.** Each image shard file becomes
+  one object (``offsets`` + one contiguous byte buffer: numpy, so reading it on its node is
+  zero-copy), made by a Ray task on whichever node Ray picks (``SPREAD``), so the table is
+  spread over the cluster rather than held by the driver, and a chunk lost with its node is
+  rebuilt from the file by lineage. The decode step fetches only the chunks its rows need;
+  a node keeps what it fetched, so after the first epoch a node moves at most the chunks it
+  still lacks (bounded by the image table, independent of the pair count).
+* **Real shuffling across identities, every epoch, per seed.** The training dataset is the
+  small index rows (two row numbers and two poses: 40 bytes a pair), ``random_shuffle``-d with
+  ``RandomSeedConfig(seed, reseed_after_execution=True)``: Ray Data re-executes the dataset
+  each epoch and reseeds with the execution index, so every epoch is a fresh permutation of
+  all pairs (batches mix identities from the whole split) and the sequence of permutations
+  is fixed by ``--seed``. Shuffling 40-byte rows costs what shuffling image rows would cost
+  divided by the image size.
+* **uint8 to the workers.** Decode yields uint8 ``[B, H, W, 3]`` RGB; the worker normalises
+  (and mirrors) on its device with :func:`controlnet_ray.data.batch.to_model_batch`, so 4x
+  fewer bytes cross the object store and the network than float32 did.
+* **Validation is not held decoded.** The val dataset is the val index rows, decoded per
+  batch when evaluated (unshuffled), so its memory is the index, not ~300 KB a pair.
+
+The per-epoch order of blocks arriving at the workers still depends on task completion
+(Ray Data's default, ``preserve_order`` off); the rows of each shuffled block do not.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from controlnet_ray.config import DataConfig
-from controlnet_ray.data.pairs import make_pairs
 
-PAIR_COLUMNS = ("source", "target", "source_pose", "target_pose")
 DECODE_CPUS = 0.5  # decode tasks are light; half a CPU lets two run on the one kept free
-_META_COLUMNS = ["person_name", "role", "frame_index", "image", "yaw", "pitch", "roll"]
-
-
-def shard_files(shards_dir: str | Path, split: str) -> list[str]:
-    """Parquet files of one split (the preparer writes ``<split>-NNNNN.parquet``)."""
-    files = sorted(glob.glob(os.path.join(str(shards_dir), f"{split}-*.parquet")))
-    if not files:
-        raise FileNotFoundError(f"no Parquet shards for split {split!r} in {shards_dir}")
-    return files
-
-
-def pair_group(group: pd.DataFrame, mode: str, min_deg: float, max_deg: float) -> pd.DataFrame:
-    """map_groups function: all training pairs of one person, with encoded image bytes."""
-    group = group.sort_values(["role", "frame_index"], kind="stable").reset_index(drop=True)
-    idx = make_pairs(group, mode=mode, min_deg=min_deg, max_deg=max_deg)
-    poses = group[["yaw", "pitch", "roll"]].to_numpy(np.float32)
-    src, tgt = idx[:, 0], idx[:, 1]
-    images = group["image"].to_numpy()
-    return pd.DataFrame(
-        {
-            "source": list(images[src]),
-            "target": list(images[tgt]),
-            "source_pose": list(poses[src]),
-            "target_pose": list(poses[tgt]),
-        }
-    )
+PAIRS_PER_BLOCK = 1024  # index rows per block: the unit of shuffling and of decode tasks
+MIN_BLOCKS = 4  # small datasets still get a few decode tasks in parallel
+_POSE_AXES = ("yaw", "pitch", "roll")
+INDEX_COLUMNS = (
+    "source_row",
+    "target_row",
+    *(f"source_{a}" for a in _POSE_AXES),
+    *(f"target_{a}" for a in _POSE_AXES),
+)
 
 
 def pair_kwargs(cfg: DataConfig) -> dict[str, object]:
+    """``make_pairs`` / ``load_pair_index`` keyword arguments of a run's pairing flags."""
     return {
         "mode": cfg.pair_mode,
         "min_deg": cfg.min_pose_distance,
@@ -59,22 +66,43 @@ def pair_kwargs(cfg: DataConfig) -> dict[str, object]:
     }
 
 
-def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
-    """PNG/JPEG bytes of equal-size images -> float32 NCHW RGB in [-1, 1].
+# ------------------------------------------------------------------------------ decoding
 
-    Raises instead of returning zeros. The conversion is one OpenCV pass (BGR->RGB, scale,
-    HWC->CHW), a third of the cost of numpy's strided astype, which matters because this runs
-    every epoch on the CPU that Ray Data shares with the training workers.
+
+def decode_rgb(blobs: Sequence[bytes | memoryview | np.ndarray]) -> np.ndarray:
+    """PNG/JPEG bytes of equal-size images -> uint8 ``[N, H, W, 3]`` RGB.
+
+    Raises instead of returning zeros (an undecodable image, or images of different sizes).
     """
-    images = []
+    out: np.ndarray | None = None
     for i, data in enumerate(blobs):
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if arr is None:
             raise ValueError(f"undecodable image bytes in shard (image {i} of {len(blobs)})")
-        images.append(arr)
-    return cv2.dnn.blobFromImages(
-        images, scalefactor=1 / 127.5, mean=(127.5, 127.5, 127.5), swapRB=True
-    )
+        if out is None:
+            out = np.empty((len(blobs), *arr.shape), np.uint8)
+        if arr.shape != out.shape[1:]:
+            raise ValueError(
+                f"image {i} of {len(blobs)} is {arr.shape[1]}x{arr.shape[0]}, the first "
+                f"{out.shape[2]}x{out.shape[1]}: shards hold one image size"
+            )
+        cv2.cvtColor(arr, cv2.COLOR_BGR2RGB, dst=out[i])
+    if out is None:
+        raise ValueError("no images to decode")
+    return out
+
+
+def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
+    """PNG/JPEG bytes -> float32 NCHW RGB in [-1, 1] (evaluation, judging, benchmarks).
+
+    The scaling is :func:`controlnet_ray.data.batch.normalise_images`, the one the workers
+    apply on their device to the pipeline's uint8 batches.
+    """
+    import torch
+
+    from controlnet_ray.data.batch import normalise_images
+
+    return normalise_images(torch.from_numpy(decode_rgb(blobs))).numpy()
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -82,30 +110,117 @@ def decode_image(data: bytes) -> np.ndarray:
     return decode_images([data])[0]
 
 
-def decode_pairs(batch: dict[str, np.ndarray], flip: bool = False) -> dict[str, np.ndarray]:
-    """map_batches function: decode both images of each pair; optional mirror augmentation.
+def decode_pairs(
+    batch: dict[str, Any], flip: bool = False, generator: Any = None
+) -> dict[str, np.ndarray]:
+    """Pairs given with their bytes (``source``, ``target``, poses) -> the model's float batch
+    as numpy, through :func:`~controlnet_ray.data.batch.to_model_batch` (mirroring included).
 
-    Mirroring flips both images and negates yaw and roll of both poses, which keeps the pair
-    consistent with the pose convention (pitch is unchanged by a left-right mirror). Fresh
-    randomness per batch, so every epoch sees different mirrors.
+    For in-memory callers (benchmarks, tests); training decodes through the index pipeline.
     """
-    source = decode_images(batch["source"])
-    target = decode_images(batch["target"])
-    source_pose = np.stack(batch["source_pose"]).astype(np.float32)
-    target_pose = np.stack(batch["target_pose"]).astype(np.float32)
-    if flip:
-        mirror = np.random.default_rng().random(len(source)) < 0.5
-        source[mirror] = source[mirror][..., ::-1]
-        target[mirror] = target[mirror][..., ::-1]
-        sign = np.array([-1.0, 1.0, -1.0], np.float32)
-        source_pose[mirror] *= sign
-        target_pose[mirror] *= sign
-    return {
-        "source": np.ascontiguousarray(source),
-        "target": np.ascontiguousarray(target),
-        "source_pose": source_pose,
-        "target_pose": target_pose,
-    }
+    import torch
+
+    from controlnet_ray.data.batch import to_model_batch
+
+    raw = {k: torch.from_numpy(decode_rgb(batch[k])) for k in ("source", "target")}
+    for k in ("source_pose", "target_pose"):
+        raw[k] = torch.from_numpy(np.stack(batch[k]).astype(np.float32))
+    out = to_model_batch(raw, flip=flip, generator=generator)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------ image store
+
+
+def _pack_image_chunk(path: str) -> tuple[dict[str, np.ndarray], int]:
+    """One shard file's images as ``{"offsets": int64 [n+1], "data": uint8}`` (numpy, so the
+    object store serves it zero-copy), and its row count (small, for the driver's checks)."""
+    column = pq.read_table(path, columns=["image"]).column("image").combine_chunks()
+    if column.null_count:
+        raise ValueError(f"{path}: {column.null_count} rows without image bytes")
+    if pa.types.is_large_binary(column.type):
+        column = column.cast(pa.binary())
+    n = len(column)
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+    offsets = offsets.astype(np.int64)
+    data = np.frombuffer(column.buffers()[2], np.uint8) if n else np.zeros(0, np.uint8)
+    data = data[offsets[0] : offsets[-1]].copy()
+    return {"offsets": offsets - offsets[0], "data": data}, n
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    """One split's encoded images in the object store: row ``r`` lives in chunk ``c`` with
+    ``starts[c] <= r < starts[c + 1]``. Holds ObjectRefs only; pickles small."""
+
+    starts: np.ndarray  # int64 [C + 1]
+    refs: tuple[Any, ...]  # C ObjectRefs of _pack_image_chunk's first result
+    split: str = ""
+
+    @property
+    def num_images(self) -> int:
+        return int(self.starts[-1])
+
+    def fetch(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The encoded bytes of ``rows`` (views into the chunks; fetched once per call)."""
+        import ray
+
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_images):
+            raise IndexError(
+                f"{self.split} pair index names row {int(rows.max())} of {self.num_images} "
+                "images: the shards are inconsistent; prepare them again"
+            )
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        needed = np.unique(chunk)
+        got = dict(zip(needed.tolist(), ray.get([self.refs[c] for c in needed]), strict=True))
+        out = []
+        for r, c in zip(rows.tolist(), chunk.tolist(), strict=True):
+            offsets, data, i = got[c]["offsets"], got[c]["data"], r - int(self.starts[c])
+            out.append(data[offsets[i] : offsets[i + 1]])
+        return out
+
+
+def load_image_store(shards_dir: str | Path, split: str) -> ImageStore:
+    """Put one split's image column into the object store, one chunk per shard file, by tasks
+    spread over the cluster (the driver holds references, never the bytes). Waits for them,
+    so an unreadable shard fails here, before training, naming the file."""
+    import ray
+
+    from controlnet_ray.data.shards import split_files
+
+    files = [str(f) for f in split_files(shards_dir, split)]
+    expected = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    task = ray.remote(_pack_image_chunk).options(
+        num_returns=2, num_cpus=DECODE_CPUS, scheduling_strategy="SPREAD"
+    )
+    refs, counts = [], []
+    for f in files:
+        chunk_ref, count_ref = task.remote(f)
+        refs.append(chunk_ref)
+        counts.append(count_ref)
+    got = ray.get(counts)
+    for f, n, want in zip(files, got, expected, strict=True):
+        if n != want:
+            raise ValueError(f"{f}: read {n} images, its footer says {want}")
+    starts = np.concatenate([[0], np.cumsum(got, dtype=np.int64)]).astype(np.int64)
+    return ImageStore(starts, tuple(refs), split)
+
+
+def decode_pair_rows(batch: dict[str, np.ndarray], store: ImageStore) -> dict[str, np.ndarray]:
+    """map_batches function: index rows -> uint8 images ``[B, H, W, 3]`` RGB and float32
+    poses ``[B, 3]`` (degrees); see the module docstring for why uint8."""
+    n = len(batch["source_row"])
+    rows = np.concatenate([batch["source_row"], batch["target_row"]])
+    images = decode_rgb(store.fetch(rows))  # one object-store round trip for both sides
+    out = {"source": images[:n], "target": images[n:]}
+    for side in ("source", "target"):
+        poses = [np.asarray(batch[f"{side}_{a}"], np.float32) for a in _POSE_AXES]
+        out[f"{side}_pose"] = np.stack(poses, axis=1)
+    return out
+
+
+# ------------------------------------------------------------------------------ datasets
 
 
 @dataclass
@@ -132,44 +247,83 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _pairs_dataset(shards_dir: str | Path, split: str, cfg: DataConfig):
+def index_table(shards_dir: str | Path, split: str, cfg: DataConfig) -> pa.Table:
+    """A split's pairs as index rows: row numbers and both poses (no image bytes)."""
+    from controlnet_ray.data.shards import load_pair_index, read_shard_table
+
+    pairs = load_pair_index(shards_dir, split, **pair_kwargs(cfg))
+    poses = read_shard_table(shards_dir, split, columns=list(_POSE_AXES))
+    ypr = np.stack([poses.column(a).to_numpy() for a in _POSE_AXES], 1).astype(np.float32)
+    cols: dict[str, np.ndarray] = {"source_row": pairs[:, 0], "target_row": pairs[:, 1]}
+    for side, rows in (("source", pairs[:, 0]), ("target", pairs[:, 1])):
+        cols |= {f"{side}_{a}": ypr[rows, i] for i, a in enumerate(_POSE_AXES)}
+    return pa.table(cols)
+
+
+def _blocks(table: pa.Table) -> list[pa.Table]:
+    """Index rows cut into blocks: PAIRS_PER_BLOCK each, at least MIN_BLOCKS (of >= 64 rows)
+    so that a small run's decode still runs in parallel."""
+    n = len(table)
+    count = max(-(-n // PAIRS_PER_BLOCK), min(MIN_BLOCKS, -(-n // 64)), 1)
+    size = -(-n // count) if n else 1
+    return [table.slice(i, size) for i in range(0, max(n, 1), size)]
+
+
+def _index_dataset(table: pa.Table):
     import ray.data
 
-    files = shard_files(shards_dir, split)
-    ds = ray.data.read_parquet(files, columns=_META_COLUMNS)
-    # One hash partition per shard file: the default (200) costs ~10 s per split on 2 cores.
-    return (
-        ds.groupby("person_name", num_partitions=len(files))
-        .map_groups(pair_group, fn_kwargs=pair_kwargs(cfg), batch_format="pandas")
-        .materialize()
-    )
+    return ray.data.from_arrow(_blocks(table))
 
 
-def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, flip: bool = True) -> PairDatasets:
-    """Pairs for train (decoded lazily each epoch) and val (decoded and materialised once)."""
+def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, seed: int = 0) -> PairDatasets:
+    """Train (reshuffled every epoch, seeded) and val (in order) datasets of decoded uint8
+    pairs; nothing is decoded or materialised here (see the module docstring)."""
+    import ray.data
+
     quiet_ray_data()
-    train_pairs = _pairs_dataset(shards_dir, "train", cfg)
-    val_pairs = _pairs_dataset(shards_dir, "val", cfg)
-    n_train, n_val = train_pairs.count(), val_pairs.count()
+    train_index = index_table(shards_dir, "train", cfg)
+    val_index = index_table(shards_dir, "val", cfg)
+    n_train, n_val = len(train_index), len(val_index)
     if n_train == 0 or n_val == 0:
         empty = "train" if n_train == 0 else "val"
         raise ValueError(
             f"the {empty} split has no pairs in {shards_dir}: check --pair_mode, "
             "--min_pose_distance/--max_pose_distance and --split_ratios"
         )
-    decode_batch = max(1, min(cfg.batch_size, 64))
-    train = train_pairs.randomize_block_order().map_batches(
-        decode_pairs,
-        fn_kwargs={"flip": flip},
-        batch_size=decode_batch,
-        batch_format="numpy",
-        num_cpus=DECODE_CPUS,
+    decode = {
+        "batch_size": max(1, min(cfg.batch_size, 64)),
+        "batch_format": "numpy",
+        "num_cpus": DECODE_CPUS,
+    }
+    reseeded = ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True)
+    train = (
+        _index_dataset(train_index)
+        .random_shuffle(seed=reseeded, num_cpus=DECODE_CPUS)
+        .map_batches(
+            decode_pair_rows, fn_kwargs={"store": load_image_store(shards_dir, "train")}, **decode
+        )
     )
-    val = val_pairs.map_batches(
-        decode_pairs,
-        fn_kwargs={"flip": False},
-        batch_size=decode_batch,
-        batch_format="numpy",
-        num_cpus=DECODE_CPUS,
-    ).materialize()
+    val = _index_dataset(val_index).map_batches(
+        decode_pair_rows, fn_kwargs={"store": load_image_store(shards_dir, "val")}, **decode
+    )
     return PairDatasets(train, val, n_train, n_val, str(shards_dir))
+
+
+def encoded_pairs(shards_dir: str | Path, split: str, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """A split's pairs with their bytes, in memory (``source``, ``target`` object arrays of
+    bytes, float32 poses), in index order: for small in-process consumers (benchmarks'
+    baselines, tests), never for training, which looks images up by index."""
+    from controlnet_ray.data.shards import read_shard_table
+
+    index = index_table(shards_dir, split, cfg).to_pydict()
+    blobs = read_shard_table(shards_dir, split, columns=["image"])["image"].to_pylist()
+    images = np.empty(len(blobs), object)  # object, not np.asarray's "S": that strips b"\0"
+    images[:] = blobs
+    out: dict[str, np.ndarray] = {}
+    for side in ("source", "target"):
+        rows = np.asarray(index[f"{side}_row"], np.int64)
+        out[side] = images[rows] if len(rows) else np.zeros(0, object)
+        out[f"{side}_pose"] = np.stack(
+            [np.asarray(index[f"{side}_{a}"], np.float32) for a in _POSE_AXES], 1
+        )
+    return out

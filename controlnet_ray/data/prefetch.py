@@ -1,8 +1,8 @@
 """Start an epoch's batch iterator early, on a thread, so its first batch is ready when needed.
 
 Why: Ray Data re-executes the training dataset every epoch, and the first batch of an epoch
-takes about 0.7 s on a 2-core machine (executor start, decode tasks, filling the local shuffle
-buffer): 4-8 % of an epoch that the workers spend waiting. Started before validation, that
+takes about 0.7 s on a 2-core machine (executor start, the pair index shuffle, decode
+tasks): 4-8 % of an epoch that the workers spend waiting. Started before validation, that
 wait overlaps validation instead.
 """
 

@@ -3,8 +3,12 @@
 Decoding the source JPEGs and aligning faces is the expensive part of the data path, so it is
 done once, in parallel, into Parquet (one row per aligned image, rows grouped by split,
 ``<split>-NNNNN.parquet`` with at most ``MAX_ROWS_PER_SHARD`` rows) that the Ray Data
-pipeline streams. Poses come from :func:`controlnet_ray.data.pose.estimate_dataset_poses`
-(the legacy angles are unusable); they are estimated from all landmarks before decoding,
+pipeline reads. Beside the images, each split's training pairs are written once as an index
+(``pairs-<pairing key>-<split>.parquet``: ``source``, ``target`` = row numbers within the
+split, in shard order; see :func:`load_pair_index`), so no run ever groups or shuffles image
+bytes to form pairs, and each image is stored once however many pairs use it. Poses come from
+:func:`controlnet_ray.data.pose.estimate_dataset_poses` (the legacy angles are unusable);
+they are estimated from all landmarks before decoding,
 so an image later skipped as corrupt still informed its person's bundle adjustment (its
 landmarks came from a successful detection by the original script). Everything is written
 to a temporary sibling directory and renamed into place only when complete and checked, so on
@@ -14,7 +18,8 @@ Cache (``ensure_shards``): ``<cache>/shards/<fingerprint>-<image_size>-<settings
 source fingerprint (``fingerprint_source``) hashes the bytes of the two JSON and two npy files
 plus every image's relative path, size and mtime -- a stat, not a read, so it costs ~1 s per
 100k images while still noticing replaced or touched images. The settings hash covers the
-normalised split ratios and the shard schema version.
+normalised split ratios and the shard schema version (3 since the pair index: older caches
+are rebuilt, never misread).
 """
 
 from __future__ import annotations
@@ -64,21 +69,25 @@ from controlnet_ray.data.layout import (
 from controlnet_ray.data.pairs import (
     SPLITS,
     count_split_pairs,
+    make_pairs,
     normalise_ratios,
     persons_without_video,
     required_splits,
     split_persons,
     split_summary,
 )
+from controlnet_ray.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: head-centred framing, landmarks in crop pixels
+SCHEMA_VERSION = 3  # 2: head-centred framing, landmarks in crop pixels; 3: pair index files
 MAX_ROWS_PER_SHARD = 2000
 MANIFEST = "manifest.json"
 _CHUNK = 32  # images per worker task: amortises IPC, keeps the progress bar moving
 _MIN_IMAGES_FOR_POOL = 1000  # ~3 s of inline work: below it, spawning workers costs more
 _MIN_PERSONS_FOR_POSE_POOL = 16  # same for the per-person bundle adjustment
+PAIR_SCHEMA = pa.schema([("source", pa.int64()), ("target", pa.int64())])
+_META_COLUMNS = ["person_name", "role", "yaw", "pitch", "roll"]  # what pairing reads
 SHARD_SCHEMA = pa.schema(
     [
         ("person_name", pa.string()),
@@ -228,6 +237,12 @@ def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None,
     return out
 
 
+def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> list:
+    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU."""
+    _init_worker()
+    return _align_chunk(task)
+
+
 def _run_alignment(
     tasks: list[tuple[list[tuple], int]], num_workers: int, total: int
 ) -> Iterator[tuple[int, bytes | None, str | None]]:
@@ -236,6 +251,10 @@ def _run_alignment(
 
     bar = tqdm(total=total, desc="decode+align", unit="img", file=sys.stderr, mininterval=1.0)
     try:
+        cluster_cpus = _ray_cluster_cpus()
+        if cluster_cpus:
+            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus), bar)
+            return
         if num_workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
             yield from _tick(map(_align_chunk, tasks), bar)
             return
@@ -261,6 +280,44 @@ def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
         task = next(remaining, None)
         if task is not None:
             pending.append(ex.submit(_align_chunk, task))
+        yield result
+
+
+def _ray_cluster_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to, when it has several nodes
+    (0 otherwise: no Ray, or one machine, where the process pool does the same job without
+    Ray's per-task cost). Never starts Ray."""
+    if "ray" not in sys.modules:
+        return 0
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    if len(nodes) < 2:
+        return 0
+    return int(sum(n["Resources"]["CPU"] for n in nodes))
+
+
+def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
+    """:func:`_windowed` over a Ray cluster: each chunk of images is decoded and aligned by a
+    Ray task on whichever node has a CPU (``SPREAD``), results in task order, at most
+    ``window`` chunks in flight. Every node must see the source images at the same paths
+    (a shared mount, as ``--cache_dir`` already must be); the crops (PNG, a few KB each)
+    come back to this process, which writes the shards as before, so the files, their
+    order and the checks are those of a local preparation."""
+    import ray
+
+    remote = ray.remote(_align_chunk_one_thread).options(num_cpus=1, scheduling_strategy="SPREAD")
+    pending: deque = deque()
+    remaining = iter(tasks)
+    for task in itertools.islice(remaining, window):
+        pending.append(remote.remote(task))
+    while pending:
+        result = ray.get(pending.popleft())
+        task = next(remaining, None)
+        if task is not None:
+            pending.append(remote.remote(task))
         yield result
 
 
@@ -517,6 +574,7 @@ def _write_all(
     for w in writers.values():
         w.flush()
     pair_counts = _recheck_pairs(ds, plan, kept, pairing)
+    _write_pair_indexes(tmp, writers, pairing)
     manifest = _manifest(ds, plan, kept, writers, image_size, pair_counts, pairing, fingerprint)
     manifest.skipped = [s.to_dict() for s in ds.skipped + bad]
     manifest.skipped_count = len(manifest.skipped)
@@ -561,6 +619,15 @@ def _recheck_pairs(
     rows = _pair_rows(names, roles, plan.poses[kept].reshape(-1, 3))
     mode, lo, hi = pairing
     return count_split_pairs(rows, splits, mode, lo, hi, required=required)
+
+
+def _write_pair_indexes(
+    out: Path, writers: dict[str, _ShardWriter], pairing: tuple[str, float, float]
+) -> None:
+    """Every split's pair index for the prepared pairing, from the rows just written."""
+    for split, writer in writers.items():
+        rows = _read_rows(out, writer.files, _META_COLUMNS)
+        _write_pair_index(out / pair_index_name(split, *pairing), make_pairs(rows, *pairing))
 
 
 def _manifest(
@@ -608,6 +675,83 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
         json.dump(doc, f, indent=2, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_shard_dir(
+    out: str | Path,
+    rows: Sequence[dict[str, Any]],
+    image_size: int,
+    pairing: tuple[str, float, float] = ("front_to_video", 5.0, 90.0),
+    *,
+    fingerprint: str = "rows",
+    framing: str = "head",
+    max_rows: int = MAX_ROWS_PER_SHARD,
+) -> Manifest:
+    """Publish crops that already exist (``SHARD_SCHEMA`` rows, each with its ``split``) as a
+    shard directory -- Parquet files in split order, pair indexes, manifest -- atomically.
+
+    The same writer and index as :func:`prepare_shards`, without reading a legacy layout:
+    for data made elsewhere (synthetic scale benchmarks, tests). Poses are taken as given.
+    """
+    out = Path(out)
+    _refuse_foreign_dir(out)
+    ordered = sorted(rows, key=lambda r: SPLITS.index(r["split"]))
+    tmp = _temp_dir(out)
+    try:
+        writers = {s: _ShardWriter(tmp, s, max_rows) for s in SPLITS}
+        for r in ordered:
+            writers[r["split"]].add(r)
+        for w in writers.values():
+            w.flush()
+        _write_pair_indexes(tmp, writers, pairing)
+        manifest = _rows_manifest(ordered, writers, image_size, pairing, fingerprint, framing)
+        manifest.pairs["per_split"] = {
+            s: len(pq.read_table(tmp / pair_index_name(s, *pairing))) for s in SPLITS
+        }
+        _write_json(tmp / MANIFEST, manifest.to_dict())
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _rows_manifest(
+    rows: Sequence[dict[str, Any]],
+    writers: dict[str, _ShardWriter],
+    image_size: int,
+    pairing: tuple[str, float, float],
+    fingerprint: str,
+    framing: str,
+) -> Manifest:
+    counts: dict[str, dict[str, int]] = {}
+    for split in (*SPLITS, "total"):
+        sel = [r for r in rows if split == "total" or r["split"] == split]
+        roles = [r["role"] for r in sel]
+        counts[split] = {
+            "persons": len({r["person_name"] for r in sel}),
+            "images": len(sel),
+            "front": roles.count("front"),
+            "video": roles.count("video"),
+        }
+    mode, lo, hi = pairing
+    persons = sorted({r["person_name"] for r in rows})
+    ratios = [counts[s]["persons"] / max(len(persons), 1) for s in SPLITS]
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        image_size=image_size,
+        fingerprint=fingerprint,
+        data_dir="",
+        image_root="",
+        split_ratios=ratios,
+        counts=counts,
+        shards={s: w.files for s, w in writers.items()},
+        pose_report={},
+        pairs={"mode": mode, "min_deg": lo, "max_deg": hi, "per_split": {}},
+        alignment=ALIGNMENTS[framing],
+        framing=framing,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
 # ------------------------------------------------------------------------------ publishing
@@ -701,6 +845,71 @@ def read_shard_table(
         schema = SHARD_SCHEMA if cols is None else pa.schema([SHARD_SCHEMA.field(c) for c in cols])
         return schema.empty_table()
     return pa.concat_tables(tables)
+
+
+def _read_rows(shards_dir: Path, files: Sequence[str], columns: Sequence[str]) -> pa.Table:
+    tables = [pq.read_table(shards_dir / f, columns=list(columns)) for f in files]
+    if not tables:
+        return pa.schema([SHARD_SCHEMA.field(c) for c in columns]).empty_table()
+    return pa.concat_tables(tables)
+
+
+def split_files(shards_dir: str | Path, split: str) -> list[Path]:
+    """The image Parquet files of one split, in row order (from the manifest)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    manifest = load_manifest(shards_dir)
+    return [Path(shards_dir) / f for f in manifest.shards.get(split, [])]
+
+
+# ------------------------------------------------------------------------------ pair index
+
+
+def pair_index_name(split: str, mode: str, min_deg: float, max_deg: float) -> str:
+    """File name of a split's pair index for one pairing (mode and pose-distance range).
+
+    The range enters through ``float.hex`` so two ranges that print alike never share a file.
+    """
+    key = json.dumps([mode, float(min_deg).hex(), float(max_deg).hex()])
+    return f"pairs-{mode}-{hashlib.sha256(key.encode()).hexdigest()[:8]}-{split}.parquet"
+
+
+def _write_pair_index(path: Path, pairs: np.ndarray) -> None:
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    table = pa.table({"source": pairs[:, 0], "target": pairs[:, 1]}, schema=PAIR_SCHEMA)
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def load_pair_index(
+    shards_dir: str | Path,
+    split: str,
+    mode: str = "front_to_video",
+    min_deg: float = 5.0,
+    max_deg: float = 90.0,
+) -> np.ndarray:
+    """[P, 2] int64 (source row, target row) pairs of ``split``; rows count from 0 over the
+    split's shard files in manifest order (the order :func:`read_shard_table` returns).
+
+    The preparation writes the index for the pairing it was given. Shards are cached per
+    source and framing, not per pairing (a run with another ``--pair_mode`` or distance range
+    reuses them), so another pairing's index is made here from the five small metadata
+    columns -- never the image bytes -- and saved beside the others (an atomic write: runs
+    that race write the same bytes). Same pairs, same order as :func:`make_pairs` on the
+    split's rows: ordered by person (first appearance), then source, then target.
+    """
+    path = Path(shards_dir) / pair_index_name(split, mode, min_deg, max_deg)
+    if not path.is_file():
+        rows = _read_rows(Path(shards_dir), split_files(shards_dir, split), _META_COLUMNS)
+        pairs = make_pairs(rows, mode, min_deg, max_deg)
+        try:
+            _write_pair_index(path, pairs)
+        except OSError as exc:  # a read-only cache: the same pairs, just not kept
+            print(f"note: {exc}; pairs computed for this run only", file=sys.stderr)
+            return pairs
+    table = pq.read_table(path)
+    if table.schema != PAIR_SCHEMA:
+        raise DataError(f"{path}: not a pair index (columns {table.column_names})")
+    return np.stack([table.column(c).to_numpy() for c in ("source", "target")], 1)
 
 
 # ------------------------------------------------------------------------------ cache
