@@ -17,7 +17,18 @@ from controlnet_ray.checkpoint import RunState
 from controlnet_ray.config import OptimConfig, TrainConfig
 from controlnet_ray.engine import NonFiniteLossError
 from controlnet_ray.progress import WorkerProgress
-from tests.test_engine import make_batch, make_engine, nan_batch
+from tests.test_engine import make_batch, make_engine
+
+
+def _pipeline_batch(b: int = 4, nan: bool = False) -> dict[str, torch.Tensor]:
+    """A batch as Ray Data delivers it (uint8 [B,H,W,3] images, float poses); ``nan``: one
+    non-finite pose, so that step's loss is not finite (uint8 images cannot hold a NaN)."""
+    batch = make_batch(b, seed=99 if nan else 0)
+    for k in ("source", "target"):
+        batch[k] = ((batch[k] + 1) * 127.5).round().to(torch.uint8).movedim(1, -1)
+    if nan:
+        batch["target_pose"][0, 0] = float("nan")
+    return batch
 
 
 def _run(batches_per_epoch: int, rank: int = 0) -> tuple[loop.TrainingLoop, object]:
@@ -43,13 +54,14 @@ def test_epoch_where_every_step_was_skipped_fails_instead_of_loss_zero() -> None
     run, reporter = _run(batches_per_epoch=3)
     before = [p.clone() for p in run.model.parameters()]
     with pytest.raises(NonFiniteLossError, match=r"epoch 4: no optimizer step succeeded \(3 of 3"):
-        run._train_epoch(4, [nan_batch() for _ in range(3)], reporter)
+        run._train_epoch(4, [_pipeline_batch(nan=True) for _ in range(3)], reporter)
     assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
 
 
 def test_epoch_with_some_skipped_steps_averages_the_trained_ones() -> None:
     run, _ = _run(batches_per_epoch=3, rank=1)  # no step logging
-    metrics = run._train_epoch(1, [nan_batch(), make_batch(4), nan_batch()], None)
+    batches = [_pipeline_batch(nan=True), _pipeline_batch(), _pipeline_batch(nan=True)]
+    metrics = run._train_epoch(1, batches, None)
     assert metrics["samples"] == 4 and math.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
 
