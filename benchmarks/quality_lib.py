@@ -382,7 +382,7 @@ def fmt_table(means: dict[str, dict[str, float]], marg: dict[str, dict[str, obje
     w, f = marg["whole"], marg["face"]
     label = "margin over best trivial"
     lines.append(f"{label:<28}{w['margin_db']:>+12.2f}{f['margin_db']:>+12.2f}")
-    lines.append(f"{'  (best trivial)':<28}{w['best_trivial']:>12}{f['best_trivial']:>12}")
+    lines.append(f"{'  (best trivial)':<28} {w['best_trivial']:>12} {f['best_trivial']:>12}")
     met = [f">= +{m['target_db']:.1f} {'yes' if m['met'] else 'no'}" for m in (w, f)]
     lines.append(f"{'  target / met':<28}{met[0]:>12}{met[1]:>12}")
     return "\n".join(lines)
