@@ -295,7 +295,7 @@ def test_judging_never_imports_ray() -> None:
 
 def test_engine_and_model_do_not_import_judging() -> None:
     root = Path(__file__).resolve().parents[1] / "controlnet_ray"
-    for f in [root / "engine.py", *sorted((root / "model").glob("*.py"))]:
+    for f in [*sorted((root / "engine").glob("*.py")), *sorted((root / "model").glob("*.py"))]:
         assert "judging" not in f.read_text(encoding="utf-8"), f
 
 

@@ -1,0 +1,84 @@
+"""A re-run of the same Ray run: which flag changes it continues with and which stop it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controlnet_ray.checkpoint.resume import _close
+from controlnet_ray.config import TrainConfig
+
+# Settings a re-run of the same Ray run may change: they do not change what is computed
+# (console, file cadence, data-loading parallelism, placement, retry budget). --epochs is
+# handled apart (the run is extended or shortened); every other difference stops the re-run.
+RERUN_FREE_FIELDS = frozenset(
+    {
+        ("data", "num_workers"),
+        ("data", "cache_dir"),
+        ("output", "log_dir"),
+        ("output", "save_interval"),
+        ("output", "image_log_interval"),
+        ("output", "progress"),
+        ("ray", "address"),
+        ("ray", "max_failures"),
+        ("ray", "num_to_keep"),
+        ("ray", "fresh"),
+        ("ray", "cpus_per_worker"),
+        ("ray", "resource_wait_s"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class RerunPlan:
+    """How a re-run's flags compare with the config stored in its run's latest checkpoint.
+
+    ``conflicts``: differences that would be silently ignored or mixed with the old run's
+    state (``--lr 0.0001 -> 0.005``): the re-run must stop. ``notes``: differences it
+    continues with, said aloud (``--epochs 3 -> 4``).
+    """
+
+    epoch: int
+    conflicts: list[str]
+    notes: list[str]
+
+
+def plan_rerun(state: Mapping[str, Any], cfg: TrainConfig) -> RerunPlan:
+    """Compare ``cfg`` with the config a Ray checkpoint of the same run was written with."""
+    epoch = int(state.get("epoch", 0))
+    if not state.get("config"):
+        return RerunPlan(epoch, [], [])
+    try:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+    except (TypeError, ValueError) as exc:
+        return RerunPlan(epoch, [f"its stored config is not readable here ({exc})"], [])
+    current = cfg.to_dict()
+    conflicts, notes = [], []
+    for section, fields in current.items():
+        for name, new in fields.items():
+            old = saved[section][name]
+            if _same_setting(old, new) or (section, name) in RERUN_FREE_FIELDS:
+                continue
+            change = f"--{name} {_setting(old)} -> {_setting(new)}"
+            if (section, name) != ("optim", "epochs"):
+                conflicts.append(change)
+            elif new < epoch:
+                conflicts.append(f"{change} (the run already completed epoch {epoch})")
+            else:
+                notes.append(f"{change}: continuing to epoch {new}, LR schedule re-planned")
+    return RerunPlan(epoch, conflicts, notes)
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and _close(a, b)
+    return a == b
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_setting(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)

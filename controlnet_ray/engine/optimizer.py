@@ -1,0 +1,75 @@
+"""The generator's optimiser (AdamW, no decay on 1-D parameters) and its LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from controlnet_ray.config import OptimConfig
+
+MIN_LR_RATIO = 0.01  # cosine schedule ends at 1% of the peak learning rate
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; no weight decay on biases and norm scales.
+
+    Decaying 1-D parameters (biases, BatchNorm/GroupNorm gains) only fights the
+    normalisation and hurts; matrices and conv kernels (``ndim >= 2``) are decayed.
+    Frozen parameters (``--freeze_generator``, frozen backbones) are left out so the
+    optimiser state does not carry them.  The fused kernel is used when every parameter
+    is on CUDA (one launch per step instead of one per tensor).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+    groups = [
+        {"params": ps, "weight_decay": wd}
+        for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+        if ps
+    ]
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def optimizer_steps_per_epoch(steps_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch of ``steps_per_epoch`` micro-batches (partial group counts)."""
+    return math.ceil(steps_per_epoch / accumulation)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier for optimizer step ``step`` (0-based): linear warm-up, then cosine.
+
+    Warm-up starts at ``1/warmup_steps`` (not 0, which would waste the first step) and
+    reaches 1 on the last warm-up step; the cosine then decays to ``MIN_LR_RATIO`` at
+    ``total_steps`` and stays there if training runs longer.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-optimizer-step LambdaLR: ``cfg.warmup_epochs`` of warm-up, cosine to 1% at the end.
+
+    ``steps_per_epoch`` is in micro-batches (what the data loader yields per worker); it is
+    converted to optimizer steps with ``ceil(steps_per_epoch / gradient_accumulation_steps)``
+    because :class:`TrainEngine` also steps on a trailing partial accumulation group.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    per_epoch = optimizer_steps_per_epoch(steps_per_epoch, cfg.gradient_accumulation_steps)
+    warmup, total = cfg.warmup_epochs * per_epoch, cfg.epochs * per_epoch
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
