@@ -16,6 +16,7 @@ from controlnet_ray.data.layout import (
 )
 from controlnet_ray.data.pairs import count_split_pairs, required_splits
 from controlnet_ray.data.shards.fingerprint import _fingerprint, settings_hash
+from controlnet_ray.data.shards.pair_index import PairRule
 from controlnet_ray.data.shards.preparation import _prepare
 from controlnet_ray.data.shards.schema import (
     MANIFEST,
@@ -47,7 +48,7 @@ def ensure_shards(
     )
     fp = _fingerprint(ds.data_dir, ds.image_root_used, ds.source_image_paths)
     target = shard_cache_dir(data_cfg, fp)
-    pairing = (data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
+    pairing = PairRule(data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
     if _reusable(target, fp, data_cfg, pairing):
         print(f"reusing shards at {target}")
         return target
@@ -69,9 +70,7 @@ def ensure_shards(
     return target
 
 
-def _reusable(
-    target: Path, fingerprint: str, data_cfg: DataConfig, pairing: tuple[str, float, float]
-) -> bool:
+def _reusable(target: Path, fingerprint: str, data_cfg: DataConfig, pairing: PairRule) -> bool:
     if not (target / MANIFEST).is_file():
         return False
     try:
@@ -92,6 +91,6 @@ def _reusable(
     )
     rows = table.to_pydict()
     required = required_splits(data_cfg.split_ratios)
-    mode, lo, hi = pairing
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
     count_split_pairs(rows, rows["split"], mode, lo, hi, required=required)
     return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,17 @@ from controlnet_ray.files import atomic_write
 
 if TYPE_CHECKING:
     from controlnet_ray.data.shards.publish import _ShardWriter
+
+
+@dataclass(frozen=True)
+class PairRule:
+    """Which pairs a preparation counts and indexes: ``--pair_mode`` and the pose-distance range
+    in degrees (``--min_pose_distance``, ``--max_pose_distance``); named, so the three values
+    threaded through the preparation cannot be swapped."""
+
+    mode: str
+    min_deg: float
+    max_deg: float
 
 
 def pair_index_name(split: str, mode: str, min_deg: float, max_deg: float) -> str:
@@ -69,10 +81,11 @@ def load_pair_index(
     return np.stack([table.column(c).to_numpy() for c in ("source", "target")], 1)
 
 
-def _write_pair_indexes(
-    out: Path, writers: dict[str, _ShardWriter], pairing: tuple[str, float, float]
-) -> None:
+def _write_pair_indexes(out: Path, writers: dict[str, _ShardWriter], pairing: PairRule) -> None:
     """Every split's pair index for the prepared pairing, from the rows just written."""
     for split, writer in writers.items():
         rows = _read_rows(out, writer.files, _META_COLUMNS)
-        _write_pair_index(out / pair_index_name(split, *pairing), make_pairs(rows, *pairing))
+        mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
+        _write_pair_index(
+            out / pair_index_name(split, mode, lo, hi), make_pairs(rows, mode, lo, hi)
+        )

@@ -40,7 +40,7 @@ from controlnet_ray.data.pairs import (
 )
 from controlnet_ray.data.shards.align_workers import _run_alignment
 from controlnet_ray.data.shards.fingerprint import _fingerprint
-from controlnet_ray.data.shards.pair_index import _write_pair_indexes
+from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes
 from controlnet_ray.data.shards.publish import (
     _publish,
     _refuse_foreign_dir,
@@ -124,7 +124,7 @@ def prepare_shards(
         num_workers,
         skip_bad_images,
         split_ratios,
-        (pair_mode, min_pose_distance, max_pose_distance),
+        PairRule(pair_mode, min_pose_distance, max_pose_distance),
         framing=framing,
     )
 
@@ -136,7 +136,7 @@ def _prepare(
     num_workers: int,
     skip_bad_images: bool,
     split_ratios: Sequence[float],
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
     fingerprint: str | None = None,
     framing: str = "head",
 ) -> Manifest:
@@ -165,7 +165,7 @@ def _prepare(
 def _plan(
     ds: LegacyDataset,
     split_ratios: Sequence[float],
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
     workers: int,
     image_size: int,
     framing: str,
@@ -237,10 +237,10 @@ def _check_pairs(
     poses: np.ndarray,
     splits: list[str],
     ratios: Sequence[float],
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
 ) -> dict[str, int]:
     """Warn about persons without video; DataError naming a positive-ratio split with no pairs."""
-    mode, lo, hi = pairing
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
     novid = persons_without_video(names, roles)
     if novid and mode == "front_to_video":
         msg = f"{len(novid)} persons have no video frames (no front_to_video pairs): {novid}"
@@ -258,7 +258,7 @@ def _write_all(
     image_size: int,
     num_workers: int,
     skip_bad_images: bool,
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
     fingerprint: str,
 ) -> Manifest:
     """Decode+align in workers, write shards in split order, then verify and write the manifest."""
@@ -314,7 +314,7 @@ def _handle_bad(ds: LegacyDataset, bad: list[SkippedImage], skip: bool) -> None:
 
 
 def _recheck_pairs(
-    ds: LegacyDataset, plan: _Plan, kept: list[int], pairing: tuple[str, float, float]
+    ds: LegacyDataset, plan: _Plan, kept: list[int], pairing: PairRule
 ) -> dict[str, int]:
     """Pair counts on the rows actually written (skipped images may have removed some)."""
     names = [ds.entries[i].person_name for i in kept]
@@ -322,7 +322,7 @@ def _recheck_pairs(
     splits = [plan.splits[i] for i in kept]
     required = required_splits(plan.ratios)
     rows = _pair_rows(names, roles, plan.poses[kept].reshape(-1, 3))
-    mode, lo, hi = pairing
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
     return count_split_pairs(rows, splits, mode, lo, hi, required=required)
 
 
@@ -333,7 +333,7 @@ def _manifest(
     writers: dict[str, _ShardWriter],
     image_size: int,
     pair_counts: dict[str, int],
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
     fingerprint: str,
 ) -> Manifest:
     counts: dict[str, dict[str, int]] = {}
@@ -346,7 +346,7 @@ def _manifest(
             "front": roles.count("front"),
             "video": roles.count("video"),
         }
-    mode, lo, hi = pairing
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
     return Manifest(
         schema_version=SCHEMA_VERSION,
         image_size=image_size,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import SPLITS
-from controlnet_ray.data.shards.pair_index import _write_pair_indexes, pair_index_name
+from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes, pair_index_name
 from controlnet_ray.data.shards.schema import (
     ALIGNMENTS,
     MANIFEST,
@@ -77,6 +77,7 @@ def write_shard_dir(
     for data made elsewhere (synthetic scale benchmarks, tests). Poses are taken as given.
     """
     out = Path(out)
+    rule = PairRule(*pairing)
     _refuse_foreign_dir(out)
     ordered = sorted(rows, key=lambda r: SPLITS.index(r["split"]))
     tmp = _temp_dir(out)
@@ -86,10 +87,11 @@ def write_shard_dir(
             writers[r["split"]].add(r)
         for w in writers.values():
             w.flush()
-        _write_pair_indexes(tmp, writers, pairing)
-        manifest = _rows_manifest(ordered, writers, image_size, pairing, fingerprint, framing)
+        _write_pair_indexes(tmp, writers, rule)
+        manifest = _rows_manifest(ordered, writers, image_size, rule, fingerprint, framing)
         manifest.pairs["per_split"] = {
-            s: len(pq.read_table(tmp / pair_index_name(s, *pairing))) for s in SPLITS
+            s: len(pq.read_table(tmp / pair_index_name(s, rule.mode, rule.min_deg, rule.max_deg)))
+            for s in SPLITS
         }
         _write_json(tmp / MANIFEST, manifest.to_dict())
         _publish(tmp, out)
@@ -103,7 +105,7 @@ def _rows_manifest(
     rows: Sequence[dict[str, Any]],
     writers: dict[str, _ShardWriter],
     image_size: int,
-    pairing: tuple[str, float, float],
+    pairing: PairRule,
     fingerprint: str,
     framing: str,
 ) -> Manifest:
@@ -117,7 +119,7 @@ def _rows_manifest(
             "front": roles.count("front"),
             "video": roles.count("video"),
         }
-    mode, lo, hi = pairing
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
     persons = sorted({r["person_name"] for r in rows})
     ratios = [counts[s]["persons"] / max(len(persons), 1) for s in SPLITS]
     return Manifest(
