@@ -253,14 +253,14 @@ CLUSTER_SCRIPT = textwrap.dedent(
     import ray
     from ray.cluster_utils import Cluster
     from controlnet_ray import prepare
-    from controlnet_ray.data import shards
+    from controlnet_ray.data.shards import align_workers
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     calls = []
-    real = shards._windowed_ray
-    shards._windowed_ray = lambda *a: calls.append(1) or real(*a)
+    real = align_workers._windowed_ray
+    align_workers._windowed_ray = lambda *a: calls.append(1) or real(*a)
     try:
         rc = prepare.main(sys.argv[1:] + ["--address", cluster.address])
     finally:

@@ -21,10 +21,13 @@ from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import split_persons
 from controlnet_ray.data.pose import MEAN_FACE_3D
 from controlnet_ray.data.shards import (
+    align_workers,
     ensure_shards,
     fingerprint_source,
     load_manifest,
+    preparation,
     prepare_shards,
+    publish,
     read_shard_table,
 )
 from tests.datasets import DEFAULT_PERSONS, corrupt_jpeg, make_legacy_fixture
@@ -55,7 +58,7 @@ def _assert_nothing_written(out: Path) -> None:
 
 
 def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "_MIN_IMAGES_FOR_POOL", 0)  # exercise the process pool
+    monkeypatch.setattr(align_workers, "_MIN_IMAGES_FOR_POOL", 0)  # exercise the process pool
     out = tmp_path / "shards"
     manifest = prepare_shards(fx.data_dir, out, num_workers=2)
     assert _leftovers(out) == []
@@ -132,7 +135,7 @@ def test_head_framing_puts_the_head_centre_at_the_same_place_and_size(pose):
 
 
 def test_a_head_crop_mostly_outside_the_image_is_a_bad_image(fx, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "MIN_INSIDE_FRACTION", 1.01)  # no crop can satisfy it
+    monkeypatch.setattr(preparation, "MIN_INSIDE_FRACTION", 1.01)  # no crop can satisfy it
     with pytest.raises(DataError, match=r"person '.*': landmarks_2d: only 100% of the head crop"):
         prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
     assert not (tmp_path / "s").exists()
@@ -148,7 +151,7 @@ def test_cli_accepts_the_original_docs_form(fx, tmp_path, monkeypatch, capsys):
 
 
 def test_shards_are_capped_in_rows(fx, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "MAX_ROWS_PER_SHARD", 4)
+    monkeypatch.setattr(preparation, "MAX_ROWS_PER_SHARD", 4)
     manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
     train = manifest.shards["train"]
     assert train == [f"train-{i:05d}.parquet" for i in range(len(train))] and len(train) == 4
@@ -272,7 +275,7 @@ def test_error_while_writing_removes_the_temp_dir(fx, tmp_path, monkeypatch):
     def disk_full(self):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(shards._ShardWriter, "flush", disk_full)
+    monkeypatch.setattr(publish._ShardWriter, "flush", disk_full)
     with pytest.raises(OSError, match="No space left"):
         prepare_shards(fx.data_dir, out, num_workers=1)
     assert sorted(p.name for p in out.iterdir()) == before and _leftovers(out) == []

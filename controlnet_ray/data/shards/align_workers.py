@@ -1,0 +1,146 @@
+"""Decode + align workers: each chunk of images is decoded (PIL, strict), cropped and
+PNG-encoded in a process pool, inline, or in Ray tasks across a multi-node cluster; results
+come back in task order with at most a window of chunks in flight."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import multiprocessing as mp
+import sys
+from collections import deque
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from controlnet_ray.data.align import crop
+
+_MIN_IMAGES_FOR_POOL = 1000  # ~3 s of inline work: below it, spawning workers costs more
+
+
+def _init_worker() -> None:
+    """One OpenCV thread per process: parallelism comes from the processes."""
+    cv2.setNumThreads(1)
+
+
+def _decode_rgb(path: str, expected: tuple[int, int]) -> np.ndarray:
+    """Full decode with PIL (raises on truncated JPEGs, which OpenCV would half-decode)."""
+    with Image.open(path) as im:
+        if tuple(im.size) != tuple(expected):
+            raise ValueError(f"decoded size {im.size[0]}x{im.size[1]} != metadata image_size")
+        im.load()
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+
+
+def _align_one(path: str, matrix: np.ndarray, size: tuple[int, int], image_size: int) -> bytes:
+    rgb = crop(_decode_rgb(path, size), matrix, image_size)
+    ok, buf = cv2.imencode(
+        ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None, str | None]]:
+    """(row, png bytes or None, error or None) for each image of a chunk."""
+    items, image_size = task
+    out = []
+    for row, path, matrix, size in items:
+        try:
+            out.append((row, _align_one(path, matrix, size, image_size), None))
+        except Exception as exc:  # noqa: BLE001 - any decode failure is a bad image, reported
+            out.append((row, None, f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> list:
+    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU."""
+    _init_worker()
+    return _align_chunk(task)
+
+
+def _run_alignment(
+    tasks: list[tuple[list[tuple], int]], num_workers: int, total: int
+) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """Results in task order; a process pool when num_workers > 1, else inline."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="decode+align", unit="img", file=sys.stderr, mininterval=1.0)
+    try:
+        cluster_cpus = _ray_cluster_cpus()
+        if cluster_cpus:
+            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus), bar)
+            return
+        if num_workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
+            yield from _tick(map(_align_chunk, tasks), bar)
+            return
+        ctx = mp.get_context("spawn")  # fork is unsafe once Ray/torch threads exist
+        with cf.ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker) as ex:
+            try:
+                yield from _tick(_windowed(ex, tasks, 4 * num_workers), bar)
+            except BaseException:
+                ex.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        bar.close()
+
+
+def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
+    """Ordered results with at most ``window`` chunks in flight, so memory stays bounded."""
+    pending: deque[cf.Future] = deque()
+    remaining = iter(tasks)
+    for task in itertools.islice(remaining, window):
+        pending.append(ex.submit(_align_chunk, task))
+    while pending:
+        result = pending.popleft().result()
+        task = next(remaining, None)
+        if task is not None:
+            pending.append(ex.submit(_align_chunk, task))
+        yield result
+
+
+def _ray_cluster_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to, when it has several nodes
+    (0 otherwise: no Ray, or one machine, where the process pool does the same job without
+    Ray's per-task cost). Never starts Ray."""
+    if "ray" not in sys.modules:
+        return 0
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    if len(nodes) < 2:
+        return 0
+    return int(sum(n["Resources"]["CPU"] for n in nodes))
+
+
+def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
+    """:func:`_windowed` over a Ray cluster: each chunk of images is decoded and aligned by a
+    Ray task on whichever node has a CPU (``SPREAD``), results in task order, at most
+    ``window`` chunks in flight. Every node must see the source images at the same paths
+    (a shared mount, as ``--cache_dir`` already must be); the crops (PNG, a few KB each)
+    come back to this process, which writes the shards as before, so the files, their
+    order and the checks are those of a local preparation."""
+    import ray
+
+    remote = ray.remote(_align_chunk_one_thread).options(num_cpus=1, scheduling_strategy="SPREAD")
+    pending: deque = deque()
+    remaining = iter(tasks)
+    for task in itertools.islice(remaining, window):
+        pending.append(remote.remote(task))
+    while pending:
+        result = ray.get(pending.popleft())
+        task = next(remaining, None)
+        if task is not None:
+            pending.append(remote.remote(task))
+        yield result
+
+
+def _tick(results: Iterator, bar) -> Iterator[tuple[int, bytes | None, str | None]]:
+    for chunk in results:
+        bar.update(len(chunk))
+        yield from chunk

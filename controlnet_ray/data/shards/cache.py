@@ -1,0 +1,96 @@
+"""The shard cache: ``<cache>/shards/<fingerprint>-<image_size>-<settings hash>``, reused when
+the source and settings are unchanged (still enforcing this run's flags), else prepared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from controlnet_ray.config import DataConfig
+from controlnet_ray.data.layout import (
+    DataError,
+    SkippedImage,
+    describe_bad_images,
+    read_legacy_dataset,
+)
+from controlnet_ray.data.pairs import count_split_pairs, required_splits
+from controlnet_ray.data.shards.fingerprint import _fingerprint, settings_hash
+from controlnet_ray.data.shards.pair_index import PairRule
+from controlnet_ray.data.shards.preparation import _prepare
+from controlnet_ray.data.shards.schema import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    load_manifest,
+    read_shard_table,
+)
+
+
+def shard_cache_dir(data_cfg: DataConfig, fingerprint: str) -> Path:
+    """``<cache>/shards/<fingerprint[:16]>-<image_size>-<settings hash>``."""
+    settings = settings_hash(data_cfg.split_ratios, data_cfg.framing)
+    key = f"{fingerprint[:16]}-{data_cfg.image_size}-{settings}"
+    return data_cfg.resolved_cache_dir() / "shards" / key
+
+
+def ensure_shards(
+    data_cfg: DataConfig, num_workers: int | None = None, cwd: str | Path | None = None
+) -> Path:
+    """Shard directory for ``data_cfg.data_dir``: reused when the source is unchanged, else made.
+
+    Reuse still enforces this run's flags: shards that skipped images are refused without
+    ``skip_bad_images``, and pairs are recounted for this run's pair mode/range.
+    """
+    if data_cfg.data_dir is None:
+        raise ValueError("ensure_shards needs data_cfg.data_dir (a legacy data directory)")
+    ds = read_legacy_dataset(
+        data_cfg.data_dir, data_cfg.image_dir, skip_bad_images=data_cfg.skip_bad_images, cwd=cwd
+    )
+    fp = _fingerprint(ds.data_dir, ds.image_root_used, ds.source_image_paths)
+    target = shard_cache_dir(data_cfg, fp)
+    pairing = PairRule(data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
+    if _reusable(target, fp, data_cfg, pairing):
+        print(f"reusing shards at {target}")
+        return target
+    print(f"preparing shards at {target}")
+    workers = (
+        num_workers if num_workers is not None else min(data_cfg.num_workers, os.cpu_count() or 1)
+    )
+    _prepare(
+        ds,
+        target,
+        data_cfg.image_size,
+        workers,
+        data_cfg.skip_bad_images,
+        data_cfg.split_ratios,
+        pairing,
+        fingerprint=fp,
+        framing=data_cfg.framing,
+    )
+    return target
+
+
+def _reusable(target: Path, fingerprint: str, data_cfg: DataConfig, pairing: PairRule) -> bool:
+    if not (target / MANIFEST).is_file():
+        return False
+    try:
+        manifest = load_manifest(target)
+    except (DataError, json.JSONDecodeError):
+        return False
+    if manifest.fingerprint != fingerprint or manifest.image_size != data_cfg.image_size:
+        return False
+    if manifest.schema_version != SCHEMA_VERSION or manifest.framing != data_cfg.framing:
+        return False
+    if manifest.skipped_count and not data_cfg.skip_bad_images:
+        bad = [SkippedImage(**s) for s in manifest.skipped]
+        total = manifest.counts["total"]["images"] + len(bad)
+        message = describe_bad_images(bad, total, Path(manifest.image_root))
+        raise DataError(f"{message}. Pass --skip_bad_images to skip them.")
+    table = read_shard_table(
+        target, columns=["person_name", "split", "role", "yaw", "pitch", "roll"]
+    )
+    rows = table.to_pydict()
+    required = required_splits(data_cfg.split_ratios)
+    mode, lo, hi = pairing.mode, pairing.min_deg, pairing.max_deg
+    count_split_pairs(rows, rows["split"], mode, lo, hi, required=required)
+    return True
