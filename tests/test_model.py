@@ -515,7 +515,7 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed
     b = _batch(2, 64)
     with torch.no_grad():
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
-    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64)
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True)
     mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
     if fill_seed == "latitude":
         seed = warp(b["source"], flow.fill_grid)
@@ -531,7 +531,8 @@ def test_fill_seed_samples_the_source_head_at_the_hidden_points_height() -> None
     the source's head silhouette at their own height (y unchanged in a frontal source), and
     the points it showed well are sampled where the proxy warp samples them."""
     size = 64
-    flow = proxy_flow(torch.zeros(1, 3), torch.tensor([[70.0, 0.0, 0.0]]), size, size)
+    target = torch.tensor([[70.0, 0.0, 0.0]])
+    flow = proxy_flow(torch.zeros(1, 3), target, size, size, with_fill=True)
     head = flow.head[0, 0] > 0
     hidden = head & (flow.visible[0, 0] == 0)
     assert hidden.sum() > 100  # the turned side of the head

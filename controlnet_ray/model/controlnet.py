@@ -290,7 +290,8 @@ class ImageControlNet(nn.Module):
             injections = self.control(feats, source_pose, target_pose) if use_control else None
             image = torch.tanh(self.generator(feats, injections))
             return image, head_region(target_pose, height, width).to(image.dtype)
-        flow = proxy_flow(source_pose, target_pose, height, width)
+        with_fill = self.fill_seed == "latitude"
+        flow = proxy_flow(source_pose, target_pose, height, width, with_fill=with_fill)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
         image = compose(source, flow, self.generator(feats, injections), self.fill_seed)
@@ -369,6 +370,8 @@ def fill_seed_image(source: torch.Tensor, flow: ProxyFlow, fill_seed: str) -> to
     if fill_seed == "head_colour":
         return head_colour(source, flow)
     if fill_seed == "latitude":
+        if flow.fill_grid is None:
+            raise ValueError("fill_seed 'latitude' needs proxy_flow(..., with_fill=True)")
         return warp(source, flow.fill_grid)
     raise ValueError(f"fill_seed must be 'latitude' or 'head_colour', got {fill_seed!r}")
 

@@ -60,7 +60,9 @@ class ProxyFlow:
     head: torch.Tensor  # [B,1,H,W] 1 where the target pixel shows the head (the proxy's hit)
     visible: torch.Tensor  # [B,1,H,W] 1 where that head point was visible in the source
     source_head: torch.Tensor  # [B,1,H,W] the head's silhouette in the source image
-    fill_grid: torch.Tensor  # [B,H,W,2] where the source shows the head at that height
+    # [B,H,W,2] where the source shows the head at that height; only when asked for
+    # (``with_fill``): the default fill seed does not use it
+    fill_grid: torch.Tensor | None = None
 
 
 def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
@@ -106,9 +108,14 @@ def _cast(rot: torch.Tensor, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def proxy_flow(
-    source_pose: torch.Tensor, target_pose: torch.Tensor, height: int, width: int
+    source_pose: torch.Tensor,
+    target_pose: torch.Tensor,
+    height: int,
+    width: int,
+    with_fill: bool = False,
 ) -> ProxyFlow:
-    """Where each target pixel's head point was in the source (see the module docstring)."""
+    """Where each target pixel's head point was in the source (see the module docstring);
+    ``with_fill``: also ``fill_grid``, for ``--fill_seed latitude``."""
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
     hit, p_hit = _cast(rot_t, pix)
@@ -122,8 +129,10 @@ def proxy_flow(
     facing = ((cos_view - VISIBLE_COS[0]) / (VISIBLE_COS[1] - VISIBLE_COS[0])).clamp(0.0, 1.0)
     grid = torch.where(hit[..., None], src, pix.expand_as(src))
     source_head = _cast(rot_s, pix)[0].float()[:, None]
-    seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s))
-    fill_grid = torch.where(hit[..., None], seen_side, pix.expand_as(seen_side))
+    fill_grid = None
+    if with_fill:
+        seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s))
+        fill_grid = torch.where(hit[..., None], seen_side, pix.expand_as(seen_side))
     visible = (hit.float() * facing)[:, None]
     return ProxyFlow(grid, hit.float()[:, None], visible, source_head, fill_grid)
 
