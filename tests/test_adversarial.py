@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from controlnet_ray import checkpoint as ckpt
 from controlnet_ray import engine as eng
-from controlnet_ray import files, run_files
+from controlnet_ray import files
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from controlnet_ray.model import build_model
@@ -394,27 +394,4 @@ def test_ddp_ranks_keep_generator_and_discriminator_in_step() -> None:
         )
 
 
-# --------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-def test_cli_adversarial_run_resumes_its_discriminator(tmp_path: Path) -> None:
-    """The real CLI through Ray: epoch 1, then the same command extended to 2 epochs continues
-    from the Ray checkpoint with the discriminator and its optimizer restored."""
-    from tests.train_helpers import TINY, run_train
-
-    args = [*TINY, "--adversarial_loss_weight", "0.05", "--save_dir", "ck", "--log_dir", "logs"]
-    first = run_train([*args, "--epochs", "1"], tmp_path)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    saved = ckpt.load_checkpoint(tmp_path / "ck" / run_files.FINAL_MODEL)
-    assert {ckpt.DISC_KEY, ckpt.DISC_OPTIMIZER_KEY} <= saved.keys()
-    assert saved["engine_state"]["adversary"]["steps"] > 0
-    second = run_train([*args, "--epochs", "2"], tmp_path)
-    out = second.stdout + second.stderr
-    assert second.returncode == 0, out[-4000:]
-    assert "discriminator and its optimizer resumed from" in out
-    assert "epoch 2/2" in out and "epoch 1/2" not in out
-    final = ckpt.load_checkpoint(tmp_path / "ck" / run_files.FINAL_MODEL)
-    steps = final["engine_state"]["adversary"]["steps"]
-    assert steps == 2 * saved["engine_state"]["adversary"]["steps"]
-    assert [h["epoch"] for h in final["val_metrics_history"]] == [1, 2]
+# The real CLI run that resumes the discriminator: tests/test_bad_input_e2e.py (the re-run test).

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from controlnet_ray import checkpoint as ckpt
 from controlnet_ray import run_files
 from tests.datasets import make_legacy_fixture
 from tests.train_helpers import TINY, run_train
@@ -69,11 +70,17 @@ def test_diverging_run_fails_and_saves_nothing(tmp_path: Path):
 
 @pytest.mark.slow
 def test_rerun_with_changed_flags_stops_and_longer_epochs_continue(tmp_path: Path):
-    base = [*TINY, "--save_dir", "ck", "--log_dir", "logs"]
+    """A re-run of an adversarial run: changed flags are refused before Ray, nothing written
+    is touched; the same command with more epochs continues from the Ray checkpoint with the
+    discriminator and its optimizer restored."""
+    base = [*TINY, "--adversarial_loss_weight", "0.05", "--save_dir", "ck", "--log_dir", "logs"]
     first = run_train([*base, "--epochs", "1"], tmp_path)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     final = tmp_path / "ck" / run_files.FINAL_MODEL
     before = final.read_bytes()
+    saved = ckpt.load_checkpoint(final)
+    assert {ckpt.DISC_KEY, ckpt.DISC_OPTIMIZER_KEY} <= saved.keys()
+    assert saved["engine_state"]["adversary"]["steps"] > 0
 
     changed = run_train([*base, "--epochs", "2", "--lr", "5e-3"], tmp_path)
     err = _one_line_rc2(changed)
@@ -84,12 +91,13 @@ def test_rerun_with_changed_flags_stops_and_longer_epochs_continue(tmp_path: Pat
     out = longer.stdout + longer.stderr
     assert longer.returncode == 0, out[-4000:]
     assert "--epochs 1 -> 2: continuing to epoch 2" in out and "epoch 2/2" in out
+    assert "epoch 1/2" not in out and "discriminator and its optimizer resumed from" in out
     assert history_epochs(tmp_path / "ck") == [1, 2]
-    import torch
-
-    state = torch.load(final, weights_only=True)
+    state = ckpt.load_checkpoint(final)
     assert state["epoch"] == 2 and state["config"]["optim"]["epochs"] == 2
     assert np.isclose(state["args"]["lr"], 1e-4)
+    steps = state["engine_state"]["adversary"]["steps"]
+    assert steps == 2 * saved["engine_state"]["adversary"]["steps"]
 
 
 _SESSION_PROBE = """

@@ -1,19 +1,11 @@
-"""Console progress: bar formatting, the driver's console thread, rank 0's poster, and the CLI
-under a real pseudo-terminal (the bar appears) and a pipe (it does not)."""
+"""Console progress: bar formatting, the driver's console thread and rank 0's poster. The CLI
+under a real pseudo-terminal is tested with the end-to-end run (tests/test_train_e2e.py)."""
 
 from __future__ import annotations
 
 import io
-import os
-import pty
 import re
-import select
-import subprocess
 import sys
-import time
-from pathlib import Path
-
-import pytest
 
 from controlnet_ray import progress
 from controlnet_ray.epoch_lines import EpochLines
@@ -25,7 +17,6 @@ from controlnet_ray.progress import (
     format_bar,
     format_epoch_line,
 )
-from tests.train_helpers import TINY, train_env
 
 EPOCH = {
     "epoch": 2,
@@ -175,53 +166,3 @@ def test_epoch_lines_callback_posts_epochs_only(capsys):
     assert board.calls == [("post", "epoch", EPOCH)]
     EpochLines(None).after_report(None, [EPOCH], checkpoint=None)  # Tune: print in place
     assert capsys.readouterr().out == format_epoch_line(EPOCH) + "\n"
-
-
-# --- the CLI under a terminal ----------------------------------------------------------------
-
-PTY_ARGS = [*TINY, "--image_size", "96", "--batch_size", "2", "--save_dir", "ck"]
-
-
-def _run_in_pty(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
-    """Run the CLI with a pseudo-terminal as stdout/stderr; return (status, raw output)."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "controlnet_ray.train", *args],
-        cwd=cwd,
-        env=dict(train_env(cwd), COLUMNS="160"),
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-    )
-    os.close(follower)
-    chunks, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 1.0)
-        if ready:
-            try:
-                data = os.read(leader, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    os.close(leader)
-    if proc.poll() is None:
-        proc.kill()
-    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
-
-
-@pytest.mark.slow
-def test_cli_draws_bar_on_a_terminal_and_plain_epoch_lines(tmp_path: Path):
-    status, out = _run_in_pty(PTY_ARGS, tmp_path)
-    assert status == 0, out[-4000:]
-    frames = re.findall(r"\repoch (\d)/2 train \[[#-]+\] (\d+)/(\d+)", out)
-    assert frames, out[-4000:]
-    assert {int(total) for _, _, total in frames} == {24}  # 48 train pairs / batch 2
-    assert any(int(step) == 24 for _, step, _ in frames)
-    # Epoch lines and rank 0's messages come from the driver, without Ray's actor prefixes.
-    lines = out.replace("\r\x1b[K", "\n").splitlines()
-    assert any(line.startswith("epoch 2/2  train loss") for line in lines), out[-4000:]
-    assert any(line.startswith("rank 0 of 1: pid") for line in lines), out[-4000:]

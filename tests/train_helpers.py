@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from controlnet_ray import run_files
@@ -52,3 +55,35 @@ def run_train(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def run_train_in_pty(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdout/stderr (as in a user's shell, so the
+    progress bar is drawn); return (status, raw output)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlnet_ray.train", *args],
+        cwd=cwd,
+        env=dict(train_env(cwd), COLUMNS="160"),
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
