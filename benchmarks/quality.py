@@ -35,9 +35,9 @@ Parquet shards (alignment + pose estimation) by ``controlnet_ray.data.shards.ens
 ``--shards DIR`` uses an already prepared shard directory instead (needs neither the renderer
 nor insightface; for machines without them).  The script fails if anything imported Ray.
 
-This file is the entry point and its flags; the work is in ``quality_lib.py`` beside it, loaded
-by :func:`main` once the script has set the environment (importing either module changes
-nothing).
+This file is the entry point and its flags; the work is in ``quality_lib.py`` beside it (and
+its parts ``quality_data``, ``quality_scores``, ``quality_training``, ``quality_report``), loaded
+by :func:`main` once the script has set the environment (importing any of them changes nothing).
 """
 
 from __future__ import annotations

@@ -5,16 +5,16 @@ and the report of what was done."""
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from controlnet_ray.data.pools import pool_workers, process_pool
 from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D, NOSE
 from controlnet_ray.data.pose.rotations import _rot_from_ypr_batch
@@ -132,7 +132,8 @@ def estimate_dataset_poses(
     dataset mean face plus the median (bundle - generic) offset measured on the
     bundle-adjusted persons (applied only with at least ``min_persons_for_mean`` of them); the
     report names them.  ``num_workers`` > 1 fits persons in a spawned process pool (None: all
-    cores; used when there are at least two persons per worker).
+    usable CPUs, never more than those: :func:`controlnet_ray.data.pools.pool_workers`; used
+    when there are at least two persons per worker).
     """
     t_start = time.perf_counter()
     cfg = config or BundleConfig()
@@ -148,7 +149,7 @@ def estimate_dataset_poses(
     if min_images < 2:
         raise ValueError(f"min_images must be >= 2, got {min_images}")
     front = np.array([str(r).lower() == "front" for r in role_list], dtype=bool)
-    workers = (os.cpu_count() or 1) if num_workers is None else max(1, int(num_workers))
+    workers = pool_workers(num_workers)
     mean0 = MEAN_FACE_3D if mean_shape is None else _as_shape(mean_shape, "mean_shape")
     mean0 = mean0 - mean0[NOSE]
 
@@ -161,13 +162,11 @@ def estimate_dataset_poses(
 
     poses = np.zeros((n, 3))
     items = [(lm[groups[p]], sz[groups[p]], front[groups[p]], None) for p in bundle_names]
-    pool = None
-    used_workers = 1
-    if workers > 1 and len(items) >= 2 * workers:
-        used_workers = workers
-        # spawn, not fork: the caller may hold threads (torch, Ray); one pool for both passes
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
-    try:
+    use_pool = workers > 1 and len(items) >= 2 * workers
+    used_workers = workers if use_pool else 1
+    # one pool for both passes
+    pooled = process_pool("pose: fitting persons", workers) if use_pool else nullcontext()
+    with pooled as pool:
         mean, refined, mean_persons = mean0, False, 0
         if refine_mean and len(bundle_names) >= min_persons_for_mean:
             # pass 1 on (at most mean_face_max_persons, evenly spread) persons with a front photo
@@ -189,9 +188,6 @@ def estimate_dataset_poses(
                     a, b, c, _ = items[cand[j]]
                     items[cand[j]] = (a, b, c, fits1[j])
         fits = _run_fits(items, mean, cfg, pool, workers)
-    finally:
-        if pool is not None:
-            pool.shutdown()
 
     not_conv = []
     for p, fit in zip(bundle_names, fits, strict=True):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import multiprocessing as mp
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from controlnet_ray.data.align import crop
+from controlnet_ray.data.pools import pool_workers, process_pool
 
 _MIN_IMAGES_FOR_POOL = 1000  # ~3 s of inline work: below it, spawning workers costs more
 
@@ -74,16 +74,12 @@ def _run_alignment(
         if cluster_cpus:
             yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus), bar)
             return
-        if num_workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
+        workers = pool_workers(num_workers)
+        if workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
             yield from _tick(map(_align_chunk, tasks), bar)
             return
-        ctx = mp.get_context("spawn")  # fork is unsafe once Ray/torch threads exist
-        with cf.ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker) as ex:
-            try:
-                yield from _tick(_windowed(ex, tasks, 4 * num_workers), bar)
-            except BaseException:
-                ex.shutdown(wait=True, cancel_futures=True)
-                raise
+        with process_pool("shards: decoding and aligning images", workers, _init_worker) as ex:
+            yield from _tick(_windowed(ex, tasks, 4 * workers), bar)
     finally:
         bar.close()
 

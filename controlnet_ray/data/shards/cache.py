@@ -4,7 +4,6 @@ the source and settings are unchanged (still enforcing this run's flags), else p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from controlnet_ray.config import DataConfig
@@ -15,6 +14,7 @@ from controlnet_ray.data.layout import (
     read_legacy_dataset,
 )
 from controlnet_ray.data.pairs import count_split_pairs, required_splits
+from controlnet_ray.data.pools import pool_workers
 from controlnet_ray.data.shards.fingerprint import _fingerprint, settings_hash
 from controlnet_ray.data.shards.pair_index import PairRule
 from controlnet_ray.data.shards.preparation import _prepare
@@ -53,9 +53,7 @@ def ensure_shards(
         print(f"reusing shards at {target}")
         return target
     print(f"preparing shards at {target}")
-    workers = (
-        num_workers if num_workers is not None else min(data_cfg.num_workers, os.cpu_count() or 1)
-    )
+    workers = pool_workers(num_workers if num_workers is not None else data_cfg.num_workers)
     _prepare(
         ds,
         target,

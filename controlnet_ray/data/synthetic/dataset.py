@@ -19,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from controlnet_ray.data.pools import pool_workers, process_pool
 from controlnet_ray.data.synthetic.identity import make_identity
 from controlnet_ray.data.synthetic.spec import RENDER_VERSION, SyntheticSpec
 from controlnet_ray.data.synthetic.views import (
@@ -78,33 +79,13 @@ def _render_identity(args: tuple[SyntheticSpec, int, str]) -> dict[str, Any]:
     return {"person_name": name, "landmarks_3d": ident.landmarks_3d.tolist(), "images": images}
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def _map_identities(spec: SyntheticSpec, root: Path, num_workers: int) -> list[dict[str, Any]]:
     jobs = [(spec, i, str(root)) for i in range(spec.num_identities)]
-    workers = max(1, min(num_workers, spec.num_identities, _usable_cpus()))
+    workers = pool_workers(num_workers, spec.num_identities)
     if workers == 1:
         return [_render_identity(j) for j in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    # spawn: the caller may hold threads (Ray, torch, OpenCV) that make fork unsafe.
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(_render_identity, jobs))
-    except BrokenProcessPool as exc:
-        # e.g. a __main__ that spawn cannot re-import (stdin); the output does not depend on
-        # the worker count, so rendering here gives the same bytes (or the real traceback).
-        print(f"synthetic: worker processes failed ({exc}); rendering serially", flush=True)
-        return [_render_identity(j) for j in jobs]
+    with process_pool("synthetic: rendering identities", workers) as pool:
+        return list(pool.map(_render_identity, jobs))
 
 
 def render_dataset(root: Path, spec: SyntheticSpec, num_workers: int = 1) -> Path:

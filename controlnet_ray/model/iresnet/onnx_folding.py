@@ -1,17 +1,15 @@
-"""InsightFace ArcFace iResNet (arcface_torch layout) and its weight loaders.
+"""Loading an InsightFace recognition ONNX file into a fused :class:`IResNet`.
 
-The module mirrors ``recognition/arcface_torch/backbones/iresnet.py`` so that an arcface_torch
-``.pth`` state dict loads with ``strict=True``.  Released InsightFace ONNX files (e.g.
-``w600k_r50.onnx``) were exported in eval mode, so every Conv+BatchNorm pair arrives folded into a
-single biased convolution; for those the network is built in *fused* form (biased convs, the folded
-BatchNorms replaced by ``nn.Identity``), which reproduces the file exactly instead of guessing the
-lost BatchNorm factors.  The ONNX graph is parsed by structure (not by initializer names, which
-exporters and simplifiers renumber), so the loader also accepts unfolded graphs.
+Released InsightFace ONNX files (e.g. ``w600k_r50.onnx``) were exported in eval mode, so every
+Conv+BatchNorm pair arrives folded into a single biased convolution; for those the network is
+built in *fused* form (biased convs, the folded BatchNorms replaced by ``nn.Identity``), which
+reproduces the file exactly instead of guessing the lost BatchNorm factors.  The ONNX graph is
+parsed by structure (not by initializer names, which exporters and simplifiers renumber), so the
+loader also accepts unfolded graphs (their BatchNorms are folded here).
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,212 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from controlnet_ray.model.iresnet.blocks import IBasicBlock
+from controlnet_ray.model.iresnet.file_checks import (
+    WeightsError,
+    _check_depth,
+    _input_size_from_fc,
+    depth_from_layers,
+)
+from controlnet_ray.model.iresnet.network import IResNet, iresnet
+
 if TYPE_CHECKING:
     from onnx import ModelProto, NodeProto
-
-IRESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 14, 3),
-    100: (3, 13, 30, 2),
-}
-STAGE_WIDTHS = (64, 128, 256, 512)
-EMBEDDING_DIM = 512
-ARCFACE_INPUT_SIZE = 112
-
-
-class WeightsError(ValueError):
-    """A weights file cannot be used; the message names the file and what is wrong."""
-
-
-def _conv(cin: int, cout: int, kernel: int, stride: int, fused: bool) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=fused)
-
-
-def _bn_or_identity(channels: int, fused: bool) -> nn.Module:
-    """A BatchNorm that follows a conv; in fused form it was folded into that conv."""
-    return nn.Identity() if fused else nn.BatchNorm2d(channels, eps=1e-5)
-
-
-class IBasicBlock(nn.Module):
-    """arcface_torch's pre-activation basic block: BN -> conv -> BN -> PReLU -> conv -> BN."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, fused: bool = False) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)  # precedes a conv: never folded
-        self.conv1 = _conv(inplanes, planes, 3, 1, fused)
-        self.bn2 = _bn_or_identity(planes, fused)
-        self.prelu = nn.PReLU(planes)
-        self.conv2 = _conv(planes, planes, 3, stride, fused)
-        self.bn3 = _bn_or_identity(planes, fused)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                _conv(inplanes, planes, 1, stride, fused), _bn_or_identity(planes, fused)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
-
-
-class IResNet(nn.Module):
-    """ArcFace iResNet; ``forward`` returns the 512-d embedding, ``forward_features`` also maps.
-
-    ``input_size`` sets the fc width (arcface_torch hard-codes 112 -> 7x7); smaller sizes exist
-    only so tests can run fast.  ``fused`` builds the BN-folded form used for ONNX weights.
-    """
-
-    def __init__(
-        self,
-        layers: tuple[int, int, int, int] | list[int],
-        input_size: int = ARCFACE_INPUT_SIZE,
-        num_features: int = EMBEDDING_DIM,
-        fused: bool = False,
-    ) -> None:
-        super().__init__()
-        if input_size % 16:
-            raise ValueError(f"IResNet input_size must be a multiple of 16, got {input_size}")
-        self.layers_spec = tuple(int(n) for n in layers)
-        self.input_size = input_size
-        self.fused = fused
-        self.conv1 = _conv(3, 64, 3, 1, fused)
-        self.bn1 = _bn_or_identity(64, fused)
-        self.prelu = nn.PReLU(64)
-        inplanes = 64
-        stages = []
-        for planes, blocks in zip(STAGE_WIDTHS, self.layers_spec, strict=True):
-            stage = [IBasicBlock(inplanes, planes, 2, fused)]
-            stage += [IBasicBlock(planes, planes, 1, fused) for _ in range(1, blocks)]
-            stages.append(nn.Sequential(*stage))
-            inplanes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
-        self.dropout = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(512 * (input_size // 16) ** 2, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """arcface_torch's init (normal(0, 0.1) convs, unit BNs); runs before any loading."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0, 0.1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Feature maps at strides 1, 2, 4, 8, 16 (64..512 channels) and the embedding."""
-        stem = self.prelu(self.bn1(self.conv1(x)))
-        maps = [stem]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            maps.append(stage(maps[-1]))
-        emb = self.features(self.fc(self.dropout(torch.flatten(self.bn2(maps[-1]), 1))))
-        return maps, emb
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x)[1]
-
-
-def iresnet(depth: int, input_size: int = ARCFACE_INPUT_SIZE, fused: bool = False) -> IResNet:
-    """Randomly initialised iresnet{18,34,50,100}."""
-    if depth not in IRESNET_LAYERS:
-        raise ValueError(f"iresnet depth must be one of {sorted(IRESNET_LAYERS)}, got {depth}")
-    return IResNet(IRESNET_LAYERS[depth], input_size=input_size, fused=fused)
-
-
-def depth_from_layers(layers: tuple[int, ...], source: str) -> int:
-    """Map a per-stage block count back to the named depth, or fail naming the file."""
-    for depth, spec in IRESNET_LAYERS.items():
-        if tuple(layers) == spec:
-            return depth
-    raise WeightsError(
-        f"{source}: iresnet with blocks per stage {tuple(layers)} is not one of "
-        f"{ {d: s for d, s in IRESNET_LAYERS.items()} }"
-    )
-
-
-# --------------------------------------------------------------------------- .pth loading
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth file, unwrapping {'state_dict': ...} and DDP's 'module.' prefix."""
-    if Path(path).suffix.lower() == ".onnx":
-        raise WeightsError(
-            f"{path}: is an ONNX file; only the iresnet encoder reads ONNX (--encoder iresnet or "
-            "auto), the others need a PyTorch state dict (.pth)"
-        )
-    try:
-        try:  # mmap: deciding the encoder from the keys should not read 100 MB
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (pre-zip) files cannot be mmapped
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{path}: cannot be read as a PyTorch state dict ({first_line})"
-        ) from exc
-    for key in ("state_dict", "model", "backbone"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors (a state dict)")
-    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
-
-
-def looks_like_iresnet(keys: set[str]) -> bool:
-    """arcface_torch keys: PReLU slopes and the 'features' BatchNorm1d."""
-    return "prelu.weight" in keys or "features.running_mean" in keys
-
-
-def looks_like_torchvision_resnet(keys: set[str]) -> bool:
-    """torchvision bottleneck ResNet keys (conv3 in blocks, no PReLU)."""
-    return "layer1.0.conv3.weight" in keys and "fc.weight" in keys and not looks_like_iresnet(keys)
-
-
-def load_iresnet_pth(path: str | Path, depth: int | None = None) -> IResNet:
-    """arcface_torch state dict -> IResNet; ``depth`` (if given) must match the file."""
-    sd = read_state_dict(path)
-    if not looks_like_iresnet(set(sd)):
-        raise WeightsError(f"{path}: keys do not look like an arcface_torch iresnet state dict")
-    layers = []
-    for stage in range(1, 5):
-        idx = {int(m.group(1)) for k in sd if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
-        layers.append(len(idx))
-    file_depth = depth_from_layers(tuple(layers), str(path))
-    _check_depth(file_depth, depth, path)
-    fc_in = sd["fc.weight"].shape[1]
-    input_size = _input_size_from_fc(fc_in, str(path))
-    model = iresnet(file_depth, input_size=input_size)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: state dict does not match iresnet{file_depth}; "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model
-
-
-def _check_depth(file_depth: int, wanted: int | None, path: str | Path) -> None:
-    if wanted is not None and wanted != file_depth:
-        raise WeightsError(
-            f"{path}: holds an iresnet{file_depth} but --iresnet_depth is {wanted}; "
-            f"pass --iresnet_depth {file_depth}"
-        )
-
-
-def _input_size_from_fc(fc_in: int, source: str) -> int:
-    side = int(round((fc_in / 512) ** 0.5))
-    if side * side * 512 != fc_in:
-        raise WeightsError(f"{source}: fc input width {fc_in} is not 512*s*s")
-    return side * 16
-
-
-# --------------------------------------------------------------------------- ONNX loading
 
 
 class _Graph:
@@ -470,13 +273,3 @@ def load_iresnet_onnx(path: str | Path, depth: int | None = None) -> IResNet:
     else:  # features BN folded away: make it an exact identity in eval mode
         net.features = nn.Identity()  # type: ignore[assignment]
     return net
-
-
-def load_iresnet(path: str | Path, depth: int | None = None) -> IResNet:
-    """Load an iresnet from a local .onnx (InsightFace release) or .pth (arcface_torch)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"iresnet weights file not found: {path}")
-    if path.suffix.lower() == ".onnx":
-        return load_iresnet_onnx(path, depth)
-    return load_iresnet_pth(path, depth)
