@@ -20,7 +20,8 @@ import torch
 
 from controlnet_ray.config import PAIR_MODES, DataConfig
 from controlnet_ray.data.batch import to_model_batch
-from controlnet_ray.data.pipeline import build_pair_datasets, decode_pairs, encoded_pairs
+from controlnet_ray.data.decode import decode_pairs
+from controlnet_ray.data.pipeline import build_pair_datasets, encoded_pairs
 
 
 class PairTable(torch.utils.data.Dataset):

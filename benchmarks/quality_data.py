@@ -7,9 +7,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import sys
 import time
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +18,12 @@ import pyarrow.parquet as pq
 import torch
 
 from controlnet_ray.config import DataConfig
+from controlnet_ray.data.decode import decode_image, decode_pairs, decode_rgb
 from controlnet_ray.data.pairs import make_pairs
 from controlnet_ray.judging import TrivialPredictors, fit_trivial_predictors
-from controlnet_ray.judging.data import decode_rgb
 from controlnet_ray.judging.predictors import pose_bin
 from controlnet_ray.judging.session import even_subset
 from controlnet_ray.metrics import PSNR_MSE_FLOOR, face_mask
-
-try:
-    from controlnet_ray.data.pipeline import decode_image, decode_pairs
-except ModuleNotFoundError as exc:  # a bare GPU box may lack pandas, used only for annotations
-    if exc.name != "pandas":
-        raise
-    # A placeholder only while the pipeline module loads (decode_* never touch pandas); then
-    # removed again, so pyarrow's own pandas detection still sees that there is none.
-    _saved = sys.modules.get("pandas")
-    sys.modules["pandas"] = types.ModuleType("pandas")
-    try:
-        from controlnet_ray.data.pipeline import decode_image, decode_pairs
-    finally:
-        if _saved is None and "pandas" in sys.modules:
-            del sys.modules["pandas"]
-        if _saved is not None:
-            sys.modules["pandas"] = _saved
-
 
 _COLUMNS = ["person_name", "split", "role", "frame_index", "image", "yaw", "pitch", "roll"]
 

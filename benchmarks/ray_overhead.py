@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from controlnet_ray.config import TrainConfig
-from controlnet_ray.data.pipeline import decode_pairs, encoded_pairs
+from controlnet_ray.data.decode import decode_pairs
+from controlnet_ray.data.pipeline import encoded_pairs
 from controlnet_ray.data.shards import split_files
 from controlnet_ray.engine import TrainEngine, build_optimizer, build_scheduler, resolve_amp
 from controlnet_ray.launcher import resolve_shards, run_training

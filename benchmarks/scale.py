@@ -45,11 +45,11 @@ import torch
 
 from controlnet_ray.config import PAIR_MODES, DataConfig
 from controlnet_ray.data.batch import to_model_batch
+from controlnet_ray.data.decode import decode_pairs
 from controlnet_ray.data.pairs import make_pairs
 from controlnet_ray.data.pipeline import (
     DECODE_CPUS,
     build_pair_datasets,
-    decode_pairs,
     index_table,
     pair_kwargs,
     quiet_ray_data,

@@ -64,8 +64,8 @@ def tiny_config(data: TinyData):  # noqa: ANN201 - TrainConfig, imported lazily
 def _train_batch(shards_dir: Path, cfg) -> dict:  # noqa: ANN001
     import torch
 
+    from controlnet_ray.data.decode import decode_image
     from controlnet_ray.data.pairs import make_pairs
-    from controlnet_ray.data.pipeline import decode_image
     from controlnet_ray.data.shards import read_shard_table
 
     rows = read_shard_table(shards_dir, "train").to_pydict()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from controlnet_ray.data.batch import normalise_images, to_model_batch
-from controlnet_ray.data.pipeline import decode_image, decode_pairs, decode_rgb
+from controlnet_ray.data.decode import decode_image, decode_pairs, decode_rgb
 from controlnet_ray.engine import move_batch
 
 

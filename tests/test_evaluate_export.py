@@ -134,7 +134,7 @@ def test_judged_section_scores_model_and_trivial_predictors_on_the_same_pairs(re
 
 
 def test_source_baseline_is_scored_against_the_right_target(report):
-    from controlnet_ray.data.pipeline import decode_image
+    from controlnet_ray.data.decode import decode_image
     from controlnet_ray.data.shards import read_shard_table
     from controlnet_ray.metrics import psnr_per_image
 

@@ -5,7 +5,7 @@ bytes of float32, and no layout change on the CPU that Ray Data shares with the 
 the poses as float32 ``[B, 3]`` degrees. :func:`to_model_batch` turns that into the engine's
 batch (``docs/CONTRACTS.md``: float32 ``[B, 3, H, W]`` in [-1, 1]) where the tensors already
 are, i.e. on the training device, and applies the mirror augmentation there. Every other path
-that needs normalised images (``pipeline.decode_images`` for evaluation, judging and the
+that needs normalised images (``decode.decode_images`` for evaluation, judging and the
 benchmarks) goes through :func:`normalise_images`, so the scaling lives in one place.
 
 Torch only: no Ray, no data readers, so the worker (and tests) call it directly; the engine

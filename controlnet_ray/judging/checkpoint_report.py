@@ -98,7 +98,7 @@ def _even_subset(items: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _decode(data: bytes) -> np.ndarray:
-    from controlnet_ray.data.pipeline import decode_image
+    from controlnet_ray.data.decode import decode_image
 
     return decode_image(data)
 

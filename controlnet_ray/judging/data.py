@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
+
+from controlnet_ray.data.decode import decode_rgb
 
 AXES = ("yaw", "pitch", "roll")
 SPLITS = ("train", "val", "test")
@@ -53,17 +54,6 @@ class Rows:
 def manifest_of(shards_dir: str | Path) -> dict:
     """``manifest.json`` of a shard directory as a dict."""
     return json.loads((Path(shards_dir) / "manifest.json").read_text(encoding="utf-8"))
-
-
-def decode_rgb(blobs: Sequence[bytes]) -> np.ndarray:
-    """PNG/JPEG bytes of equal-size images -> uint8 RGB ``[N, H, W, 3]`` (raises on bad bytes)."""
-    out = []
-    for i, data in enumerate(blobs):
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"undecodable image bytes (image {i} of {len(blobs)})")
-        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return np.stack(out)
 
 
 #: Training rows the judge and the trivial predictors are fitted on, at most (an even subset):
