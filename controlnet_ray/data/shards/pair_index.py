@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import make_pairs
 from controlnet_ray.data.shards.schema import _META_COLUMNS, PAIR_SCHEMA, _read_rows, split_files
@@ -32,6 +33,11 @@ class PairRule:
     mode: str
     min_deg: float
     max_deg: float
+
+    @classmethod
+    def of(cls, data_cfg: DataConfig) -> PairRule:
+        """The rule a data config asks for."""
+        return cls(data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
 
 
 def pair_index_name(split: str, mode: str, min_deg: float, max_deg: float) -> str:

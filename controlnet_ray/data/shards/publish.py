@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import SPLITS
 from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes, pair_index_name
@@ -64,10 +65,10 @@ def write_shard_dir(
     out: str | Path,
     rows: Sequence[dict[str, Any]],
     image_size: int,
-    pairing: tuple[str, float, float] = ("front_to_video", 5.0, 90.0),
+    pairing: tuple[str, float, float] | None = None,
     *,
     fingerprint: str = "rows",
-    framing: str = "head",
+    framing: str | None = None,
     max_rows: int = MAX_ROWS_PER_SHARD,
 ) -> Manifest:
     """Publish crops that already exist (``SHARD_SCHEMA`` rows, each with its ``split``) as a
@@ -75,9 +76,12 @@ def write_shard_dir(
 
     The same writer and index as :func:`prepare_shards`, without reading a legacy layout:
     for data made elsewhere (synthetic scale benchmarks, tests). Poses are taken as given.
+    ``pairing`` (mode, min, max degrees) and ``framing``: DataConfig's defaults when not given.
     """
     out = Path(out)
-    rule = PairRule(*pairing)
+    defaults = DataConfig()
+    rule = PairRule(*pairing) if pairing is not None else PairRule.of(defaults)
+    framing = framing or defaults.framing
     _refuse_foreign_dir(out)
     ordered = sorted(rows, key=lambda r: SPLITS.index(r["split"]))
     tmp = _temp_dir(out)
