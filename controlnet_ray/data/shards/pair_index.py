@@ -58,9 +58,9 @@ def _write_pair_index(path: Path, pairs: np.ndarray) -> None:
 def load_pair_index(
     shards_dir: str | Path,
     split: str,
-    mode: str = "front_to_video",
-    min_deg: float = 5.0,
-    max_deg: float = 90.0,
+    mode: str = DataConfig.pair_mode,
+    min_deg: float = DataConfig.min_pose_distance,
+    max_deg: float = DataConfig.max_pose_distance,
 ) -> np.ndarray:
     """[P, 2] int64 (source row, target row) pairs of ``split``; rows count from 0 over the
     split's shard files in manifest order (the order :func:`read_shard_table` returns).

@@ -65,10 +65,14 @@ def write_shard_dir(
     out: str | Path,
     rows: Sequence[dict[str, Any]],
     image_size: int,
-    pairing: tuple[str, float, float] | None = None,
+    pairing: tuple[str, float, float] = (
+        DataConfig.pair_mode,
+        DataConfig.min_pose_distance,
+        DataConfig.max_pose_distance,
+    ),
     *,
     fingerprint: str = "rows",
-    framing: str | None = None,
+    framing: str = DataConfig.framing,
     max_rows: int = MAX_ROWS_PER_SHARD,
 ) -> Manifest:
     """Publish crops that already exist (``SHARD_SCHEMA`` rows, each with its ``split``) as a
@@ -76,12 +80,10 @@ def write_shard_dir(
 
     The same writer and index as :func:`prepare_shards`, without reading a legacy layout:
     for data made elsewhere (synthetic scale benchmarks, tests). Poses are taken as given.
-    ``pairing`` (mode, min, max degrees) and ``framing``: DataConfig's defaults when not given.
+    ``pairing`` (mode, min, max degrees) and ``framing`` default to DataConfig's.
     """
     out = Path(out)
-    defaults = DataConfig()
-    rule = PairRule(*pairing) if pairing is not None else PairRule.of(defaults)
-    framing = framing or defaults.framing
+    rule = PairRule(*pairing)
     _refuse_foreign_dir(out)
     ordered = sorted(rows, key=lambda r: SPLITS.index(r["split"]))
     tmp = _temp_dir(out)
