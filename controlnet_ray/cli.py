@@ -103,17 +103,25 @@ def _value_type(tp: Any) -> Any:
     return tp
 
 
-def _help(fl: Flag) -> str:
-    """The field's help, plus its default when that says something (not None/False)."""
-    text, default = fl.field.metadata["help"], fl.field.default
+def _help(fl: Flag, text: str | None = None) -> str:
+    """The field's help (or ``text``), plus its default when that says something (not
+    None/False)."""
+    text, default = text or fl.field.metadata["help"], fl.field.default
     if default is None or isinstance(default, bool):
         return text
     shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{text} (default: {shown})".replace("%", "%%")
 
 
-def _add(group: argparse._ArgumentGroup, fl: Flag) -> None:
-    kwargs: dict[str, Any] = {"dest": fl.name, "help": _help(fl)}
+def _add(
+    group: argparse._ArgumentGroup | argparse.ArgumentParser,
+    fl: Flag,
+    help_text: str | None = None,
+    required: bool = False,
+) -> None:
+    kwargs: dict[str, Any] = {"dest": fl.name, "help": _help(fl, help_text)}
+    if required:
+        kwargs["required"] = True
     if fl.type is bool:
         group.add_argument(f"--{fl.name}", action="store_true", default=False, **kwargs)
         return
@@ -137,6 +145,38 @@ def build_parser(prog: str = "python -m controlnet_ray.train") -> argparse.Argum
         for fl in group_flags:
             _add(group, fl)
     return p
+
+
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    section: str,
+    names: Sequence[str],
+    *,
+    help: dict[str, str] | None = None,
+    required: Sequence[str] = (),
+) -> None:
+    """Add the flags of ``section``'s fields ``names``, in that order, to another command's
+    parser, generated as the training CLI's are (type, default, choices, help): a command that
+    takes some of a section's settings (``prepare``: the data section) repeats none of them.
+
+    ``help``: field name -> help text where the command gives the flag another context (the
+    default is still the field's); ``required``: fields the command cannot do without.
+    """
+    by_field = {fl.field.name: fl for fl in flags() if fl.section == section}
+    for name in names:
+        _add(parser, by_field[name], (help or {}).get(name), name in required)
+
+
+def section_from_namespace(ns: argparse.Namespace, section: str) -> Any:
+    """``section``'s dataclass built from the flags ``ns`` has for it; its other fields keep
+    their defaults. Raises ConfigError naming the flag, as the section checks itself."""
+    values: dict[str, Any] = {}
+    for fl in flags():
+        for target, name in fl.targets:
+            if target == section and hasattr(ns, fl.name):
+                value = getattr(ns, fl.name)
+                values[name] = tuple(value) if isinstance(value, list) else value
+    return section_classes()[section](**values)
 
 
 def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:

@@ -44,7 +44,7 @@ def _legacy_pairs(table: pd.DataFrame, mode: str, lo: float, hi: float) -> set[t
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     fx = make_legacy_fixture(tmp_path_factory.mktemp("repo"))
-    prepare_shards(fx.data_dir, fx.repo_root / "shards", num_workers=1)
+    prepare_shards(DataConfig(data_dir=fx.data_dir), fx.repo_root / "shards", num_workers=1)
     return fx.repo_root / "shards"
 
 
@@ -277,7 +277,7 @@ def test_preparation_spreads_over_a_ray_cluster_and_writes_the_same_shards(tmp_p
     preparation's (same rows, crops, poses and pair index)."""
     fx = make_legacy_fixture(tmp_path / "repo")
     local, spread = tmp_path / "local", tmp_path / "spread"
-    prepare_shards(fx.data_dir, local, num_workers=1)
+    prepare_shards(DataConfig(data_dir=fx.data_dir), local, num_workers=1)
     argv = ["--data_dir", str(fx.data_dir), "--out", str(spread), "--num_workers", "1"]
     done = subprocess.run(
         [sys.executable, "-c", CLUSTER_SCRIPT, *argv], capture_output=True, text=True, timeout=300

@@ -60,7 +60,7 @@ def _assert_nothing_written(out: Path) -> None:
 def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
     monkeypatch.setattr(align_workers, "_MIN_IMAGES_FOR_POOL", 0)  # exercise the process pool
     out = tmp_path / "shards"
-    manifest = prepare_shards(fx.data_dir, out, num_workers=2)
+    manifest = prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=2)
     assert _leftovers(out) == []
     assert manifest.counts["total"] == {"persons": 5, "images": 25, "front": 5, "video": 20}
     assert manifest.image_root == str(fx.repo_root.resolve())
@@ -107,7 +107,9 @@ def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
 
 
 def test_arcface_framing_keeps_the_5_point_alignment(fx, tmp_path):
-    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, framing="arcface")
+    manifest = prepare_shards(
+        DataConfig(data_dir=fx.data_dir, framing="arcface"), tmp_path / "s", num_workers=1
+    )
     assert manifest.framing == "arcface" and "ArcFace" in manifest.alignment
     for r in read_shard_table(tmp_path / "s").to_pylist()[:6]:
         crop = cv2.cvtColor(cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1), cv2.COLOR_BGR2RGB)
@@ -137,7 +139,7 @@ def test_head_framing_puts_the_head_centre_at_the_same_place_and_size(pose):
 def test_a_head_crop_mostly_outside_the_image_is_a_bad_image(fx, tmp_path, monkeypatch):
     monkeypatch.setattr(preparation, "MIN_INSIDE_FRACTION", 1.01)  # no crop can satisfy it
     with pytest.raises(DataError, match=r"person '.*': landmarks_2d: only 100% of the head crop"):
-        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
     assert not (tmp_path / "s").exists()
 
 
@@ -150,9 +152,35 @@ def test_cli_accepts_the_original_docs_form(fx, tmp_path, monkeypatch, capsys):
     assert load_manifest(fx.repo_root / "shards").counts["total"]["images"] == 25
 
 
+def test_prepare_cli_takes_trainings_data_flags(capsys):
+    """prepare's data flags are DataConfig's: the same defaults and checks, one config built."""
+    data, args = prepare.parse_args(["--data_dir", "d"])
+    assert data == DataConfig(data_dir="d") and args.out is None and args.address is None
+    argv = ["--data_dir", "d", "--split_ratios", "1", "0", "0"]
+    argv += ["--pair_mode", "any", "--framing", "arcface", "--skip_bad_images"]
+    data, _ = prepare.parse_args([*argv, "--num_workers", "1", "--image_size", "64"])
+    assert data == DataConfig(
+        data_dir="d",
+        split_ratios=(1.0, 0.0, 0.0),
+        pair_mode="any",
+        framing="arcface",
+        skip_bad_images=True,
+        num_workers=1,
+        image_size=64,
+    )
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--data_dir", "d", "--image_size", "100"])
+    assert "--image_size must be divisible by 16, got 100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--data_dir", "d", "--pair_mode", "all"])
+    assert "--pair_mode must be one of {front_to_video, any}" in capsys.readouterr().err
+    help_text = " ".join(prepare.build_parser().format_help().split())
+    assert "--pair_mode {front_to_video,any}" in help_text and "(default: 5.0)" in help_text
+
+
 def test_shards_are_capped_in_rows(fx, tmp_path, monkeypatch):
     monkeypatch.setattr(preparation, "MAX_ROWS_PER_SHARD", 4)
-    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    manifest = prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
     train = manifest.shards["train"]
     assert train == [f"train-{i:05d}.parquet" for i in range(len(train))] and len(train) == 4
     assert len(read_shard_table(tmp_path / "s", split="train")) == 15
@@ -163,23 +191,25 @@ def test_shards_are_capped_in_rows(fx, tmp_path, monkeypatch):
 
 def test_corrupt_jpeg_fails_and_keeps_the_previous_shards(fx, tmp_path):
     out = tmp_path / "shards"
-    prepare_shards(fx.data_dir, out, num_workers=1)
+    prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     before = (out / "manifest.json").read_bytes()
     corrupt_jpeg(fx.image(fx.videos[5].image_relpath))
     name = Path(fx.videos[5].image_relpath).name
     with pytest.raises(DataError, match=rf"1 of 25 images are missing or unreadable.*{name}"):
-        prepare_shards(fx.data_dir, out, num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     assert (out / "manifest.json").read_bytes() == before
     assert _leftovers(out) == []
     with pytest.raises(DataError, match="truncated"):
-        prepare_shards(fx.data_dir, tmp_path / "fresh", num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "fresh", num_workers=1)
     _assert_nothing_written(tmp_path / "fresh")
 
 
 def test_skip_bad_images_records_them(fx, tmp_path, capsys):
     corrupt_jpeg(fx.image(fx.videos[1].image_relpath))
     fx.image(fx.videos[6].image_relpath).unlink()
-    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, skip_bad_images=True)
+    manifest = prepare_shards(
+        DataConfig(data_dir=fx.data_dir, skip_bad_images=True), tmp_path / "s", num_workers=1
+    )
     assert manifest.skipped_count == 2 and manifest.counts["total"]["images"] == 23
     reasons = sorted(s["reason"].split(":")[0] for s in manifest.skipped)
     assert reasons == ["OSError", "missing"]
@@ -236,14 +266,14 @@ def test_bad_input_is_named_and_leaves_nothing(fx, tmp_path, mutate, pattern):
     mutate(fx)
     out = tmp_path / "shards"
     with pytest.raises(DataError, match=pattern):
-        prepare_shards(fx.data_dir, out, num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     _assert_nothing_written(out)
 
 
 def test_person_without_video_is_reported(tmp_path, capsys):
     lonely = _person_in("train")
     fx = make_legacy_fixture(tmp_path / "repo", no_video=(lonely,))
-    manifest = prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+    manifest = prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
     assert manifest.persons_without_video == [lonely]
     assert (
         f"have no video frames (no front_to_video pairs): ['{lonely}']" in capsys.readouterr().err
@@ -253,23 +283,25 @@ def test_person_without_video_is_reported(tmp_path, capsys):
 def test_split_without_pairs_is_an_error_naming_it(tmp_path):
     fx = make_legacy_fixture(tmp_path / "repo", no_video=(_person_in("val"),))
     with pytest.raises(DataError, match=r"split 'val' has no front_to_video pairs"):
-        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
     _assert_nothing_written(tmp_path / "s")
     # "any" pairs front photos too, but a lone photo has no partner either
     with pytest.raises(DataError, match=r"split 'val' has no any pairs"):
-        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1, pair_mode="any")
+        prepare_shards(
+            DataConfig(data_dir=fx.data_dir, pair_mode="any"), tmp_path / "s", num_workers=1
+        )
 
 
 def test_empty_split_is_an_error(tmp_path):
     fx = make_legacy_fixture(tmp_path / "repo", persons=("solo",))
     with pytest.raises(DataError, match=r"split '(val|test|train)' has no front_to_video pairs"):
-        prepare_shards(fx.data_dir, tmp_path / "s", num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
     _assert_nothing_written(tmp_path / "s")
 
 
 def test_error_while_writing_removes_the_temp_dir(fx, tmp_path, monkeypatch):
     out = tmp_path / "shards"
-    prepare_shards(fx.data_dir, out, num_workers=1)
+    prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     before = sorted(p.name for p in out.iterdir())
 
     def disk_full(self):
@@ -277,7 +309,7 @@ def test_error_while_writing_removes_the_temp_dir(fx, tmp_path, monkeypatch):
 
     monkeypatch.setattr(publish._ShardWriter, "flush", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        prepare_shards(fx.data_dir, out, num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     assert sorted(p.name for p in out.iterdir()) == before and _leftovers(out) == []
 
 
@@ -286,7 +318,7 @@ def test_refuses_to_replace_a_foreign_directory(fx, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(DataError, match="not a shard directory"):
-        prepare_shards(fx.data_dir, out, num_workers=1)
+        prepare_shards(DataConfig(data_dir=fx.data_dir), out, num_workers=1)
     assert (out / "notes.txt").read_text() == "keep me"
 
 

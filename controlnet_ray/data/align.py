@@ -54,7 +54,7 @@ def alignment_matrix(landmarks_2d: np.ndarray, image_size: int) -> np.ndarray:
     return matrix
 
 
-def align_face(image: np.ndarray, landmarks_2d: np.ndarray, image_size: int = 112) -> np.ndarray:
+def align_face(image: np.ndarray, landmarks_2d: np.ndarray, image_size: int) -> np.ndarray:
     """Aligned ``image_size`` x ``image_size`` crop, same channel order as ``image`` (BGR or RGB).
 
     Pixels outside the source are black, as in ``face_align.norm_crop``.

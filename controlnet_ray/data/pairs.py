@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from controlnet_ray.config import PAIR_MODES
+from controlnet_ray.config import PAIR_MODES, DataConfig
 from controlnet_ray.data.layout import DataError
 
 SPLITS = ("train", "val", "test")
@@ -186,7 +186,10 @@ def _person_pairs(
 
 
 def make_pairs(
-    rows: Any, mode: str = "front_to_video", min_deg: float = 5.0, max_deg: float = 90.0
+    rows: Any,
+    mode: str = DataConfig.pair_mode,
+    min_deg: float = DataConfig.min_pose_distance,
+    max_deg: float = DataConfig.max_pose_distance,
 ) -> np.ndarray:
     """[P,2] int64 (source row, target row) indices into ``rows`` (see module docstring).
 
@@ -215,9 +218,9 @@ def persons_without_video(person_names: Sequence[str], roles: Sequence[str]) -> 
 def count_split_pairs(
     rows: Any,
     splits: Sequence[str],
-    mode: str = "front_to_video",
-    min_deg: float = 5.0,
-    max_deg: float = 90.0,
+    mode: str = DataConfig.pair_mode,
+    min_deg: float = DataConfig.min_pose_distance,
+    max_deg: float = DataConfig.max_pose_distance,
     required: Iterable[str] = SPLITS,
 ) -> dict[str, int]:
     """Pairs per split; DataError naming the first ``required`` split that has none.

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.judging.data import MAX_TRAIN_ROWS, Rows, build_eval_set, load_rows
 from controlnet_ray.judging.identity_judge import IdentityJudge, ensure_identity_judge
 from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
@@ -67,9 +68,9 @@ def prepare_judging(
     shards_dir: str | Path,
     cache_root: str | Path,
     held_splits: Sequence[str] = ("val", "test"),
-    pair_mode: str = "front_to_video",
-    min_deg: float = 5.0,
-    max_deg: float = 90.0,
+    pair_mode: str = DataConfig.pair_mode,
+    min_deg: float = DataConfig.min_pose_distance,
+    max_deg: float = DataConfig.max_pose_distance,
     max_pairs: int = 0,
     mask: torch.Tensor | None = None,
     embed: Embedder | None = None,

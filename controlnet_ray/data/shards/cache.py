@@ -14,10 +14,9 @@ from controlnet_ray.data.layout import (
     read_legacy_dataset,
 )
 from controlnet_ray.data.pairs import count_split_pairs, required_splits
-from controlnet_ray.data.pools import pool_workers
 from controlnet_ray.data.shards.fingerprint import _fingerprint, settings_hash
 from controlnet_ray.data.shards.pair_index import PairRule
-from controlnet_ray.data.shards.preparation import _prepare
+from controlnet_ray.data.shards.preparation import _prepare, preparation_workers
 from controlnet_ray.data.shards.schema import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -48,17 +47,16 @@ def ensure_shards(
     )
     fp = _fingerprint(ds.data_dir, ds.image_root_used, ds.source_image_paths)
     target = shard_cache_dir(data_cfg, fp)
-    pairing = PairRule(data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
+    pairing = PairRule.of(data_cfg)
     if _reusable(target, fp, data_cfg, pairing):
         print(f"reusing shards at {target}")
         return target
     print(f"preparing shards at {target}")
-    workers = pool_workers(num_workers if num_workers is not None else data_cfg.num_workers)
     _prepare(
         ds,
         target,
         data_cfg.image_size,
-        workers,
+        preparation_workers(data_cfg, num_workers),
         data_cfg.skip_bad_images,
         data_cfg.split_ratios,
         pairing,

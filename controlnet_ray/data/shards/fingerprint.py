@@ -50,7 +50,7 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def settings_hash(split_ratios: Sequence[float], framing: str = "head") -> str:
+def settings_hash(split_ratios: Sequence[float], framing: str) -> str:
     """8 hex digits of the normalised ratios, framing and schema version (part of the cache key);
     a schema change therefore rebuilds old caches instead of misreading them."""
     doc = {

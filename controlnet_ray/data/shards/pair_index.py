@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import make_pairs
 from controlnet_ray.data.shards.schema import _META_COLUMNS, PAIR_SCHEMA, _read_rows, split_files
@@ -32,6 +33,11 @@ class PairRule:
     mode: str
     min_deg: float
     max_deg: float
+
+    @classmethod
+    def of(cls, data_cfg: DataConfig) -> PairRule:
+        """The rule a data config asks for."""
+        return cls(data_cfg.pair_mode, data_cfg.min_pose_distance, data_cfg.max_pose_distance)
 
 
 def pair_index_name(split: str, mode: str, min_deg: float, max_deg: float) -> str:
@@ -52,9 +58,9 @@ def _write_pair_index(path: Path, pairs: np.ndarray) -> None:
 def load_pair_index(
     shards_dir: str | Path,
     split: str,
-    mode: str = "front_to_video",
-    min_deg: float = 5.0,
-    max_deg: float = 90.0,
+    mode: str = DataConfig.pair_mode,
+    min_deg: float = DataConfig.min_pose_distance,
+    max_deg: float = DataConfig.max_pose_distance,
 ) -> np.ndarray:
     """[P, 2] int64 (source row, target row) pairs of ``split``; rows count from 0 over the
     split's shard files in manifest order (the order :func:`read_shard_table` returns).

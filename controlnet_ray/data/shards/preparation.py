@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data import geometry
 from controlnet_ray.data.align import (
     FRAMINGS,
@@ -38,6 +39,7 @@ from controlnet_ray.data.pairs import (
     split_persons,
     split_summary,
 )
+from controlnet_ray.data.pools import pool_workers
 from controlnet_ray.data.shards.align_workers import _run_alignment
 from controlnet_ray.data.shards.fingerprint import _fingerprint
 from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes
@@ -96,37 +98,41 @@ def _row(ds: LegacyDataset, i: int, plan: _Plan, png: bytes) -> dict[str, Any]:
 
 
 def prepare_shards(
-    data_dir: str | Path,
+    data_cfg: DataConfig,
     out_dir: str | Path,
-    image_dir: str | Path | None = None,
-    image_size: int = 112,
-    num_workers: int = 2,
-    skip_bad_images: bool = False,
-    split_ratios: Sequence[float] = (0.7, 0.15, 0.15),
-    *,
-    pair_mode: str = "front_to_video",
-    min_pose_distance: float = 5.0,
-    max_pose_distance: float = 90.0,
-    framing: str = "head",
+    num_workers: int | None = None,
     cwd: str | Path | None = None,
 ) -> Manifest:
-    """Read, validate, split, estimate poses, align and publish shards atomically at out_dir.
+    """Read, validate, split, estimate poses, align and publish shards atomically at out_dir:
+    ``data_cfg.data_dir`` prepared with ``data_cfg``'s settings (the same DataConfig training
+    prepares its cache from, so no setting has a second default here).
 
     Fails (DataError) before publishing when images are missing/corrupt (unless
     ``skip_bad_images``) or when a split with a positive ratio has no pairs under
-    ``pair_mode``/distance range; the manifest records the pair counts.
+    ``pair_mode``/distance range; the manifest records the pair counts. ``num_workers``:
+    processes (default :func:`preparation_workers`).
     """
-    ds = read_legacy_dataset(data_dir, image_dir, skip_bad_images=skip_bad_images, cwd=cwd)
+    if data_cfg.data_dir is None:
+        raise ValueError("prepare_shards needs data_cfg.data_dir (a legacy data directory)")
+    ds = read_legacy_dataset(
+        data_cfg.data_dir, data_cfg.image_dir, skip_bad_images=data_cfg.skip_bad_images, cwd=cwd
+    )
     return _prepare(
         ds,
         Path(out_dir),
-        image_size,
-        num_workers,
-        skip_bad_images,
-        split_ratios,
-        PairRule(pair_mode, min_pose_distance, max_pose_distance),
-        framing=framing,
+        data_cfg.image_size,
+        preparation_workers(data_cfg, num_workers),
+        data_cfg.skip_bad_images,
+        data_cfg.split_ratios,
+        PairRule.of(data_cfg),
+        framing=data_cfg.framing,
     )
+
+
+def preparation_workers(data_cfg: DataConfig, num_workers: int | None = None) -> int:
+    """Processes that decode and align: ``num_workers`` when given, else ``--num_workers``;
+    either at most the usable CPUs and at least 1 (``pools.pool_workers``, the one policy)."""
+    return pool_workers(num_workers if num_workers is not None else data_cfg.num_workers)
 
 
 def _prepare(
@@ -138,7 +144,8 @@ def _prepare(
     split_ratios: Sequence[float],
     pairing: PairRule,
     fingerprint: str | None = None,
-    framing: str = "head",
+    *,
+    framing: str,
 ) -> Manifest:
     if image_size <= 0:
         raise ValueError(f"image_size must be > 0, got {image_size}")

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import SPLITS
 from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes, pair_index_name
@@ -64,10 +65,14 @@ def write_shard_dir(
     out: str | Path,
     rows: Sequence[dict[str, Any]],
     image_size: int,
-    pairing: tuple[str, float, float] = ("front_to_video", 5.0, 90.0),
+    pairing: tuple[str, float, float] = (
+        DataConfig.pair_mode,
+        DataConfig.min_pose_distance,
+        DataConfig.max_pose_distance,
+    ),
     *,
     fingerprint: str = "rows",
-    framing: str = "head",
+    framing: str = DataConfig.framing,
     max_rows: int = MAX_ROWS_PER_SHARD,
 ) -> Manifest:
     """Publish crops that already exist (``SHARD_SCHEMA`` rows, each with its ``split``) as a
@@ -75,6 +80,7 @@ def write_shard_dir(
 
     The same writer and index as :func:`prepare_shards`, without reading a legacy layout:
     for data made elsewhere (synthetic scale benchmarks, tests). Poses are taken as given.
+    ``pairing`` (mode, min, max degrees) and ``framing`` default to DataConfig's.
     """
     out = Path(out)
     rule = PairRule(*pairing)

@@ -20,11 +20,15 @@ SUPERSAMPLE = 2  # subpixels per output pixel along each axis (anti-aliasing)
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """What to render; its hash names the cache folder, so every field must change the output."""
+    """What to render; its hash names the cache folder, so every field must change the output.
 
-    num_identities: int = 24
-    frames_per_identity: int = 24
-    seed: int = 0
+    The size and seed have no defaults here: training's are ``DataConfig``'s
+    (``--synthetic_identities``, ``--synthetic_frames``, ``--synthetic_seed``), their one home.
+    """
+
+    num_identities: int
+    frames_per_identity: int
+    seed: int
     image_px: int = 160
 
     def __post_init__(self) -> None:

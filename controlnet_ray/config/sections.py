@@ -1,152 +1,29 @@
-"""Typed configuration tree for controlnet-ray, and the one description of the command line.
+"""The config sections, one dataclass per concern: data, model, optimisation, output, Ray.
 
-One dataclass per concern (data, model, optimisation, output, Ray). Each field carries its
-flag's help text in its metadata (:func:`option`), so :mod:`controlnet_ray.cli` generates the
-parser from these classes and nothing repeats a default, a type or a choice list. Choice lists
-are ``Literal`` types; the tuples below are read from them. Everything else in the package reads
-only these objects, never ``argparse.Namespace`` or globals.
-
-Validation: each section checks its own values in ``__post_init__`` (choices, ranges, finite
-floats; the message names the flag), and :class:`TrainConfig` checks the few rules that span
-sections. Both are pure, so a config loaded from a checkpoint or a Tune trial is checked the same
-way without touching the file system; :meth:`TrainConfig.validate` adds the checks of the paths a
-run reads and repeats the value checks for objects changed after construction. All of it runs
-before Ray (or any heavy import) starts.
+Each field is an :func:`~controlnet_ray.config.options.option` carrying its flag's help, so
+the CLIs are generated from these classes. Each section checks its own values at construction
+(:class:`~controlnet_ray.config.checks._Section`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import hashlib
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-LossType = Literal["mse", "l1", "combined"]
-EncoderName = Literal["auto", "iresnet", "resnet50", "cnn"]
-IResNetDepth = Literal[18, 34, 50, 100]
-PairMode = Literal["front_to_video", "any"]
-Framing = Literal["head", "arcface"]
-GeneratorName = Literal["warp", "plain"]
-FillSeed = Literal["latitude", "head_colour"]
-BestMetric = Literal["val_psnr", "val_loss"]
-ProgressMode = Literal["auto", "bar", "lines"]
-Device = Literal["cpu", "cuda", "auto"]  # --device of the inference CLIs and benchmarks
-
-LOSS_TYPES: tuple[str, ...] = get_args(LossType)
-ENCODERS: tuple[str, ...] = get_args(EncoderName)
-IRESNET_DEPTHS: tuple[int, ...] = get_args(IResNetDepth)
-PAIR_MODES: tuple[str, ...] = get_args(PairMode)
-FRAMINGS: tuple[str, ...] = get_args(Framing)
-GENERATORS: tuple[str, ...] = get_args(GeneratorName)
-FILL_SEEDS: tuple[str, ...] = get_args(FillSeed)
-BEST_METRICS: tuple[str, ...] = get_args(BestMetric)
-PROGRESS_MODES: tuple[str, ...] = get_args(ProgressMode)
-DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag and what is allowed."""
-
-
-# --------------------------------------------------------------------------- field metadata
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    original: bool = False,
-    flag: str | None = None,
-    metavar: str | tuple[str, ...] | None = None,
-    cli: bool = True,
-    shared: bool = False,
-) -> Any:
-    """A config field described for the command line (read by :mod:`controlnet_ray.cli`).
-
-    ``help``: the flag's help text (choices and default are added by the CLI). ``original``:
-    a flag of the original script (listed first, must keep its name, default and meaning).
-    ``flag``: the flag's name where it differs from the field's. ``cli=False``: a field with no
-    flag. ``shared``: the flag is declared by an earlier section and sets this field too.
-    """
-    meta = {"help": help, "original": original, "flag": flag, "metavar": metavar}
-    return field(default=default, metadata={**meta, "cli": cli, "shared": shared})
-
-
-def flag_name(f: dataclasses.Field) -> str:
-    """The flag of a config field, without dashes (the field's name unless it says otherwise)."""
-    return f.metadata.get("flag") or f.name
-
-
-@functools.cache
-def field_types(cls: type) -> dict[str, Any]:
-    """Evaluated annotations of a config dataclass (they are strings under PEP 563)."""
-    return get_type_hints(cls)
-
-
-def choices_of(cls: type, name: str) -> tuple | None:
-    """The allowed values of a ``Literal`` field (None for other fields): the one list of them."""
-    tp = field_types(cls)[name]
-    return get_args(tp) if get_origin(tp) is Literal else None
-
-
-# --------------------------------------------------------------------------- value checks
-
-
-def _shown(value: object) -> str:
-    if isinstance(value, tuple | list):
-        return " ".join(str(v) for v in value)
-    return str(value)
-
-
-def _positive(value: float, flag: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{flag} must be > 0, got {value}")
-
-
-def _at_least_zero(value: float, flag: str, note: str = "") -> None:
-    if value < 0:
-        raise ConfigError(f"{flag} must be >= 0{note}, got {value:g}")
-
-
-def _choice(value: object, flag: str, allowed: tuple) -> None:
-    if value not in allowed:
-        allowed_s = ", ".join(str(a) for a in allowed)
-        raise ConfigError(f"{flag} must be one of {{{allowed_s}}}, got {value!r}")
-
-
-@dataclass
-class _Section:
-    """Base of the config sections: checks run at construction and again on ``check()``."""
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise ConfigError naming the flag for the first invalid value of this section.
-
-        Every float must be finite (NaN and inf pass ``x < 0`` / ``not x > 0`` checks and would
-        train and save a broken model) and every ``Literal`` field one of its values; then the
-        section's own rules. Fields added later are covered without being listed here.
-        """
-        for f in dataclasses.fields(self):
-            value, flag = getattr(self, f.name), f"--{flag_name(f)}"
-            values = value if isinstance(value, tuple | list) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ConfigError(f"{flag} must be a finite number, got {_shown(value)}")
-            allowed = choices_of(type(self), f.name)
-            if allowed is not None:
-                _choice(value, flag, allowed)
-        self._check()
-
-    def _check(self) -> None:
-        """The section's own rules (ranges, relations between its fields)."""
-
-
-# --------------------------------------------------------------------------- sections
+from controlnet_ray.config.checks import ConfigError, _at_least_zero, _positive, _Section
+from controlnet_ray.config.choices import (
+    BestMetric,
+    EncoderName,
+    FillSeed,
+    Framing,
+    GeneratorName,
+    IResNetDepth,
+    LossType,
+    PairMode,
+    ProgressMode,
+)
+from controlnet_ray.config.options import option
 
 
 @dataclass
@@ -399,124 +276,3 @@ class RayOptions(_Section):
         if self.cpus_per_worker is not None:
             _positive(self.cpus_per_worker, "--cpus_per_worker")
         _at_least_zero(self.resource_wait_s, "--resource_wait_s")
-
-
-@dataclass
-class TrainConfig:
-    """The whole run: one section per concern, checked together at construction."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    ray: RayOptions = field(default_factory=RayOptions)
-
-    def __post_init__(self) -> None:
-        _check_together(self)
-
-    def validate(self) -> TrainConfig:
-        """Every check, for a config about to run: the sections' values again (they may have
-        been changed since construction), the cross-section rules, then the paths it reads.
-        Raise ConfigError naming the flag for the first problem; return self."""
-        for section in sections(self).values():
-            section.check()
-        _check_together(self)
-        _check_paths(self)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of to_dict; unknown keys (from newer versions) are rejected by name, and
-        fields missing from an older dict take their old behaviour (``_LEGACY_DEFAULTS``)."""
-        parts = {}
-        for name, sub_cls in section_classes().items():
-            values = dict(d.get(name, {}))
-            unknown = set(values) - {f.name for f in dataclasses.fields(sub_cls)}
-            if unknown:
-                raise ConfigError(f"unknown config keys in section {name!r}: {sorted(unknown)}")
-            if "split_ratios" in values:
-                values["split_ratios"] = tuple(values["split_ratios"])
-            parts[name] = sub_cls(**{**_LEGACY_DEFAULTS.get(name, {}), **values})
-        return cls(**parts)
-
-    def run_name(self) -> str:
-        """Stable Ray run name: same save_dir -> same name, so re-running resumes."""
-        if self.ray.run_name:
-            return self.ray.run_name
-        resolved = str(Path(self.output.save_dir).expanduser().resolve())
-        digest = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:8]
-        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(resolved).name)
-        return f"controlnet_{stem or 'run'}_{digest}"
-
-    def storage_path(self) -> str:
-        """Ray Train storage root; URIs (s3://, gs://) pass through untouched."""
-        if self.ray.storage_path:
-            sp = self.ray.storage_path
-            return sp if "://" in sp else str(Path(sp).expanduser().resolve())
-        return str((Path(self.output.save_dir).expanduser() / "ray_results").resolve())
-
-    def effective_batch_size(self) -> int:
-        return (
-            self.data.batch_size * self.ray.num_ray_workers * self.optim.gradient_accumulation_steps
-        )
-
-
-def section_classes() -> dict[str, type[_Section]]:
-    """Section name -> its dataclass, in TrainConfig's order."""
-    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
-
-
-def sections(cfg: TrainConfig) -> dict[str, _Section]:
-    """Section name -> the section object of ``cfg``."""
-    return {name: getattr(cfg, name) for name in section_classes()}
-
-
-#: Values of fields added after checkpoints were first written, for configs that lack them:
-#: a stored config describes what that run did, so a missing field means the old behaviour.
-_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"framing": "arcface"},
-    "model": {"generator": "plain", "fill_seed": "head_colour"},
-    "optim": {"background_loss_weight": 1.0},
-}
-
-
-def _check_together(cfg: TrainConfig) -> None:
-    """The rules that span sections (pure: no file system)."""
-    d, m, o = cfg.data, cfg.model, cfg.optim
-    if m.image_size != d.image_size:
-        raise ConfigError(
-            f"--image_size: the model's input size {m.image_size} differs from the data's crop "
-            f"size {d.image_size} (TrainConfig.model.image_size must equal data.image_size)"
-        )
-    if m.generator == "warp" and d.framing != "head":
-        raise ConfigError(
-            "--generator warp needs --framing head (its 3D proxy assumes head-centred crops); "
-            "use --generator plain with --framing arcface"
-        )
-    if o.identity_loss_weight > 0 and m.identity_weights is None:
-        raise ConfigError(
-            f"--identity_loss_weight {o.identity_loss_weight} needs --identity_weights "
-            "(a local ArcFace .onnx or .pth; nothing is downloaded)"
-        )
-
-
-def _check_paths(cfg: TrainConfig) -> None:
-    """The files and folders a run reads must exist (checked on the machine that starts it,
-    not when a stored config is loaded elsewhere)."""
-    for flag, path, kind in (
-        ("--data_dir", cfg.data.data_dir, "dir"),
-        ("--image_dir", cfg.data.image_dir, "dir"),
-        ("--encoder_weights", cfg.model.encoder_weights, "file"),
-        ("--identity_weights", cfg.model.identity_weights, "file"),
-        ("--resume", cfg.output.resume, "file"),
-    ):
-        if path is None:
-            continue
-        if kind == "dir" and not Path(path).is_dir():
-            raise ConfigError(f"{flag} does not exist or is not a directory: {path}")
-        if kind == "file" and not Path(path).is_file():
-            what = "checkpoint" if flag == "--resume" else "file"
-            raise ConfigError(f"{flag} {what} not found: {path}")

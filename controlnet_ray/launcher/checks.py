@@ -1,0 +1,111 @@
+"""Everything a run can check before Ray starts: paths made absolute (Ray workers run
+elsewhere), output folders writable, ``--resume`` fitting the model, a re-run agreeing with its
+Ray run, the data readable and prepared; and the errors these checks raise for bad input.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from controlnet_ray.config import ConfigError, TrainConfig
+from controlnet_ray.launcher.data import resolve_shards
+from controlnet_ray.launcher.rerun import check_rerun
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors our own checks raise for bad input (flags, data, checkpoints, weights)."""
+    from controlnet_ray.checkpoint import CheckpointError
+    from controlnet_ray.data.layout import DataError
+    from controlnet_ray.model.iresnet import WeightsError
+
+    return (ConfigError, DataError, CheckpointError, WeightsError)
+
+
+EXPECTED_ERRORS = _expected_errors()
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Resolve every relative path against the driver's cwd: Ray workers run elsewhere."""
+    import dataclasses
+
+    def resolve(p: str | None) -> str | None:
+        return None if p is None or "://" in p else str(Path(p).expanduser().resolve())
+
+    out = dataclasses.replace(
+        cfg.output,
+        save_dir=resolve(cfg.output.save_dir),
+        log_dir=resolve(cfg.output.log_dir),
+        resume=resolve(cfg.output.resume),
+    )
+    data = dataclasses.replace(
+        cfg.data,
+        data_dir=resolve(cfg.data.data_dir),
+        image_dir=resolve(cfg.data.image_dir),
+        cache_dir=str(cfg.data.resolved_cache_dir()),
+    )
+    model = dataclasses.replace(cfg.model, encoder_weights=resolve(cfg.model.encoder_weights))
+    ray_opts = dataclasses.replace(
+        cfg.ray, storage_path=cfg.storage_path(), run_name=cfg.run_name()
+    )
+    return dataclasses.replace(cfg, output=out, data=data, model=model, ray=ray_opts)
+
+
+def check_resume_file(cfg: TrainConfig) -> None:
+    """--resume must fit the model this run builds: say why not before Ray starts."""
+    if not cfg.output.resume:
+        return
+    from controlnet_ray import checkpoint as ckpt
+    from controlnet_ray.model import build_model, model_signature
+
+    try:
+        state = ckpt.load_checkpoint(cfg.output.resume)
+        ckpt.check_model_compat(state, build_model(cfg.model), model_signature(cfg.model))
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"--resume: {exc}") from exc
+
+
+def output_dirs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, folder) of everything a run writes locally; URIs (s3://...) are Ray's business."""
+    dirs = [
+        ("--save_dir", cfg.output.save_dir),
+        ("--log_dir", cfg.output.log_dir),
+        ("--cache_dir", str(cfg.data.resolved_cache_dir())),
+        ("--storage_path", cfg.storage_path()),
+    ]
+    return [(flag, d) for flag, d in dirs if "://" not in d]
+
+
+def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
+    """Create ``path`` if needed and write a probe file in it; ConfigError naming ``flag``.
+
+    A real write, not ``os.access``: that answers yes to root on a read-only mount, and the
+    failure would otherwise surface inside a Ray actor, once per retry.
+    """
+    p = Path(path)
+    blocker = next((a for a in (p, *p.parents) if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == p else f" ({blocker} is a file)"
+        raise ConfigError(f"{flag} {path} is not a folder{where}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p, prefix=".write_probe_"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path} is not writable: {exc.strerror or exc}") from exc
+
+
+def check_before_ray(cfg: TrainConfig) -> Path:
+    """Everything that can be known before Ray starts: output folders writable, --resume
+    fits, a re-run agrees with its Ray run, data readable and prepared; returns the shards."""
+    for flag, folder in output_dirs(cfg):
+        check_writable_dir(folder, flag)
+    check_resume_file(cfg)
+    check_rerun(cfg)
+    shards = resolve_shards(cfg)
+    if not cfg.output.no_judge:  # trained once per dataset, before Ray; the worker loads them
+        from controlnet_ray.judging import ensure_judges
+
+        ensure_judges(shards, cfg.data.resolved_cache_dir())
+    return shards

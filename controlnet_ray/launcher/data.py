@@ -1,0 +1,58 @@
+"""The run's data on the driver: the shards (the embedded synthetic set or the user's
+``--data_dir``, prepared once and cached) and the pair datasets built from them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controlnet_ray.config import TrainConfig
+
+if TYPE_CHECKING:
+    from controlnet_ray.data.pipeline import PairDatasets
+
+
+def resolve_shards(cfg: TrainConfig) -> Path:
+    """Shards for this run: the embedded synthetic set or the user's --data_dir, prepared once."""
+    from controlnet_ray.data.shards import ensure_shards
+
+    data = cfg.data
+    if data.data_dir is None:
+        from controlnet_ray.data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+        spec = SyntheticSpec(
+            num_identities=data.synthetic_identities,
+            frames_per_identity=data.synthetic_frames,
+            seed=data.synthetic_seed,
+        )
+        data_dir = ensure_synthetic_dataset(
+            data.resolved_cache_dir(), spec, num_workers=max(1, data.num_workers)
+        )
+        print(
+            f"data: embedded synthetic dataset ({spec.num_identities} identities x "
+            f"{spec.frames_per_identity} frames) at {data_dir}",
+            flush=True,
+        )
+        data = _replace_data_dir(cfg, str(data_dir))
+    return ensure_shards(data)
+
+
+def _replace_data_dir(cfg: TrainConfig, data_dir: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, data_dir=data_dir, image_dir=None)
+
+
+def build_pairs(cfg: TrainConfig, shards: Path) -> PairDatasets:
+    """The pair datasets, built on the driver once per run (or once per sweep)."""
+    from controlnet_ray.data.pipeline import build_pair_datasets
+
+    pairs = build_pair_datasets(shards, cfg.data, seed=cfg.ray.seed)
+    print(
+        f"pairs: {pairs.num_train_pairs} train, {pairs.num_val_pairs} val "
+        f"({cfg.data.pair_mode}, {cfg.data.min_pose_distance:g}-"
+        f"{cfg.data.max_pose_distance:g} deg)",
+        flush=True,
+    )
+    return pairs
