@@ -4,14 +4,17 @@ runs on another node than the driver, with a real S3-compatible server on loopba
 
 The cluster (``ray.cluster_utils.Cluster``) lives in a subprocess, which also runs the CLI's
 ``main`` three times against it: with the default and with a relative storage path (both
-refused before training, naming the flag), then with ``s3://``. The driver's ``--save_dir`` /
-``--log_dir`` must then hold the original's files, copied down from the bucket, and the bucket
-everything.
+refused before training, naming the flag, and before preparing any data), then with
+``s3://``. The driver's ``--save_dir`` / ``--log_dir`` must then hold the original's files,
+copied down from the bucket, and the bucket everything. The runs use a fresh ``--cache_dir``,
+so the training run prepares its shards on first use: after connecting, as Ray tasks on the
+worker node (the head has no CPUs), not in the driver's process pool.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -37,8 +40,9 @@ SCRIPT = textwrap.dedent(
     from controlnet_ray.train import main
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=3)
+    worker = cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
+    print(f"HEAD_NODE {cluster.head_node.node_id} WORKER_NODE {worker.node_id}", flush=True)
     at = sys.argv.index("--storage_path")
     common = ["--address", cluster.address, "--progress", "lines"]
     try:
@@ -46,6 +50,7 @@ SCRIPT = textwrap.dedent(
         print(f"REFUSED_RC {refused}", flush=True)
         relative = main(sys.argv[1:at] + ["--storage_path", "rel"] + common)
         print(f"RELATIVE_RC {relative}", flush=True)
+        print("TRAINING_RUN", flush=True)
         rc = main(sys.argv[1:] + common)
     finally:
         ray.shutdown()  # the driver first: Cluster refuses to remove the node it is on
@@ -59,7 +64,9 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
     tmp_path: Path, s3_server
 ) -> None:
     uri = s3_server(f"{tmp_path.name}/ray")
-    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--no_judge", "--storage_path", uri]
+    cache = tmp_path / "fresh_cache"  # the session's cache may already hold these shards
+    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--no_judge", "--cache_dir", str(cache)]
+    args += ["--storage_path", uri]
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args],
         cwd=tmp_path,
@@ -73,6 +80,7 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
     assert "REFUSED_RC 2" in out and "pass --storage_path" in out, out[-4000:]
     assert "RELATIVE_RC 2" in out and "--storage_path rel is relative" in out, out[-4000:]
     assert proc.returncode == 0, out[-4000:]
+    _assert_prepared_by_ray_tasks_on_the_worker(proc.stdout, cache)
     save = tmp_path / "ck"
     for name in TINY_FILES:
         assert (save / name).is_file(), name
@@ -93,3 +101,21 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
     state_file = f"/{run_files.RAY_STATE_FILE}"
     assert any(p.startswith("checkpoint_") and p.endswith(state_file) for p in stored), stored
     assert any(p.startswith("log_dir/events.out.tfevents") for p in stored), stored
+
+
+def _assert_prepared_by_ray_tasks_on_the_worker(stdout: str, cache: Path) -> None:
+    """The refused runs checked the data but prepared nothing; the training run prepared its
+    shards after connecting, as Ray tasks that all ran on the worker node (the head has 0
+    CPUs and the driver runs on it), and published them in the cache."""
+    ids = re.search(r"HEAD_NODE (\w+) WORKER_NODE (\w+)", stdout)
+    assert ids, stdout[-4000:]
+    head, worker = ids.groups()
+    refused, training = stdout.split("TRAINING_RUN", 1)
+    assert "shards: not prepared yet" in refused and "decode+align" not in refused, refused
+    assert "shards: not prepared yet" in training, training[-4000:]
+    ran_on = re.search(r"decode\+align: Ray tasks ran on node\(s\) (.+)", training)
+    assert ran_on, training[-4000:]
+    assert ran_on.group(1).strip() == worker != head, (ran_on.group(1), head, worker)
+    manifests = list((cache / "shards").glob("*/manifest.json"))
+    assert len(manifests) == 1, manifests
+    assert json.loads(manifests[0].read_text())["counts"]["total"]["images"] > 0
