@@ -152,15 +152,44 @@ def build_former(shards: Path, cfg: DataConfig):
 
 
 def store_used_bytes() -> int:
-    """Object-store bytes in use over the cluster (Ray's store statistics; no public API
-    reports plasma usage, so this parses ``memory_summary(stats_only=True)``)."""
-    from ray._private.internal_api import memory_summary
+    """Object-store (plasma) bytes in use over the cluster, from the raylets' store statistics
+    as ``ray memory --stats-only`` prints them (``memory_summary(stats_only=True)``).
 
-    text = memory_summary(stats_only=True)
-    total = 0.0
-    for value, unit in re.findall(r"Plasma memory usage ([\d.]+) (\w+)", text):
-        total += float(value) * {"B": 1, "KiB": 1 << 10, "MiB": MiB, "GiB": 1 << 30}[unit]
-    return int(total)
+    A private API on purpose: Ray 2.60 has no public one that gives this figure.
+    ``ray.util.state.summarize_objects`` / ``list_objects`` add up the sizes of live object
+    *references*, once per process holding one (measured: one 20 MiB object held by the
+    driver and two actors is 60 MB there, 20 MiB in the store; small objects inlined outside
+    the store count, copies pulled to other nodes do not), are capped at a listing limit, and
+    need the dashboard, which this benchmark does not start;
+    ``ray.available_resources()["object_store_memory"]`` moves with use but is not it (measured:
+    down 30 MiB with 40 MiB in the store); the ``ray_object_store_memory`` metric needs
+    Prometheus metrics collection, switched off here as in local runs. So it is imported and
+    parsed under a guard:
+    when Ray moves or rewords it, the benchmark stops with one line saying so instead of
+    reporting 0 bytes."""
+    try:
+        from ray._private.internal_api import memory_summary
+    except ImportError as exc:
+        raise SystemExit(_store_stats_changed(f"cannot import memory_summary ({exc})")) from exc
+    import ray
+
+    # This cluster's address: without it memory_summary guesses from /tmp/ray and fails when
+    # another Ray runs on the machine.
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.findall(r"Plasma memory usage ([\d.]+) (\w+)", text)
+    units = {"B": 1, "KiB": 1 << 10, "MiB": MiB, "GiB": 1 << 30}
+    if not found or any(unit not in units for _, unit in found):
+        raise SystemExit(_store_stats_changed(f"no 'Plasma memory usage N MiB' line in {text!r}"))
+    return int(sum(float(value) * units[unit] for value, unit in found))
+
+
+def _store_stats_changed(what: str) -> str:
+    import ray
+
+    return (
+        f"scale.py: Ray {ray.__version__}'s private store statistics changed: {what}; "
+        "update store_used_bytes (benchmarks/scale.py)"
+    )
 
 
 class PeakSampler:

@@ -5,9 +5,8 @@ preparing them ahead of time, e.g. once on a machine with many cores, and for in
 manifest. Without ``--out`` it prepares into the cache that training reads (``--cache_dir``),
 so a later run reuses the shards. ``--address`` connects to a Ray cluster and spreads the
 decoding and alignment over its nodes (every node must see the images at the same paths);
-training's own first-use preparation runs before the launcher connects to Ray, so on a
-cluster prepare ahead with this command. Exit status 2 on a data error, with the message
-naming file, entry and field.
+a training run against a cluster does the same for its own first-use preparation, after
+connecting. Exit status 2 on a data error, with the message naming file, entry and field.
 
 The data flags are the training CLI's, generated from :class:`~controlnet_ray.config.DataConfig`
 (same names, types, defaults, choices and checks); the shards are prepared from that one

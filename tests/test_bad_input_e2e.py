@@ -26,13 +26,17 @@ def _one_line_rc2(proc) -> str:
     return err
 
 
-def test_impossible_landmarks_stop_train_in_one_line_before_ray(tmp_path: Path):
+# Against a cluster (--address) shards are prepared after connecting, but the data is still read
+# and checked before: nothing listens at this address, so reaching Ray would fail differently.
+@pytest.mark.parametrize("cluster", [[], ["--address", "127.0.0.1:9"]], ids=["local", "cluster"])
+def test_impossible_landmarks_stop_train_in_one_line_before_ray(tmp_path: Path, cluster: list):
     fx = make_legacy_fixture(tmp_path / "repo", frames_per_person=3)
     doc = fx.load_json("video")
     doc["landmarks_2d"][4] = [[1e4, 1e4]] * 5
     fx.save_json("video", doc)
     person = doc["metadata"][4]["person_name"]
-    proc = run_train(["--data_dir", str(fx.data_dir), "--save_dir", "ck"], tmp_path, timeout=120)
+    args = ["--data_dir", str(fx.data_dir), "--save_dir", "ck", *cluster]
+    proc = run_train(args, tmp_path, timeout=120)
     err = _one_line_rc2(proc)
     assert f"video_metadata.json: entry 4 (person '{person}'): field 'landmarks_2d'" in err
     assert not list((tmp_path / "ck" / "ray_results").iterdir())  # no Ray run begun

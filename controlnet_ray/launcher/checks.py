@@ -1,6 +1,7 @@
 """Everything a run can check before Ray starts: paths made absolute (Ray workers run
 elsewhere), output folders writable, ``--resume`` fitting the model, a re-run agreeing with its
-Ray run, the data readable and prepared; and the errors these checks raise for bad input.
+Ray run, the data readable and (locally, or when cached) prepared; and the errors these checks
+raise for bad input.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from controlnet_ray.config import ConfigError, TrainConfig
-from controlnet_ray.launcher.data import resolve_shards
+from controlnet_ray.launcher.data import RunData, locate_data, prepare_data
 from controlnet_ray.launcher.rerun import check_rerun
 
 
@@ -96,16 +97,25 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
         raise ConfigError(f"{flag} {path} is not writable: {exc.strerror or exc}") from exc
 
 
-def check_before_ray(cfg: TrainConfig) -> Path:
+def check_before_ray(cfg: TrainConfig, *, defer_preparation: bool = False) -> RunData:
     """Everything that can be known before Ray starts: output folders writable, --resume
-    fits, a re-run agrees with its Ray run, data readable and prepared; returns the shards."""
+    fits, a re-run agrees with its Ray run, the data readable (its JSON, npy and image paths)
+    and, unless ``defer_preparation``, prepared with its judges trained.
+
+    ``defer_preparation`` (a run against an existing cluster): shards not cached yet are left
+    to :func:`~controlnet_ray.launcher.data.prepare_data` once connected, so decoding and
+    aligning run as Ray tasks on the cluster's nodes, not on the driver's (a head with
+    ``num-cpus: 0``)."""
     for flag, folder in output_dirs(cfg):
         check_writable_dir(folder, flag)
     check_resume_file(cfg)
     check_rerun(cfg)
-    shards = resolve_shards(cfg)
-    if not cfg.output.no_judge:  # trained once per dataset, before Ray; the worker loads them
-        from controlnet_ray.judging import ensure_judges
-
-        ensure_judges(shards, cfg.data.resolved_cache_dir())
-    return shards
+    source = locate_data(cfg)
+    if defer_preparation and not source.cached:
+        print(
+            f"shards: not prepared yet; preparing them at {source.target} once connected to "
+            "the cluster (decoding and alignment as Ray tasks on its nodes)",
+            flush=True,
+        )
+        return RunData(source, None)
+    return RunData(source, prepare_data(cfg, source))

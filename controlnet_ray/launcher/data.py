@@ -1,9 +1,13 @@
 """The run's data on the driver: the shards (the embedded synthetic set or the user's
-``--data_dir``, prepared once and cached) and the pair datasets built from them.
+``--data_dir``, prepared once and cached), the judges trained on them, and the pair datasets
+built from them. Reading and checking the data (:func:`locate_data`) is separate from
+preparing it (:func:`prepare_data`) so that a run against a cluster checks before connecting
+and prepares after, on the cluster's nodes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,11 +15,28 @@ from controlnet_ray.config import TrainConfig
 
 if TYPE_CHECKING:
     from controlnet_ray.data.pipeline import PairDatasets
+    from controlnet_ray.data.shards.cache import ShardSource
+
+
+@dataclass
+class RunData:
+    """The run's data after the checks before Ray: ``shards`` once prepared (None while a
+    first-time preparation waits for the cluster connection)."""
+
+    source: ShardSource
+    shards: Path | None
 
 
 def resolve_shards(cfg: TrainConfig) -> Path:
     """Shards for this run: the embedded synthetic set or the user's --data_dir, prepared once."""
-    from controlnet_ray.data.shards import ensure_shards
+    return locate_data(cfg).ensure()
+
+
+def locate_data(cfg: TrainConfig) -> ShardSource:
+    """The run's data read and checked (a DataError naming file, entry and field) and its shard
+    cache found, nothing prepared yet: the embedded synthetic set (rendered on first use) or
+    the user's --data_dir."""
+    from controlnet_ray.data.shards.cache import locate_shards
 
     data = cfg.data
     if data.data_dir is None:
@@ -35,7 +56,18 @@ def resolve_shards(cfg: TrainConfig) -> Path:
             flush=True,
         )
         data = _replace_data_dir(cfg, str(data_dir))
-    return ensure_shards(data)
+    return locate_shards(data)
+
+
+def prepare_data(cfg: TrainConfig, source: ShardSource) -> Path:
+    """The shards (reused, or prepared: through Ray tasks when the driver is connected to a
+    multi-node cluster) and, unless --no_judge, the held-out judges trained once on them."""
+    shards = source.ensure()
+    if not cfg.output.no_judge:  # trained once per dataset, on the driver; the worker loads them
+        from controlnet_ray.judging import ensure_judges
+
+        ensure_judges(shards, cfg.data.resolved_cache_dir())
+    return shards
 
 
 def _replace_data_dir(cfg: TrainConfig, data_dir: str):

@@ -1,6 +1,8 @@
-"""``run_training``: a whole run, in order: check inputs and prepare the data, start Ray sized
-by the plan, hold the resources, train with the console drawing progress, copy the outputs down,
-print the held-out judged summary, stop the local Ray this run started.
+"""``run_training``: a whole run, in order: check inputs and prepare the data (against a
+cluster, a first-time preparation waits for the connection and runs as Ray tasks), start Ray
+sized by the plan or join the cluster, hold the resources, train with the console drawing
+progress, copy the outputs down, print the held-out judged summary, stop the local Ray this
+run started.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from controlnet_ray import capacity
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.launcher.checks import absolute_paths, check_before_ray
 from controlnet_ray.launcher.connection import check_cluster_paths, init_ray, shutdown_local_ray
-from controlnet_ray.launcher.data import build_pairs
+from controlnet_ray.launcher.data import build_pairs, prepare_data
 from controlnet_ray.launcher.mirror import fit_with_outputs
 from controlnet_ray.launcher.rerun import (
     discard_previous_run,
@@ -29,8 +31,8 @@ def run_training(cfg: TrainConfig) -> object:
     t0 = time.time()
     given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
-    shards = check_before_ray(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    data = check_before_ray(cfg, defer_preparation=not local)
     if cfg.ray.fresh:
         discard_previous_run(cfg)
     elif (previous := existing_run(cfg)) is not None:
@@ -46,6 +48,7 @@ def run_training(cfg: TrainConfig) -> object:
 
         plan = plan_resources(cfg, ray.cluster_resources().get("CPU", 0), local=False)
     check_cluster_paths(cfg, given_storage_path)
+    shards = data.shards or prepare_data(cfg, data.source)  # first use on a cluster: Ray tasks
     need = resource_need(cfg, plan)
     with capacity.held(need, cfg.ray.resource_wait_s, fixed=local):
         result = _fit(cfg, plan, shards)

@@ -56,10 +56,13 @@ def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None,
     return out
 
 
-def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> list:
-    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU."""
+def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> tuple[str, list]:
+    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU; returns
+    the node it ran on with the results, so the driver can say where preparation ran."""
+    import ray
+
     _init_worker()
-    return _align_chunk(task)
+    return ray.get_runtime_context().get_node_id(), _align_chunk(task)
 
 
 def _run_alignment(
@@ -72,7 +75,14 @@ def _run_alignment(
     try:
         cluster_cpus = _ray_cluster_cpus()
         if cluster_cpus:
-            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus), bar)
+            print(
+                f"decode+align: Ray tasks over the cluster's {cluster_cpus} CPUs "
+                "(not the driver's processes)",
+                flush=True,
+            )
+            nodes: set[str] = set()
+            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus, nodes), bar)
+            print(f"decode+align: Ray tasks ran on node(s) {', '.join(sorted(nodes))}", flush=True)
             return
         workers = pool_workers(num_workers)
         if workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
@@ -101,26 +111,29 @@ def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
 def _ray_cluster_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to, when it has several nodes
     (0 otherwise: no Ray, or one machine, where the process pool does the same job without
-    Ray's per-task cost). Never starts Ray."""
+    Ray's per-task cost). A head started with 0 CPUs (as the shipped manifests start it)
+    counts as a node: its driver then aligns on the other nodes, not on the head. Never
+    starts Ray."""
     if "ray" not in sys.modules:
         return 0
     import ray
 
     if not ray.is_initialized():
         return 0
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return 0
-    return int(sum(n["Resources"]["CPU"] for n in nodes))
+    return int(sum(n.get("Resources", {}).get("CPU", 0) for n in nodes))
 
 
-def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
+def _windowed_ray(tasks: list, window: int, nodes: set[str] | None = None) -> Iterator[list]:
     """:func:`_windowed` over a Ray cluster: each chunk of images is decoded and aligned by a
     Ray task on whichever node has a CPU (``SPREAD``), results in task order, at most
-    ``window`` chunks in flight. Every node must see the source images at the same paths
-    (a shared mount, as ``--cache_dir`` already must be); the crops (PNG, a few KB each)
-    come back to this process, which writes the shards as before, so the files, their
-    order and the checks are those of a local preparation."""
+    ``window`` chunks in flight; the IDs of the nodes that ran them are added to ``nodes``.
+    Every node must see the source images at the same paths (a shared mount, as
+    ``--cache_dir`` already must be); the crops (PNG, a few KB each) come back to this
+    process, which writes the shards as before, so the files, their order and the checks
+    are those of a local preparation."""
     import ray
 
     remote = ray.remote(_align_chunk_one_thread).options(num_cpus=1, scheduling_strategy="SPREAD")
@@ -129,7 +142,9 @@ def _windowed_ray(tasks: list, window: int) -> Iterator[list]:
     for task in itertools.islice(remaining, window):
         pending.append(remote.remote(task))
     while pending:
-        result = ray.get(pending.popleft())
+        node, result = ray.get(pending.popleft())
+        if nodes is not None:
+            nodes.add(node)
         task = next(remaining, None)
         if task is not None:
             pending.append(remote.remote(task))

@@ -4,11 +4,13 @@ the source and settings are unchanged (still enforcing this run's flags), else p
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from controlnet_ray.config import DataConfig
 from controlnet_ray.data.layout import (
     DataError,
+    LegacyDataset,
     SkippedImage,
     describe_bad_images,
     read_legacy_dataset,
@@ -40,6 +42,47 @@ def ensure_shards(
     Reuse still enforces this run's flags: shards that skipped images are refused without
     ``skip_bad_images``, and pairs are recounted for this run's pair mode/range.
     """
+    return locate_shards(data_cfg, cwd).ensure(num_workers)
+
+
+@dataclass
+class ShardSource:
+    """A legacy dataset read and checked (JSON, npy, image paths), its cache folder, and
+    whether that folder already holds usable shards. Splitting :func:`ensure_shards` in two
+    lets training read and check the data before connecting to a cluster and prepare it
+    after, through Ray tasks on the cluster's nodes."""
+
+    data_cfg: DataConfig
+    ds: LegacyDataset
+    fingerprint: str
+    target: Path
+    cached: bool
+
+    def ensure(self, num_workers: int | None = None) -> Path:
+        """The shard folder: reused when cached, else prepared (decoding and aligning in Ray
+        tasks when this process is connected to a multi-node cluster, else locally)."""
+        if self.cached:
+            print(f"reusing shards at {self.target}")
+            return self.target
+        cfg = self.data_cfg
+        print(f"preparing shards at {self.target}")
+        _prepare(
+            self.ds,
+            self.target,
+            cfg.image_size,
+            preparation_workers(cfg, num_workers),
+            cfg.skip_bad_images,
+            cfg.split_ratios,
+            PairRule.of(cfg),
+            fingerprint=self.fingerprint,
+            framing=cfg.framing,
+        )
+        return self.target
+
+
+def locate_shards(data_cfg: DataConfig, cwd: str | Path | None = None) -> ShardSource:
+    """Read and check ``data_cfg.data_dir`` (a DataError naming file, entry and field) and find
+    its cache folder; a cached one is checked against this run's flags (see ensure_shards)."""
     if data_cfg.data_dir is None:
         raise ValueError("ensure_shards needs data_cfg.data_dir (a legacy data directory)")
     ds = read_legacy_dataset(
@@ -47,23 +90,8 @@ def ensure_shards(
     )
     fp = _fingerprint(ds.data_dir, ds.image_root_used, ds.source_image_paths)
     target = shard_cache_dir(data_cfg, fp)
-    pairing = PairRule.of(data_cfg)
-    if _reusable(target, fp, data_cfg, pairing):
-        print(f"reusing shards at {target}")
-        return target
-    print(f"preparing shards at {target}")
-    _prepare(
-        ds,
-        target,
-        data_cfg.image_size,
-        preparation_workers(data_cfg, num_workers),
-        data_cfg.skip_bad_images,
-        data_cfg.split_ratios,
-        pairing,
-        fingerprint=fp,
-        framing=data_cfg.framing,
-    )
-    return target
+    cached = _reusable(target, fp, data_cfg, PairRule.of(data_cfg))
+    return ShardSource(data_cfg, ds, fp, target, cached)
 
 
 def _reusable(target: Path, fingerprint: str, data_cfg: DataConfig, pairing: PairRule) -> bool:
