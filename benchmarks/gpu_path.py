@@ -261,12 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__} on {name}; {os.cpu_count()} CPUs; {args.precision}; "
           f"{args.image_size} px; peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
     shards = resolve_shards(bench_config(args, sizes[0], device))
-    results = [measure_batch(args, bs, device, shards) for bs in sizes]
-    for r in results:
-        print_batch(r)
-    if args.json:
-        meta = {"torch": torch.__version__, "device_name": name, "args": vars(args)}
-        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
+    meta = {"torch": torch.__version__, "device_name": name, "args": vars(args)}
+    results = []
+    for bs in sizes:  # printed and written as each finishes: a run cut short keeps them
+        results.append(measure_batch(args, bs, device, shards))
+        print_batch(results[-1])
+        sys.stdout.flush()
+        if args.json:
+            text = json.dumps({"meta": meta, "results": results}, indent=2, default=str)
+            args.json.write_text(text)
     return 0
 
 
