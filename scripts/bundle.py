@@ -37,6 +37,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,9 +139,15 @@ class Target:
         v = sys.version_info
         return {
             "python_version": self.python_version or f"{v.major}.{v.minor}",
-            "platforms": self.platforms or ["(the building interpreter's own tags)"],
+            "platforms": self.platforms or [f"this interpreter's, up to {_own_tag()}"],
             "implementation": "cp",
         }
+
+
+def _own_tag() -> str:
+    """The newest manylinux tag this interpreter accepts (its glibc), else its first tag."""
+    tags = list(sys_tags())
+    return str(next((t for t in tags if t.platform.startswith("manylinux_")), tags[0]))
 
 
 LEGACY_MANYLINUX = {"manylinux1": 5, "manylinux2010": 12, "manylinux2014": 17}
@@ -167,6 +174,10 @@ def expand_platform(tag: str) -> list[str]:
 
 def project_requirements(metadata: str, extras: list[str]) -> list[Requirement]:
     """The wheel's Requires-Dist for the base install and ``extras``, markers on extras resolved."""
+    known = re.findall(r"^Provides-Extra:\s*(\S+)", metadata, re.M)
+    unknown = [e for e in extras if e not in known]
+    if unknown:
+        raise BundleError(f"--extras: the project has no extra {unknown[0]!r} (it has: {known})")
     out = []
     for line in metadata.splitlines():
         if not line.startswith("Requires-Dist:"):
@@ -231,7 +242,14 @@ def run_pip(args: list[str], what: str) -> None:
             f"{what}: no wheel of {missing[1]} for this target (only wheels are bundled; "
             "check --python-version/--platform, or --exclude it if the target has it)"
         )
-    last = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
+    conflict = re.search(r"Cannot install (\S+) because", text)
+    if conflict:
+        raise BundleError(
+            f"{what}: no wheels for this target satisfy {conflict[1]} (no wheel of the pinned "
+            "version for this Python/platform, or its dependencies' pins conflict); check "
+            "--python-version/--platform, or --exclude it if the target has it"
+        )
+    last = [ln for ln in text.strip().splitlines() if ln.strip() and "WARNING" not in ln][-3:]
     raise BundleError(f"{what} failed: " + " | ".join(ln.strip() for ln in last))
 
 

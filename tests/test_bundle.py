@@ -125,12 +125,15 @@ def test_manylinux_tags_include_the_older_ones() -> None:
 
 def test_requirements_follow_the_chosen_extras() -> None:
     metadata = (
+        "Provides-Extra: cpu\nProvides-Extra: gpu\n"
         "Requires-Dist: ray[train]==2.60.0\n"
         'Requires-Dist: onnxruntime>=1.19; extra == "cpu"\n'
         'Requires-Dist: onnxruntime-gpu>=1.19; extra == "gpu"\n'
     )
     names = [r.name for r in bundle.project_requirements(metadata, ["gpu"])]
     assert names == ["ray", "onnxruntime-gpu"]
+    with pytest.raises(bundle.BundleError, match="no extra 'gpus'"):
+        bundle.project_requirements(metadata, ["gpus"])
 
 
 def test_excludes_read_freeze_lines_and_names(tmp_path: Path) -> None:
