@@ -2,10 +2,13 @@
 
 The fast tests check the wheel surgery on a tiny wheel built here. The slow one builds a real
 bundle for this interpreter (torch left out, as for a GPU image that brings its own), installs
-it with ``--no-index`` into a fresh venv and runs the CLI there. A GPU image already has torch
-with its dependencies; the fresh venv gets that by a ``.pth`` file naming a folder of links to
-exactly the torch/torchvision distributions (and what they require) of the venv running the
-tests, so every other package must come from the bundle.
+it with ``--no-index`` into a fresh venv and runs there what a GPU machine runs after installing
+one: ``benchmarks/gpu_path.py`` (engine, Ray Data pipeline, Ray Train path), in its tiny CPU
+mode, so the one Ray training run covers both the bundle and the benchmark.
+
+A GPU image already has torch with its dependencies; the fresh venv gets that by a ``.pth``
+file naming a folder of links to exactly the torch/torchvision distributions (and what they
+require) of the venv running the tests, so every other package must come from the bundle.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.train_helpers import TINY, train_env
+from tests.train_helpers import train_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,14 +231,29 @@ def test_bundle_builds_and_installs_offline(tmp_path: Path) -> None:
         check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
     ).stdout  # fmt: skip
     assert all(p.startswith(str(tmp_path / "venv")) for p in where.split()), where
-    # The real CLI from the installed bundle: Ray Train, Ray Data, one tiny epoch.
-    tiny = [*TINY, "--epochs", "1", "--no_judge", "--save_dir", "ck", "--log_dir", "logs"]
-    trained = subprocess.run(
-        [python, "-m", "controlnet_ray.train", *tiny],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    # What the GPU machine runs after installing the bundle, in its tiny CPU mode: the engine,
+    # the Ray Data pipeline and the real Ray Train path, all from the installed bundle.
+    result = run_gpu_path_tiny(python, tmp_path, env)
+    for part in ("engine", "pipeline", "ray"):
+        assert result[part]["samples_per_s"] > 0, part
+    assert result["engine"]["flops_per_sample"] > 1e8  # fwd + bwd of the default model at 64 px
+    assert result["mfu_engine"] is None and result["engine"]["busy_mean"] is None  # CPU: n/a
+
+
+def run_gpu_path_tiny(python: Path, tmp: Path, env: dict[str, str]) -> dict:
+    """benchmarks/gpu_path.py in its tiny CPU mode; its one batch's figures."""
+    out = tmp / "gpu_path.json"
+    tiny = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--epochs", "2",
+            "--pipeline_epochs", "1", "--batch_size", "8", "--image_size", "64",
+            "--synthetic_identities", "8", "--synthetic_frames", "8"]  # fmt: skip
+    proc = subprocess.run(
+        [python, str(ROOT / "benchmarks" / "gpu_path.py"), *tiny, "--json", str(out)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
-    assert "epoch 1/1" in trained.stdout and (tmp_path / "ck" / "final_model.pth").is_file()
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "ray / engine" in proc.stdout and "n/a" in proc.stdout
+    (result,) = json.loads(out.read_text())["results"]
+    return result
 
 
 def test_install_script_refuses_another_python(tmp_path: Path) -> None:
