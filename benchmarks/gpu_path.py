@@ -91,7 +91,11 @@ class GpuSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            busy, used = self._read()
+            try:
+                busy, used = self._read()
+            except Exception as exc:  # noqa: BLE001  (a sampler must not end the benchmark)
+                print(f"GPU sampling stopped: {exc}", file=sys.stderr)
+                return
             self.busy.append(float(busy))
             self.used.append(float(used))
 

@@ -361,7 +361,9 @@ def slim_ray(folder: Path) -> dict[str, object]:
 
 INSTALL_SH = """#!/usr/bin/env bash
 # Install controlnet-ray from this folder alone: no package index, no pip config.
-# PYTHON=/path/to/python bash install.sh   (default: python3)
+#   PYTHON=/path/to/python bash install.sh    into that interpreter's environment (default python3)
+#   TARGET=/tmp/site bash install.sh          every wheel --no-deps into a folder of its own (for a
+#                                             read-only environment), then PYTHONPATH=/tmp/site
 set -euo pipefail
 DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 PY="${{PYTHON:-python3}}"
@@ -371,13 +373,19 @@ if [[ "$have" != "{python}" ]]; then
     exit 2
 fi
 # This folder only: pip's config files and PIP_* variables may name other wheel sources.
-unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT PIP_REQUIREMENT
+unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT PIP_REQUIREMENT PIP_TARGET
 export PIP_CONFIG_FILE=/dev/null
 pip=("$PY" -m pip install -q --no-index --find-links "$DIR" --disable-pip-version-check)
 {torch_check}
-"${{pip[@]}}" -r "$DIR/requirements.txt"
-"${{pip[@]}}" --no-deps {ignore_python}"$DIR/{project}"
+if [[ -n "${{TARGET:-}}" ]]; then
+    # pip does not see the environment's packages from a --target install: no dependency check
+    "${{pip[@]}}" --no-deps {ignore_python}--target "$TARGET" "$DIR"/*.whl
+    export PYTHONPATH="$TARGET${{PYTHONPATH:+:$PYTHONPATH}}"
+else
+    "${{pip[@]}}" -r "$DIR/requirements.txt"
+    "${{pip[@]}}" --no-deps {ignore_python}"$DIR/{project}"
 {no_deps}
+fi
 "$PY" -c "import controlnet_ray.train, ray, torch; \\
 print('installed controlnet-ray; ray', ray.__version__, '; torch', torch.__version__)"
 """
@@ -395,7 +403,7 @@ def write_install_sh(folder: Path, python: str, project: Path, with_torch: bool,
         torch_check="" if with_torch else TORCH_CHECK,
         ignore_python="--ignore-requires-python " if ignore else "",
         project=project.name,
-        no_deps="\n".join(f'"${{pip[@]}}" --no-deps "$DIR/{w.name}"' for w in extra),
+        no_deps="\n".join(f'    "${{pip[@]}}" --no-deps "$DIR/{w.name}"' for w in extra),
     )
     path = folder / "install.sh"
     path.write_text(text)

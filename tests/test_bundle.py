@@ -269,3 +269,24 @@ def test_install_script_refuses_another_python(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "this bundle is for Python 2.7" in done.stderr
+
+
+def test_install_script_into_a_folder_of_its_own(tmp_path: Path) -> None:
+    """TARGET=DIR (a read-only environment): every wheel --no-deps there, then the import check
+    with that folder on PYTHONPATH (the venv running the tests brings controlnet_ray and Ray)."""
+    folder = tmp_path / "b"
+    folder.mkdir()
+    wheel = make_wheel(folder, {"demo/__init__.py": b"VALUE = 7\n"})
+    python = "{}.{}".format(*sys.version_info[:2])
+    bundle.write_install_sh(folder, python, wheel, with_torch=False, ignore=False)
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    done = subprocess.run(
+        ["bash", str(folder / "install.sh")],
+        env=env | {"PYTHON": sys.executable, "TARGET": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (site / "demo" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert "installed controlnet-ray" in done.stdout
