@@ -199,7 +199,7 @@ def measure_batch(args: argparse.Namespace, bs: int, device: torch.device, shard
         "pipeline_over_engine": max(rates) / engine["samples_per_s"],
         "mfu_engine": flops * engine["samples_per_s"] / peak if device.type == "cuda" else None,
         "mfu_ray": flops * ray["samples_per_s"] / peak if device.type == "cuda" else None,
-        "flop_bound_samples_per_s": peak / flops if flops else None,
+        "flop_bound_samples_per_s": peak / flops if flops and device.type == "cuda" else None,
     }
 
 
