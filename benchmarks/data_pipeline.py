@@ -48,6 +48,39 @@ def time_loader(batches, limit: int | None = None) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def _model_batches(batches, device: torch.device | None):  # noqa: ANN001, ANN202
+    """The worker's conversion of each batch; on CUDA the last one is waited for, so a timer
+    around the iteration counts the device's work too."""
+    for b in batches:
+        yield to_model_batch(b, flip=True)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ray_pipeline_rates(
+    shards: Path, cfg: DataConfig, epochs: int, device: torch.device | None = None
+) -> tuple[list[float], int]:
+    """Samples/s of each epoch of the Ray Data training pipeline consumed alone, as a worker
+    does (uint8 batches to ``device``, normalised and mirrored there), and pairs per epoch.
+
+    Starts a local Ray with all of this machine's CPUs and shuts it down afterwards.
+    """
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        pairs = build_pair_datasets(shards, cfg)
+        rates = []
+        for _ in range(epochs):
+            where = {} if device is None else {"device": device}  # Ray's default otherwise
+            it = pairs.train.iter_torch_batches(batch_size=cfg.batch_size, dtypes=None, **where)
+            n, dt = time_loader(_model_batches(it, device))
+            rates.append(n / dt)
+        return rates, pairs.num_train_pairs
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=Path, default=None)
@@ -70,16 +103,7 @@ def main() -> None:
         from controlnet_ray.launcher import resolve_shards
 
         shards = resolve_shards(TrainConfig(data=cfg))
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    pairs = build_pair_datasets(shards, cfg)
-    ray_rates = []
-    for _ in range(args.epochs):
-        it = pairs.train.iter_torch_batches(batch_size=args.batch_size, dtypes=None)
-        n, dt = time_loader(to_model_batch(b, flip=True) for b in it)  # as the worker does
-        ray_rates.append(n / dt)
-    ray.shutdown()
+    ray_rates, num_pairs = ray_pipeline_rates(shards, cfg, args.epochs)
     table = PairTable(shards, cfg)
     loader = torch.utils.data.DataLoader(
         table,
@@ -93,9 +117,7 @@ def main() -> None:
         n, dt = time_loader(loader)
         torch_rates.append(n / dt)
     ray_best, torch_best = max(ray_rates), max(torch_rates)
-    print(
-        f"pairs per epoch: {pairs.num_train_pairs}, batch {args.batch_size}, {os.cpu_count()} CPUs"
-    )
+    print(f"pairs per epoch: {num_pairs}, batch {args.batch_size}, {os.cpu_count()} CPUs")
     print(
         f"Ray Data pipeline   : {ray_best:8.1f} samples/s  (epochs: "
         f"{', '.join(f'{r:.0f}' for r in ray_rates)})"

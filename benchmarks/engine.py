@@ -84,31 +84,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    bs: int, precision: str, device: torch.device, args: argparse.Namespace, fwd_flops: float
-) -> Result:
-    """Build a fresh model/optimizer, run warm-up steps, then time ``args.steps`` steps."""
+def build_engine(mcfg: ModelConfig, ocfg: OptimConfig, device: torch.device) -> TrainEngine:
+    """A fresh default-seeded model on ``device`` with its optimizer, schedule and AMP, as the
+    worker builds them (the schedule long enough never to reach its floor)."""
     from controlnet_ray.model import build_model
 
-    mcfg, ocfg = ModelConfig(), OptimConfig(use_amp=precision == "bf16")
     torch.manual_seed(0)
     model = build_model(mcfg).to(device).train()
     optimizer = build_optimizer(model, ocfg)
     scheduler = build_scheduler(optimizer, ocfg, steps_per_epoch=10_000)
-    amp = resolve_amp(ocfg.use_amp, device)
-    engine = TrainEngine(model, optimizer, scheduler, ocfg, device, amp)
+    return TrainEngine(model, optimizer, scheduler, ocfg, device, resolve_amp(ocfg.use_amp, device))
+
+
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> float:  # noqa: ANN001
+    """Seconds for ``steps`` calls of ``step()`` after ``warmup`` untimed ones, device synced."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure(
+    bs: int, precision: str, device: torch.device, args: argparse.Namespace, fwd_flops: float
+) -> Result:
+    """Build a fresh model/optimizer, run warm-up steps, then time ``args.steps`` steps."""
+    mcfg, ocfg = ModelConfig(), OptimConfig(use_amp=precision == "bf16")
+    engine = build_engine(mcfg, ocfg, device)
     batch = synthetic_batch(bs, mcfg.image_size, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        engine.train_micro_batch(batch)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        engine.train_micro_batch(batch)
-    _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed = timed_steps(lambda: engine.train_micro_batch(batch), args.warmup, args.steps, device)
     sps = bs * args.steps / elapsed
     tflops = 3.0 * fwd_flops * sps / 1e12 if fwd_flops else None
     mem = mfu = None

@@ -164,6 +164,24 @@ def test_build_optimizer_trainable_only_and_no_decay_on_1d() -> None:
         eng.build_optimizer(model, OptimConfig())
 
 
+def test_optimizers_on_cpu_are_not_fused() -> None:
+    """The CPU path is unchanged: AdamW with fused=False, the critic's Adam with torch's default."""
+    opt = eng.build_optimizer(TinyNet(), OptimConfig())
+    assert opt.defaults["fused"] is False
+    disc = eng.build_disc_optimizer(nn.Linear(2, 2), OptimConfig())
+    assert not disc.defaults.get("fused")
+
+
+def test_fused_is_chosen_only_when_every_parameter_is_on_cuda() -> None:
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    assert eng.use_fused([cuda, cuda])
+    assert eng.use_fused(["cuda:0", "cuda:1"])
+    assert not eng.use_fused([torch.device("cpu")])
+    assert not eng.use_fused([cuda, torch.device("cpu")])
+    assert not eng.use_fused([torch.device("meta")])
+    assert not eng.use_fused([])
+
+
 def test_scheduler_warmup_then_cosine_in_optimizer_steps() -> None:
     cfg = OptimConfig(lr=1.0, epochs=10, warmup_epochs=2, gradient_accumulation_steps=2)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)

@@ -35,7 +35,12 @@ from controlnet_ray.engine.losses import (
     image_loss,
     pose_scale_deg,
 )
-from controlnet_ray.engine.optimizer import build_optimizer, build_scheduler, lr_factor
+from controlnet_ray.engine.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    use_fused,
+)
 from controlnet_ray.engine.training import NonFiniteLossError, StepMetrics, TrainEngine
 
 __all__ = [
@@ -58,6 +63,7 @@ __all__ = [
     "lr_factor",
     "move_batch",
     "patch_weights",
+    "use_fused",
     "pose_scale_deg",
     "resolve_amp",
     "resolve_device",

@@ -16,6 +16,7 @@ from controlnet_ray.checkpoint import unwrap_model
 from controlnet_ray.config import OptimConfig
 from controlnet_ray.engine.amp import AmpSettings
 from controlnet_ray.engine.batch import Batch
+from controlnet_ray.engine.optimizer import use_fused
 
 
 def patch_weights(weights: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
@@ -65,7 +66,8 @@ def build_disc_optimizer(discriminator: nn.Module, cfg: OptimConfig) -> torch.op
     params = [p for p in discriminator.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the discriminator has no trainable parameters")
-    return torch.optim.Adam(params, lr=cfg.disc_lr, betas=(0.5, 0.999))
+    fused = {"fused": True} if use_fused(p.device for p in params) else {}  # CPU: as before
+    return torch.optim.Adam(params, lr=cfg.disc_lr, betas=(0.5, 0.999), **fused)
 
 
 @contextlib.contextmanager
