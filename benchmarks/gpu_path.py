@@ -44,7 +44,7 @@ from ray_overhead import ray_rate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import PAIR_MODES, TrainConfig  # noqa: E402
+from controlnet_ray.config import PAIR_MODES, DataConfig, TrainConfig  # noqa: E402
 from controlnet_ray.data.batch import IMAGE_KEYS, POSE_KEYS, to_model_batch  # noqa: E402
 from controlnet_ray.launcher import resolve_shards  # noqa: E402
 
@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed engine steps")
     p.add_argument("--epochs", type=int, default=4, help="Ray path epochs (the first is warm-up)")
     p.add_argument("--pipeline_epochs", type=int, default=3, help="epochs of the pipeline alone")
-    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--image_size", type=int, default=DataConfig.image_size)
     p.add_argument(
         "--pair_mode",
         default="any",

@@ -33,7 +33,7 @@ from common import assert_no_ray  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import TrainConfig  # noqa: E402
+from controlnet_ray.config import DataConfig, TrainConfig  # noqa: E402
 from controlnet_ray.judging import JudgeSettings, format_report  # noqa: E402
 from controlnet_ray.judging.session import prepare_judging  # noqa: E402
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--identities", type=int, default=40)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--image_size", type=int, default=DataConfig.image_size)
     p.add_argument("--shards", type=Path, default=None, help="a prepared shard directory")
     p.add_argument("--cache_dir", default=None, help="default $CONTROLNET_RAY_CACHE or ~/.cache")
     p.add_argument("--seed", type=int, default=0, help="the judge's seed")

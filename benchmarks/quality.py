@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _training_flags(p: argparse.ArgumentParser) -> None:
     """Budget, data and optimiser (choices from ``controlnet_ray.config``: Ray- and torch-free)."""
-    from controlnet_ray.config import PAIR_MODES
+    from controlnet_ray.config import PAIR_MODES, DataConfig
 
     p.add_argument(
         "--budget_min",
@@ -79,7 +79,7 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identities", type=int, default=400, help="synthetic identities (all splits)")
     p.add_argument("--frames", type=int, default=24, help="video frames per identity")
     p.add_argument("--synthetic_seed", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--image_size", type=int, default=DataConfig.image_size)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight_decay", type=float, default=1e-5)
@@ -87,11 +87,11 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pair_mode",
         choices=PAIR_MODES,
-        default="front_to_video",
+        default=DataConfig.pair_mode,
         help="training pairs (evaluation is always front_to_video)",
     )
-    p.add_argument("--min_pose_distance", type=float, default=5.0)
-    p.add_argument("--max_pose_distance", type=float, default=90.0)
+    p.add_argument("--min_pose_distance", type=float, default=DataConfig.min_pose_distance)
+    p.add_argument("--max_pose_distance", type=float, default=DataConfig.max_pose_distance)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:

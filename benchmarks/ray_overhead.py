@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from controlnet_ray.config import TrainConfig
+from controlnet_ray.config import DataConfig, TrainConfig
 from controlnet_ray.data.decode import decode_pairs
 from controlnet_ray.data.pipeline import encoded_pairs
 from controlnet_ray.data.shards import split_files
@@ -114,7 +114,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--image_size", type=int, default=DataConfig.image_size)
     p.add_argument("--plain_batches", type=int, default=30, help="batches per plain round")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")

@@ -30,7 +30,7 @@ from common import assert_no_ray  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import FILL_SEEDS, LOSS_TYPES, TrainConfig  # noqa: E402
+from controlnet_ray.config import FILL_SEEDS, LOSS_TYPES, DataConfig, TrainConfig  # noqa: E402
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.engine import (  # noqa: E402
     Adversary,
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--loss_type", choices=LOSS_TYPES, default="mse")
     p.add_argument("--generator", default="warp")
-    p.add_argument("--framing", default="head")
+    p.add_argument("--framing", default=DataConfig.framing)
     p.add_argument("--fill_seed", choices=FILL_SEEDS, default=None, help="default: the config's")
     p.add_argument("--background_loss_weight", type=float, default=None)
     p.add_argument("--adversarial_loss_weight", type=float, default=0.0)
@@ -84,7 +84,7 @@ def config(args: argparse.Namespace) -> TrainConfig:
 def train(cfg: TrainConfig, shards: Path, args: argparse.Namespace) -> torch.nn.Module:
     rows = load_rows(shards, ("train",))
     images, poses = to_model_range(rows.images), torch.as_tensor(rows.poses, dtype=torch.float32)
-    pairs = np.asarray(make_pairs(rows.columns(), "front_to_video", 5.0, 90.0))
+    pairs = np.asarray(make_pairs(rows.columns(), "front_to_video"))
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     steps = len(pairs) // args.batch_size

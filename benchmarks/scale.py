@@ -351,7 +351,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--image_size", dest="size", type=int, default=32)
     p.add_argument("--per_person", type=int, default=16)
-    p.add_argument("--pair_mode", default="front_to_video", choices=PAIR_MODES)
+    p.add_argument("--pair_mode", default=DataConfig.pair_mode, choices=PAIR_MODES)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--shards", type=Path, default=None, help="keep the synthetic shards here")
@@ -363,7 +363,12 @@ def main() -> None:
         if not (shards / "manifest.json").is_file():
             t0 = time.perf_counter()
             rows = synthetic_rows(args.images, args.per_person, args.size)
-            write_shard_dir(shards, rows, args.size, (args.pair_mode, 5.0, 90.0))
+            write_shard_dir(
+                shards,
+                rows,
+                args.size,
+                (args.pair_mode, DataConfig.min_pose_distance, DataConfig.max_pose_distance),
+            )
             del rows
             print(f"wrote synthetic shards in {time.perf_counter() - t0:.1f} s")
         import ray
