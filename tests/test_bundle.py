@@ -207,7 +207,8 @@ def fresh_venv_with_torch(path: Path) -> Path:
 def test_bundle_builds_and_installs_offline(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     # cpu extra: the CPU onnxruntime (the gpu extra's onnxruntime-gpu is a larger download)
-    assert bundle.main(["--out", str(out), "--extras", "cpu"]) == 0
+    # --ray-extras train,tune: Ray without its dashboard packages, as the GPU image's bundle
+    assert bundle.main(["--out", str(out), "--extras", "cpu", "--ray-extras", "train,tune"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     names = {f["name"] for f in manifest["files"]}
     assert not any(n.startswith(("torch-", "torchvision-", "nvidia_")) for n in names)

@@ -8,14 +8,19 @@ real on a tiny dataset in the original layout.
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from controlnet_ray import run_files
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.data.synthetic import SyntheticSpec, render_dataset
-from tests.train_helpers import run_train
+from tests.train_helpers import run_train_in_pty, scalars
 
 GUIDE = (
     Path(__file__).resolve().parents[2] / "shared/reference/original-model2-training-guide.zh.md"
@@ -84,14 +89,45 @@ def test_every_guide_command_parses_with_the_same_meaning(original_repo: Path):
 
 @pytest.mark.slow
 def test_full_configuration_command_trains_from_an_original_repo(tmp_path: Path):
+    """The guide's full configuration, typed in a terminal from a folder laid out like the
+    original repo: the progress bar is drawn, epoch lines come plain from the driver, the
+    original's files and TensorBoard tags are left where the original put them, and the local
+    Ray the run started is gone with its session folder."""
     render_dataset(tmp_path, SyntheticSpec(num_identities=8, frames_per_identity=8, seed=3))
     full = next(c for c in guide_commands() if "--feature_dim" in c and "--resume" not in c)
-    # Same command; only the run length and crop size are shortened for the test.
-    overrides = ["--epochs", "1", "--batch_size", "8", "--image_size", "64", "--save_interval", "1"]
-    proc = run_train([*full, *overrides], tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    # Same command; only the run length, batch (steps for the bar) and crop size are shortened.
+    overrides = ["--epochs", "2", "--batch_size", "2", "--image_size", "64", "--save_interval", "1"]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        status, out = run_train_in_pty(
+            [*full, *overrides], tmp_path, env={"RAY_TMPDIR": str(ray_tmp)}
+        )
+        assert status == 0, out[-4000:]
+        sessions = [p.name for p in (ray_tmp / "ray").glob("session_2*")]
+        assert not sessions, sessions  # the launcher removed its Ray session folder
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert "image root:" in out
+
+    steps = int(re.search(r"rank 0 of 1: pid \d+, device cpu, (\d+) batches/epoch", out).group(1))
+    frames = re.findall(r"\repoch (\d)/2 train \[[#-]+\] (\d+)/(\d+)", out)
+    assert steps > 2 and frames, out[-4000:]
+    assert {int(total) for _, _, total in frames} == {steps}
+    assert any(int(step) == steps for _, step, _ in frames)
+    lines = out.replace("\r\x1b[K", "\n").splitlines()  # epoch lines without Ray's prefixes
+    assert any(line.startswith("epoch 2/2  train loss") for line in lines), out[-4000:]
+    assert "samples/s" in out and "PSNR" in out
+
     save = tmp_path / "train_transformer3D/controlnetlike/checkpoints_image"
-    assert (save / "best_model.pth").is_file() and (save / "final_model.pth").is_file()
-    assert any((tmp_path / "train_transformer3D/controlnetlike/logs_image").iterdir())
+    for name in run_files.run_names(epochs=2, save_interval=1):
+        assert (save / name).is_file(), name
+    history = json.loads(
+        (save / run_files.HISTORY).read_text(),
+        parse_constant=lambda c: pytest.fail(f"non-finite {c} in history"),
+    )
+    assert [h["epoch"] for h in history["val"]] == [1, 2]
+    tags = scalars(tmp_path / "train_transformer3D/controlnetlike/logs_image")
+    for tag in ("Epoch/TrainLoss", "Epoch/ValPSNR", "Epoch/ValLoss", "Epoch/TrainImageLoss"):
+        assert len(tags[tag]) == 2, tag
+    assert all(0 < v < 100 for v in tags["Epoch/ValPSNR"])
+    assert "outputs:" in out and str(save.resolve()) in out

@@ -57,14 +57,16 @@ def run_train(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Comp
     )
 
 
-def run_train_in_pty(args: list[str], cwd: Path, timeout: float = 600) -> tuple[int, str]:
+def run_train_in_pty(
+    args: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run the CLI with a pseudo-terminal as stdout/stderr (as in a user's shell, so the
-    progress bar is drawn); return (status, raw output)."""
+    progress bar is drawn); return (status, raw output). ``env``: extra variables."""
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "controlnet_ray.train", *args],
         cwd=cwd,
-        env=dict(train_env(cwd), COLUMNS="160"),
+        env=dict(train_env(cwd), COLUMNS="160", **(env or {})),
         stdin=subprocess.DEVNULL,
         stdout=follower,
         stderr=follower,
@@ -87,3 +89,12 @@ def run_train_in_pty(args: list[str], cwd: Path, timeout: float = 600) -> tuple[
     if proc.poll() is None:
         proc.kill()
     return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    """TensorBoard scalars under ``log_dir``, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
