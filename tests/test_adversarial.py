@@ -394,4 +394,4 @@ def test_ddp_ranks_keep_generator_and_discriminator_in_step() -> None:
         )
 
 
-# The real CLI run that resumes the discriminator: tests/test_bad_input_e2e.py (the re-run test).
+# The real CLI run that resumes the discriminator: tests/test_resume_faults.py (stage 2 re-run).
