@@ -87,6 +87,20 @@ class Cluster:
     say: Callable[[str], None] = lambda line: print(line, flush=True)
 
 
+def local_machine(num_cpus: float) -> Cluster:
+    """This machine as the local Ray it is about to start will see it (``num_cpus``: what the
+    launcher gives Ray; GPUs: the CUDA devices torch sees, which Ray counts the same way), so
+    a local run that can never fit is refused before Ray starts and before data preparation."""
+
+    def totals() -> dict[str, float]:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return {"CPU": float(num_cpus), "GPU": float(gpus)}
+
+    return Cluster(resources=totals, ceiling=lambda: None)
+
+
 def _never_fits(need: Need, have: Resources, fixed: bool) -> ConfigError:
     hint = "" if fixed else f" ({WAIT_FLAG} > 0 waits for an autoscaler to add nodes)"
     keys = sorted(need.totals)

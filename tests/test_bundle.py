@@ -245,6 +245,7 @@ def run_gpu_path_tiny(python: Path, tmp: Path, env: dict[str, str]) -> dict:
     """benchmarks/gpu_path.py in its tiny CPU mode; its one batch's figures."""
     out = tmp / "gpu_path.json"
     tiny = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--epochs", "2",
+            "--pair_mode", "front_to_video",
             "--pipeline_epochs", "1", "--batch_size", "8", "--image_size", "64",
             "--synthetic_identities", "8", "--synthetic_frames", "8"]  # fmt: skip
     proc = subprocess.run(

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_use_gpu_without_gpus_fails_fast(tmp_path: Path):
+    """A local Ray cannot grow: no GPU here is known before Ray starts and the data is read."""
     proc = run_train([*TINY, "--use_gpu", "--save_dir", "ck"], tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "--use_gpu" in proc.stderr and "GPU" in proc.stderr
+    assert "Ray" not in proc.stdout and "shards" not in proc.stdout  # before Ray and the data

@@ -32,6 +32,14 @@ def run_training(cfg: TrainConfig) -> object:
     given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
+    if plan is not None:  # a local Ray cannot grow: a shortfall (no GPU) is known now
+        capacity.ensure(
+            resource_need(cfg, plan),
+            0,
+            fixed=True,
+            cluster=capacity.local_machine(plan.ray_num_cpus),
+        )
     data = check_before_ray(cfg, defer_preparation=not local)
     if cfg.ray.fresh:
         discard_previous_run(cfg)
@@ -41,7 +49,6 @@ def run_training(cfg: TrainConfig) -> object:
             "checkpoint if any (--fresh starts over)",
             flush=True,
         )
-    plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
     started_ray = init_ray(cfg, plan.ray_num_cpus if plan else None)
     if plan is None:
         import ray
