@@ -1,5 +1,6 @@
 """Console progress: bar formatting, the driver's console thread and rank 0's poster. The CLI
-under a real pseudo-terminal is tested with the end-to-end run (tests/test_train_e2e.py)."""
+under a real pseudo-terminal is tested with the guide's full-configuration run
+(tests/test_original_guide.py)."""
 
 from __future__ import annotations
 
