@@ -8,6 +8,7 @@ mid-run, restarted by Ray, with 2 DDP workers so that the multi-worker path is c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -59,6 +60,35 @@ def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 400) -> tu
     pytest.fail(f"no line matching {pattern!r}; output:\n{''.join(seen)[-4000:]}")
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session ``sid`` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_driver_and_its_ray(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL the driver and everything its local Ray runs, and return once all are gone.
+
+    Ray's actors (the Train controller among them) run in process groups of their own, so
+    ``killpg`` on the driver's group leaves them alive for a moment, still writing the run's
+    checkpoints and Ray's record of them; a re-run started then races with them. They all
+    share the driver's session (``start_new_session``), which is what is killed here."""
+    deadline = time.monotonic() + timeout
+    while pids := session_pids(proc.pid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes of the killed run still alive: {pids}")
+        time.sleep(0.1)  # polling the condition above, not waiting for time to pass
+    proc.wait(timeout=timeout)
+
+
 def test_worker_sigkill_is_recovered_then_driver_killed_and_same_command_resumes(tmp_path: Path):
     """Two DDP workers: a worker SIGKILLed in epoch 1 is restarted by Ray from the epoch-1
     checkpoint; then the driver (and with it the local Ray) is killed in epoch 2, and the same
@@ -73,8 +103,7 @@ def test_worker_sigkill_is_recovered_then_driver_killed_and_same_command_resumes
     read_until(proc, r"resumed from Ray checkpoint .* at epoch 1")
     # Epoch lines are printed after the epoch's checkpoint is registered with Ray.
     read_until(proc, r"epoch 2/3 ")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_driver_and_its_ray(proc)
 
     again = run_train(args, tmp_path)
     out = again.stdout + again.stderr
