@@ -129,7 +129,12 @@ def test_load_of_saved_state_round_trips_the_digest(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- leftovers
 
 
-def test_unregistered_checkpoint_folders_are_pruned_registered_kept(tmp_path: Path) -> None:
+def test_unregistered_checkpoint_folders_are_pruned_after_a_run_not_before(
+    tmp_path: Path,
+) -> None:
+    """Before Ray starts nothing is deleted: a killed driver's actors may still be registering
+    the newest folder (a fresh-clone CI run caught a re-run deleting it under them). After the
+    run, folders absent from Ray's record go and registered ones stay."""
     cfg = _cfg(tmp_path)
     run_dir = _ray_run(cfg)
     doc = json.loads((run_dir / launcher.RAY_SNAPSHOT_FILE).read_text())
@@ -138,7 +143,10 @@ def test_unregistered_checkpoint_folders_are_pruned_registered_kept(tmp_path: Pa
     for name in ("checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-04"):
         (run_dir / name).mkdir()
         (run_dir / name / run_files.RAY_STATE_FILE).write_bytes(b"x" * 100)
+    before = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
     launcher.check_rerun(cfg)  # before Ray starts
+    assert sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir()) == before
+    launcher.prune_unregistered_checkpoints(run_dir)  # what run_training does after the fit
     left = sorted(d.name for d in run_dir.glob("checkpoint_*") if d.is_dir())
     assert left == ["checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"]
 

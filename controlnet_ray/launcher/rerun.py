@@ -1,6 +1,6 @@
 """A re-run of the same ``--save_dir`` and its Ray run on disk: found and continued (only when the
 flags agree with its latest checkpoint), discarded with ``--fresh``, and cleared of checkpoint
-folders Ray never registered. Ray's own snapshot says which checkpoint it resumes from.
+folders Ray never registered once a run has finished. Ray's own snapshot says which checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ def latest_ray_checkpoint(run_dir: Path) -> Path | None:
 def prune_unregistered_checkpoints(run_dir: Path) -> list[Path]:
     """Remove checkpoint folders Ray never registered (a worker or driver killed between the
     upload and the report): Ray never resumes from them and never deletes them, so with
-    ``--num_to_keep 2`` they pile up. Only folders absent from Ray's own record go."""
+    ``--num_to_keep 2`` they pile up. Only folders absent from Ray's own record go.
+
+    Called only after a run of this folder has finished, never before Ray starts: the Ray
+    actors of a driver killed a moment ago can still be uploading a checkpoint and registering
+    it, and a folder deleted under them leaves a record Ray refuses to resume from."""
     snapshot = run_dir / RAY_SNAPSHOT_FILE
     try:
         doc = json.loads(snapshot.read_text()) if snapshot.is_file() else {}
@@ -82,8 +86,6 @@ def check_rerun(cfg: TrainConfig) -> None:
 
     run_dir = None if cfg.ray.fresh else existing_run(cfg)
     state_file = latest_ray_checkpoint(run_dir) if run_dir is not None else None
-    if run_dir is not None:
-        prune_unregistered_checkpoints(run_dir)
     if state_file is None:
         return
     ways_out = (
