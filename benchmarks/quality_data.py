@@ -214,7 +214,9 @@ def load_data(args: argparse.Namespace, shards: Path, start: tuple[float, float]
     )
     eval_pairs, subset = held_out_pairs(args, held_rows)
     persons = {s: len(set(rows["person_name"][split == s])) for s in ("train", "val", "test")}
-    mask = face_mask(args.image_size)
+    from controlnet_ray.data.shards.schema import load_manifest
+
+    mask = face_mask(args.image_size, load_manifest(shards).framing)
     trivial = trivial_predictors(train_rows, train_ftv, mask)
     prep = {"wall_s": time.perf_counter() - start[0], "cpu_s": time.process_time() - start[1]}
     data = BenchData(

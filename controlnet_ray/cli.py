@@ -118,8 +118,14 @@ def _add(
     fl: Flag,
     help_text: str | None = None,
     required: bool = False,
+    unset_means: str | None = None,
 ) -> None:
-    kwargs: dict[str, Any] = {"dest": fl.name, "help": _help(fl, help_text)}
+    """Add ``fl``; ``unset_means``: the flag defaults to None, which the command reads as that
+    (e.g. "the checkpoint's"), and its help says so instead of the field's default."""
+    help_shown = _help(fl, help_text)
+    if unset_means is not None:
+        help_shown = f"{help_text or fl.field.metadata['help']} (default: {unset_means})"
+    kwargs: dict[str, Any] = {"dest": fl.name, "help": help_shown}
     if required:
         kwargs["required"] = True
     if fl.type is bool:
@@ -134,6 +140,8 @@ def _add(
         default = list(default)
     if metavar is not None:
         kwargs["metavar"] = metavar
+    if unset_means is not None:
+        default = None
     group.add_argument(f"--{fl.name}", type=_value_type(fl.type), default=default, **kwargs)
 
 
@@ -154,27 +162,35 @@ def add_flags(
     *,
     help: dict[str, str] | None = None,
     required: Sequence[str] = (),
+    unset_means: str | None = None,
 ) -> None:
     """Add the flags of ``section``'s fields ``names``, in that order, to another command's
     parser, generated as the training CLI's are (type, default, choices, help): a command that
     takes some of a section's settings (``prepare``: the data section) repeats none of them.
 
     ``help``: field name -> help text where the command gives the flag another context (the
-    default is still the field's); ``required``: fields the command cannot do without.
+    default is still the field's); ``required``: fields the command cannot do without;
+    ``unset_means``: these flags default to None, read by the command as this (``evaluate``:
+    "the checkpoint's"), so only values given are overrides.
     """
     by_field = {fl.field.name: fl for fl in flags() if fl.section == section}
     for name in names:
-        _add(parser, by_field[name], (help or {}).get(name), name in required)
+        _add(parser, by_field[name], (help or {}).get(name), name in required, unset_means)
 
 
-def section_from_namespace(ns: argparse.Namespace, section: str) -> Any:
+def section_from_namespace(
+    ns: argparse.Namespace, section: str, *, given_only: bool = False
+) -> Any:
     """``section``'s dataclass built from the flags ``ns`` has for it; its other fields keep
-    their defaults. Raises ConfigError naming the flag, as the section checks itself."""
+    their defaults. Raises ConfigError naming the flag, as the section checks itself.
+    ``given_only``: flags left at None (``unset_means``) keep the field's default too."""
     values: dict[str, Any] = {}
     for fl in flags():
         for target, name in fl.targets:
             if target == section and hasattr(ns, fl.name):
                 value = getattr(ns, fl.name)
+                if given_only and value is None:
+                    continue
                 values[name] = tuple(value) if isinstance(value, list) else value
     return section_classes()[section](**values)
 

@@ -40,12 +40,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from controlnet_ray.config import DEVICE_CHOICES, PAIR_MODES, ConfigError
+from controlnet_ray.cli import add_flags, section_from_namespace
+from controlnet_ray.config import DEVICE_CHOICES, ConfigError
 from controlnet_ray.data.detect import DetectorError
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.inference import InferenceError, check_output_path, run_cli
 
 SPLITS = ("train", "val", "test")
+
+#: Help where the flag means something narrower here than in training (defaults are the
+#: config's; the pairing flags' default is the checkpoint's).
+HELP = {
+    "data_dir": "folder with front_metadata.json etc. (the original layout)",
+    "num_workers": "shard preparation processes, at most the machine's cores (1: inline)",
+    "batch_size": "pairs per forward pass",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,23 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         "trivial baselines on a split of a dataset in the original layout.",
     )
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pth)")
-    p.add_argument("--data_dir", required=True, help="folder with front_metadata.json etc.")
+    add_flags(p, "data", ["data_dir"], help=HELP, required=["data_dir"])
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--out", default=None, help="JSON report (default: eval_<split>.json)")
     p.add_argument("--grid", default=None, help="comparison PNG (default: <out stem>_grid.png)")
     p.add_argument("--arcface", default=None, help="ArcFace ONNX model for identity cosine")
-    p.add_argument("--image_dir", default=None, help="root of the metadata's image paths")
-    p.add_argument("--cache_dir", default=None, help="shard cache (default as training's)")
-    p.add_argument("--skip_bad_images", action="store_true")
-    p.add_argument("--num_workers", type=int, default=1, help="shard preparation processes")
-    p.add_argument(
-        "--pair_mode",
-        choices=PAIR_MODES,
-        default=None,
-        help="default: the checkpoint's",
+    add_flags(p, "data", ["image_dir", "cache_dir", "skip_bad_images", "num_workers"], help=HELP)
+    add_flags(
+        p,
+        "data",
+        ["pair_mode", "min_pose_distance", "max_pose_distance"],
+        unset_means="the checkpoint's",
     )
-    p.add_argument("--min_pose_distance", type=float, default=None, help="default: checkpoint's")
-    p.add_argument("--max_pose_distance", type=float, default=None, help="default: checkpoint's")
     p.add_argument("--max_pairs", type=int, default=0, help="evenly spaced subset (0: all)")
     p.add_argument(
         "--mean_images",
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the independent judges (controlnet_ray.judging; the first run on a dataset "
         "trains the pose judge, about a minute of CPU)",
     )
-    p.add_argument("--batch_size", type=int, default=16)
+    add_flags(p, "data", ["batch_size"], help=HELP)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     return p
 
@@ -105,6 +109,10 @@ def _validate(args: argparse.Namespace) -> tuple[Path, Path]:
         raise InferenceError(f"--data_dir {args.data_dir}: no such folder")
     if args.arcface is not None and not Path(args.arcface).is_file():
         raise InferenceError(f"--arcface {args.arcface}: file not found")
+    try:  # the data flags given, checked as training checks them
+        section_from_namespace(args, "data", given_only=True)
+    except ConfigError as exc:
+        raise InferenceError(str(exc)) from exc
     for flag in ("batch_size", "grid_pairs", "mean_images", "num_workers"):
         if getattr(args, flag) < 1:
             raise InferenceError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

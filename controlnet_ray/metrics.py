@@ -43,9 +43,10 @@ def _check_images(pred: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def face_mask(size: int, framing: str = "head") -> torch.Tensor:
+def face_mask(size: int, framing: str) -> torch.Tensor:
     """``[size, size]`` bool: the face region of a crop of this framing (``FACE_REGIONS_112``
-    scaled to ``size``).
+    scaled to ``size``). No default framing: it is the data's (its manifest, or the checkpoint's
+    ``DataConfig``), and a wrong guess would score another region without a word.
 
     Pixel centres at ``i + 0.5``. A fixed region (not a segmentation) so every predictor is
     scored on the same pixels.

@@ -189,10 +189,15 @@ def test_without_arcface_identity_is_null_and_table_printed(
     assert Path(doc["grid"]) == tmp_path / "r_grid.png" and Path(doc["grid"]).is_file()
 
 
-@pytest.mark.parametrize("case", ["onnx", "wrong_kind", "missing_dir", "bad_out", "bad_data"])
+CASES = ["onnx", "wrong_kind", "missing_dir", "bad_out", "bad_data", "pair_mode", "distances"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_evaluate_bad_input(case, tiny_checkpoint, tiny_onnx, tiny_data, tmp_path, capsys):
+    """Bad flags fail in one line naming the flag; the data flags are checked by the same
+    config checks training runs (an override of the checkpoint's pairing too)."""
     ckpt, data, out = tiny_checkpoint, tiny_data.data_dir, tmp_path / "r.json"
-    expect = ""
+    expect, extra = "", {}
     if case == "onnx":
         ckpt, expect = tiny_onnx, "needs the training .pth"
     elif case == "wrong_kind":
@@ -208,8 +213,18 @@ def test_evaluate_bad_input(case, tiny_checkpoint, tiny_onnx, tiny_data, tmp_pat
         data.mkdir()
         (data / "front_metadata.json").write_text("{}")
         expect = "front_metadata.json"
+    elif case == "pair_mode":
+        extra, expect = {"pair_mode": "sideways"}, "--pair_mode"
+    elif case == "distances":
+        extra, expect = {"min_pose_distance": 50, "max_pose_distance": 10}, "_pose_distance"
     code, _, err = _run(
-        evaluate, capsys, checkpoint=ckpt, data_dir=data, out=out, cache_dir=tiny_data.cache_dir
+        evaluate,
+        capsys,
+        checkpoint=ckpt,
+        data_dir=data,
+        out=out,
+        cache_dir=tiny_data.cache_dir,
+        **extra,
     )
     assert code == 2 and expect in err, err
     assert not out.exists()

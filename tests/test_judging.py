@@ -182,7 +182,7 @@ def test_pose_bin_mean_averages_a_bin() -> None:
 
 
 def test_colour_shift_moves_the_face_mean_to_the_sources() -> None:
-    mask = face_mask(SIZE)
+    mask = face_mask(SIZE, "head")
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, SIZE, SIZE, generator=g) * 0.5 - 0.25
     source = torch.rand(2, 3, SIZE, SIZE, generator=g) * 0.5
@@ -194,7 +194,7 @@ def test_colour_shift_moves_the_face_mean_to_the_sources() -> None:
 
 def test_trivial_predictors_definitions() -> None:
     images, poses = head_set(12, seed=5)
-    triv = fit_trivial_predictors(images, poses, face_mask(SIZE))
+    triv = fit_trivial_predictors(images, poses, face_mask(SIZE, "head"))
     src = to_model_range(images[:3])
     sp, tp = torch.from_numpy(poses[:3]), torch.from_numpy(poses[3:6])
     assert torch.equal(triv.source(src, sp, tp), src)
@@ -229,7 +229,7 @@ def scorer() -> Scorer:
     pairs = np.asarray([[6 * k, 6 * k + f] for k in range(4) for f in range(1, 6)])
     torch.manual_seed(0)  # an untrained judge: the scoring, not the judge, is under test here
     judge = PoseJudge(PoseJudgeNet(32, 8), JudgeSettings(input_size=32, width=8))
-    return Scorer(build_eval_set(rows, pairs), judge)
+    return Scorer(build_eval_set(rows, pairs), judge, face_mask(SIZE, "head"))
 
 
 def test_retrieval_of_the_true_target_is_perfect_and_of_a_constant_is_chance(
@@ -248,7 +248,7 @@ def test_sharpness_of_a_blur_is_below_one(scorer: Scorer) -> None:
     assert np.allclose(scorer.score(ev.target.clone())["sharpness"], 1.0)
     blurred = torch.nn.functional.avg_pool2d(ev.target, 5, stride=1, padding=2)
     assert (scorer.score(blurred)["sharpness"] < 0.5).all()
-    mask = face_mask(SIZE)
+    mask = face_mask(SIZE, "head")
     assert (
         laplacian_energy_per_image(blurred, mask) < laplacian_energy_per_image(ev.target, mask)
     ).all()
@@ -385,7 +385,7 @@ def test_identity_judge_is_cached_and_reloaded(tmp_path: Path) -> None:
 def test_scorer_reports_learned_and_pixel_identity(scorer: Scorer) -> None:
     torch.manual_seed(0)
     judge = IdentityJudge(IdentityJudgeNet(ID_TINY, 4), ID_TINY)
-    learned = Scorer(scorer.ev, scorer.judge, identity=judge)
+    learned = Scorer(scorer.ev, scorer.judge, scorer.mask, identity=judge)
     per = learned.score(scorer.ev.target.clone())
     assert per["id_top1"].mean() == 1.0 and per["id_top1_pixel"].mean() == 1.0
     report = build_report(learned, {"model": per})

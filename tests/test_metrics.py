@@ -105,7 +105,7 @@ def test_masked_psnr_only_counts_the_mask_and_refuses_bad_masks() -> None:
         psnr_per_image(pred, target, mask.float())
     with pytest.raises(ValueError, match="no pixel"):
         psnr_per_image(pred, target, torch.zeros(16, 16, dtype=torch.bool))
-    assert 0.3 < float(face_mask(112).float().mean()) < 0.6
+    assert 0.3 < float(face_mask(112, "head").float().mean()) < 0.6
 
 
 def test_laplacian_energy_is_zero_on_flat_images_and_drops_with_blur() -> None:

@@ -79,7 +79,7 @@ def test_face_mask_and_masked_psnr() -> None:
     arcface = face_mask(112, "arcface")
     assert arcface[68, 56] and not arcface[2, 2] and not arcface[68, 56 - 40]
     assert arcface[68, 56 - 37] and arcface[68 - 49, 56]
-    mask = face_mask(112)  # head framing: centred on the head, above the ArcFace face
+    mask = face_mask(112, "head")  # head framing: centred on the head, above the ArcFace face
     assert mask[51, 56] and mask[51, 56 - 33] and mask[51 - 43, 56] and not mask[51, 56 - 35]
     assert not mask[100, 56] and arcface[100, 56]  # the chin region of a head crop is the neck
     with pytest.raises(ValueError, match="framing"):

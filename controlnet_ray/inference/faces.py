@@ -50,7 +50,7 @@ def prepare_face(
     landmarks: np.ndarray | None = None,
     source_pose: Sequence[float | None] = (None, None, None),
     detector: Callable[[], FaceDetector] | None = None,
-    framing: str = "head",
+    framing: str,
 ) -> PreparedFace:
     """Aligned crop + source pose of one image (see the package docstring for the rules).
 

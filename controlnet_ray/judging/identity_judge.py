@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.judging.pose_judge import (
     FrozenJudge,
     _stage,
@@ -64,7 +65,7 @@ class IdentitySettings:
     max_scale: float = 0.06
     blur_prob: float = 0.3
     tint: float = 0.3  # per-channel gain jitter: a video's colour cast is not identity
-    framing: str = "head"  # decides the face region kept
+    framing: str = DataConfig.framing  # decides the face region kept; the data's default
     seed: int = 0
 
     def key(self) -> str:
@@ -191,7 +192,7 @@ def ensure_identity_judge(
     """The cached identity judge of this shard directory; trained on its train split if absent."""
     from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows, manifest_of
 
-    s = settings or IdentitySettings(framing=manifest_of(shards_dir).get("framing", "head"))
+    s = settings or IdentitySettings(framing=manifest_of(shards_dir)["framing"])
     path = judge_cache_path(shards_dir, cache_root, s, kind="identity")
     if path.is_file():
         if verbose:

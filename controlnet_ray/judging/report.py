@@ -6,8 +6,8 @@ score through :class:`Scorer` and :func:`build_report`, so a figure means the sa
 Per image (pair = source, target, source pose, requested target pose, person):
 
 * ``psnr`` / ``psnr_face``: ``controlnet_ray.metrics.psnr_per_image`` on the whole crop and on the
-  face region (bool ``[H, W]`` mask, default ``metrics.face_mask``; pass your own for other crop
-  framings);
+  face region (bool ``[H, W]`` mask: ``metrics.face_mask`` of the data's framing, given by the
+  caller);
 * ``pose_err``: ``|judge(output) - requested pose|`` per axis (degrees, wrapped to +-180); the
   ``floor`` row is the judge on the real targets, the error no output can be expected to beat;
 * ``id_top1``: identity retrieval. Candidates: for each held-out person, their real frame nearest
@@ -40,7 +40,6 @@ from controlnet_ray.judging.pose_judge import PoseJudge
 from controlnet_ray.judging.predictors import BEST_CANDIDATES, Predictor
 from controlnet_ray.metrics import (
     SHARPNESS_FLOOR,
-    face_mask,
     laplacian_energy_per_image,
     psnr_per_image,
 )
@@ -87,7 +86,7 @@ class Scorer:
         self,
         ev: EvalSet,
         judge: PoseJudge,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor,
         embed: Embedder | None = None,
         batch_size: int = 64,
         identity: IdentityJudge | None = None,
@@ -95,7 +94,7 @@ class Scorer:
         """``identity`` None: ``id_top1`` uses the pixel descriptor (for small unit tests)."""
         self.ev, self.judge, self.embed, self.batch_size = ev, judge, embed, batch_size
         self.identity = identity
-        self.mask = face_mask(ev.target.shape[-1]) if mask is None else mask
+        self.mask = mask
         gallery = torch.from_numpy(np.ascontiguousarray(ev.gallery.images)).permute(0, 3, 1, 2)
         gallery = gallery.float() / 127.5 - 1.0
         self.gallery_pixel = identity_descriptor(gallery, self.mask)

@@ -1,6 +1,7 @@
 """A re-run of the same ``--save_dir`` and its Ray run on disk: found and continued (only when the
 flags agree with its latest checkpoint), discarded with ``--fresh``, and cleared of checkpoint
-folders Ray never registered once a run has finished. Ray's own snapshot says which checkpoint it resumes from.
+folders Ray never registered once a run has finished. Ray's own snapshot says which checkpoint
+it resumes from.
 """
 
 from __future__ import annotations
