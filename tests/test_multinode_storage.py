@@ -382,7 +382,8 @@ def test_the_autoscaler_launched_the_worker_node_for_the_training_run(
     assert f"alive before: {cluster_run.head()}\n" in training, training[:2000]
     asked = "the cluster has 0 CPU; asked the autoscaler, waiting up to 600 s (--resource_wait_s)"
     assert asked in training and "resources: ready after" in training, training[-4000:]
-    assert training.index("resources: ready after") < training.index("decode+align")
+    ready, prepared = (training.find(s) for s in ("resources: ready after", "decode+align: Ray"))
+    assert 0 <= ready < prepared, training[-4000:]  # the nodes came before the preparation
     assert cluster_run.worker() == _first_autoscaled_node_id(), training[-4000:]
 
 
