@@ -1,13 +1,13 @@
 """The sweep CLI without a cluster: flags, resource plan, per-trial configs, ASHA that survives
-a resume, and the ranked table; and (slow) trial placement on a real two-node cluster. The
-sweep itself runs against a real Ray head in tests/test_ray_client.py.
+a resume, and the ranked table. The sweep itself runs against a real Ray head in
+tests/test_ray_client.py; trial placement on a 0-CPU head with the driver resource, in
+tests/test_multinode_storage.py (its autoscaling cluster).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -306,69 +306,3 @@ def test_results_are_written_as_json_and_csv_with_the_best_config(tmp_path: Path
 def test_sweep_options_defaults_match_the_parser():
     _, opts = parse()
     assert opts == SweepOptions()
-
-
-# --- placement on a real two-node cluster ------------------------------------------------------
-
-PLACEMENT = """
-import sys
-from pathlib import Path
-
-import ray
-from ray import tune
-from ray.cluster_utils import Cluster
-
-from controlnet_ray.tune import DRIVER_RESOURCE, SweepPlan
-
-out = Path(sys.argv[1])
-cluster = Cluster(
-    initialize_head=True, head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
-)
-worker = cluster.add_node(num_cpus=2)
-ray.init(address=cluster.address)
-plan = SweepPlan(1, 0.0, 1.0, 1, None, on_driver_nodes=True)
-
-
-def trial(config):
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def loop():
-        (out / "worker_node").write_text(ray.get_runtime_context().get_node_id())
-
-    TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1)).fit()
-    (out / "trial_node").write_text(ray.get_runtime_context().get_node_id())
-
-
-tune.Tuner(
-    tune.with_resources(trial, plan.trial_resources()),
-    run_config=tune.RunConfig(storage_path=str(out / "store"), name="p"),
-).fit()
-(out / "nodes").write_text(cluster.head_node.node_id + " " + worker.node_id)
-ray.shutdown()
-cluster.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_trials_run_on_the_driver_node_and_their_workers_elsewhere(tmp_path: Path):
-    """Head with 0 CPUs and the driver resource (as in cluster/), one 2-CPU worker node: the
-    CPU-less trial starts on the head, and its Train worker runs on the worker node."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "placement.py"
-    script.write_text(PLACEMENT)
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert (tmp_path / "nodes").is_file(), proc.stderr[-4000:]
-    head, worker = (tmp_path / "nodes").read_text().split()
-    assert (tmp_path / "trial_node").read_text() == head
-    assert (tmp_path / "worker_node").read_text() == worker

@@ -1,8 +1,8 @@
 """``run_training``: a whole run, in order: check inputs and prepare the data (against a
-cluster, a first-time preparation waits for the connection and runs as Ray tasks), start Ray
-sized by the plan or join the cluster, hold the resources, train with the console drawing
-progress, copy the outputs down, print the held-out judged summary, stop the local Ray this
-run started.
+cluster, a first-time preparation waits for the connection and for the resources, and runs as
+Ray tasks), start Ray sized by the plan or join the cluster, hold the resources, train with
+the console drawing progress, copy the outputs down, print the held-out judged summary, stop
+the local Ray this run started.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def run_training(cfg: TrainConfig) -> object:
 
         plan = plan_resources(cfg, ray.cluster_resources().get("CPU", 0), local=False)
     check_cluster_paths(cfg, given_storage_path)
-    shards = data.shards or prepare_data(cfg, data.source)  # first use on a cluster: Ray tasks
-    need = resource_need(cfg, plan)
-    with capacity.held(need, cfg.ray.resource_wait_s, fixed=local):
+    # Held before a first-time preparation: a cluster that can never hold the run is refused
+    # before that work, and on one that autoscales from no workers (a 0-CPU head) the request
+    # brings the nodes that the preparation's Ray tasks then run on.
+    with capacity.held(resource_need(cfg, plan), cfg.ray.resource_wait_s, fixed=local):
+        shards = data.shards or prepare_data(cfg, data.source)  # first use on a cluster
         result = _fit(cfg, plan, shards)
     print_judged_summary(getattr(result, "metrics", None) or {})
     if (run_dir := existing_run(cfg)) is not None:
