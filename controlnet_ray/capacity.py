@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from controlnet_ray.config import ConfigError
+from controlnet_ray.config import ConfigError, TrainConfig
 
 POLL_S = 5.0  # between two looks at the cluster while waiting
 REPORT_EVERY_S = 30.0  # a progress line at least this often while waiting
@@ -24,6 +24,8 @@ WAIT_FLAG = "--resource_wait_s"
 # CPUs kept free for Ray Data beside the training workers (train) or all trials (tune): one
 # number so a run and a sweep plan the same headroom.
 DATA_CPUS = 1.0
+#: The smallest share of a CPU a worker is planned with when CPUs are short.
+MIN_CPUS_PER_WORKER = 0.25
 
 Resources = Mapping[str, float]
 
@@ -182,3 +184,24 @@ def _wait(need: Need, wait_s: float, have: Resources, cluster: Cluster) -> None:
         if not missing(need.totals, have):
             cluster.say(f"resources: ready after {cluster.clock() - start:.0f} s")
             return
+
+
+def worker_share(cfg: TrainConfig, budget: float, local: bool) -> tuple[float, int]:
+    """(CPUs, torch threads) of one training worker when ``budget`` CPUs are left for a run's
+    (or one sweep trial's) workers: ``--cpus_per_worker`` if given, else the budget split
+    between ``--num_ray_workers``, between a quarter and one CPU each.
+
+    A cluster whose budget cannot hold even quarter-CPU workers now (one that autoscales from
+    no worker nodes: a 0-CPU head) must grow anyway, so it is planned at a whole CPU per
+    worker, what it gets once grown, not at the quarter and one thread its empty state would
+    suggest. (The launcher and the sweep both plan through here.)
+    """
+    n = cfg.ray.num_ray_workers
+    if cfg.ray.cpus_per_worker is not None:
+        cpw = cfg.ray.cpus_per_worker
+    elif not local and budget < n * MIN_CPUS_PER_WORKER:
+        cpw, budget = 1.0, n * 1.0  # the size it must grow to
+    else:
+        cpw = min(1.0, max(MIN_CPUS_PER_WORKER, budget / n))
+    threads = 2 if cfg.ray.use_gpu else max(1, int(budget // n))
+    return cpw, threads

@@ -142,3 +142,16 @@ def test_a_real_ray_is_asked_and_the_wait_gives_up_naming_the_flag():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ERROR: --num_ray_workers 2 needs 3 CPU, 2 GPU but after 2 s" in proc.stdout
     assert "asked the autoscaler, waiting up to 2 s (--resource_wait_s)" in proc.stdout
+
+
+def test_a_cluster_below_its_size_is_planned_at_a_whole_cpu_per_worker():
+    """A 0-CPU head before the autoscaler adds workers: the run asks for a CPU per worker (and
+    Ray Data's), not the quarter CPU and one thread its empty state would give; a cluster that
+    holds quarter-CPU workers now is planned as before, and so is a local Ray."""
+    cfg = parse_args(["--num_ray_workers", "2"])
+    empty = plan_resources(cfg, available_cpus=0, local=False)
+    assert (empty.cpus_per_worker, empty.torch_threads) == (1.0, 1)
+    assert resource_need(cfg, empty).totals == {"CPU": 3.0}
+    small = plan_resources(cfg, available_cpus=2, local=False)
+    assert small.cpus_per_worker == 0.5
+    assert plan_resources(cfg, available_cpus=1, local=True).cpus_per_worker == 0.25

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlnet_ray.capacity import DATA_CPUS, Need
+from controlnet_ray.capacity import DATA_CPUS, Need, worker_share
 from controlnet_ray.config import TrainConfig
 
 
@@ -31,17 +31,13 @@ def plan_resources(cfg: TrainConfig, available_cpus: float, local: bool) -> Reso
     """Share the CPUs so that Ray Data always keeps one, whatever the worker count.
 
     Locally Ray gets the machine's core count as logical CPUs; when that is too small for the
-    requested workers (e.g. 2 workers on 2 cores) each worker reserves a fraction of a CPU.
-    Whether a cluster holds the plan is :func:`resource_need`'s business.
+    requested workers (e.g. 2 workers on 2 cores) each worker reserves a fraction of a CPU
+    (:func:`worker_share`). Whether a cluster holds the plan is :func:`resource_need`'s
+    business.
     """
-    n = cfg.ray.num_ray_workers
-    if cfg.ray.cpus_per_worker is not None:
-        cpw = cfg.ray.cpus_per_worker
-    else:
-        cpw = min(1.0, max(0.25, (available_cpus - DATA_CPUS) / n))
-    needed = n * cpw + DATA_CPUS
+    cpw, threads = worker_share(cfg, available_cpus - DATA_CPUS, local)
+    needed = cfg.ray.num_ray_workers * cpw + DATA_CPUS
     ray_cpus = max(int(available_cpus), int(needed + 0.999)) if local else None
-    threads = max(1, int((available_cpus - DATA_CPUS) // n)) if not cfg.ray.use_gpu else 2
     return ResourcePlan(ray_num_cpus=ray_cpus, cpus_per_worker=cpw, torch_threads=threads)
 
 

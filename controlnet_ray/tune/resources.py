@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from controlnet_ray.capacity import DATA_CPUS, Need
+from controlnet_ray.capacity import DATA_CPUS, Need, worker_share
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.tune.search_space import SweepOptions
 
@@ -72,7 +72,7 @@ def plan_sweep(
 ) -> SweepPlan:
     """Share ``cpus`` between concurrent trials so that Ray Data always keeps one CPU.
 
-    Workers get what is left of a trial's share, between 0.25 and 1 CPU each. Locally a
+    Workers get what is left of a trial's share (``capacity.worker_share``). Locally a
     shortfall is covered by giving Ray more logical CPUs than cores (the launcher does the
     same); whether a cluster holds the plan is :func:`sweep_need`'s business.
     ``on_driver_nodes``: the cluster has DRIVER_RESOURCE, where trials run without a CPU.
@@ -82,9 +82,8 @@ def plan_sweep(
     concurrency = opts.max_concurrent_trials or default_concurrency(cfg, cpus, gpus)
     concurrency = min(concurrency, opts.grid_size())
     budget = (cpus - DATA_CPUS) / concurrency - trial_cpus  # one trial's workers
-    cpw = cfg.ray.cpus_per_worker or min(1.0, max(0.25, budget / n))
+    cpw, threads = worker_share(cfg, budget, local)
     needed = concurrency * (trial_cpus + n * cpw) + DATA_CPUS
-    threads = 2 if cfg.ray.use_gpu else max(1, int(budget // n))
     ray_cpus = max(int(cpus), math.ceil(needed - 1e-9)) if local else None
     return SweepPlan(concurrency, trial_cpus, cpw, threads, ray_cpus, on_driver_nodes)
 
