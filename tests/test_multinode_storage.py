@@ -9,9 +9,9 @@ process may make mount namespaces, with a local ``--storage_path`` while a third
 its own mount namespace, seeing an empty tmpfs there (refused, naming the flag and that node;
 the node is then stopped); then with ``s3://``. The driver's ``--save_dir`` / ``--log_dir`` must
 then hold the original's files, copied down from the bucket, and the bucket everything. The runs
-use a fresh ``--cache_dir``, so the training run prepares its shards on first use: after
-connecting, as Ray tasks on the worker node (the head has no CPUs), not in the driver's process
-pool.
+use a fresh ``--cache_dir``, so the training run prepares its shards and trains its judges on
+first use: after connecting, as Ray tasks on the worker node (the head has no CPUs), not in the
+driver's process pool.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, s3_server) -> ClusterR
     env = train_env(tmp_path)
     if no_namespace is None:
         env["PRIVATE_FOLDER"] = str(private)
-    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--no_judge", "--cache_dir", str(cache)]
+    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--cache_dir", str(cache)]
     args += ["--storage_path", uri]
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args],
@@ -214,8 +214,9 @@ def test_rank0_on_another_node_leaves_everything_in_s3_and_on_the_driver(
 
 def _assert_prepared_by_ray_tasks_on_the_worker(stdout: str, cache: Path) -> None:
     """The refused runs checked the data but prepared nothing; the training run prepared its
-    shards after connecting, as Ray tasks that all ran on the worker node (the head has 0
-    CPUs and the driver runs on it), and published them in the cache."""
+    shards (pose fitting, decode + align) and trained its judges after connecting, as Ray
+    tasks that all ran on the worker node (the head has 0 CPUs and the driver runs on it),
+    and published them in the cache."""
     ids = re.search(r"HEAD_NODE (\w+) WORKER_NODE (\w+)", stdout)
     assert ids, stdout[-4000:]
     head, worker = ids.groups()
@@ -225,6 +226,11 @@ def _assert_prepared_by_ray_tasks_on_the_worker(stdout: str, cache: Path) -> Non
     ran_on = re.search(r"decode\+align: Ray tasks ran on node\(s\) (.+)", training)
     assert ran_on, training[-4000:]
     assert ran_on.group(1).strip() == worker != head, (ran_on.group(1), head, worker)
+    fitted_on = re.search(r"pose: Ray tasks ran on node\(s\) (.+)", training)
+    judged_on = re.search(r"judges: trained by a Ray task on node (\w+)", training)
+    assert fitted_on and judged_on, training[-4000:]
+    assert fitted_on.group(1).strip() == judged_on.group(1) == worker, training[-4000:]
+    assert len(list((cache / "judges").glob("*.pt"))) == 2
     manifests = list((cache / "shards").glob("*/manifest.json"))
     assert len(manifests) == 1, manifests
     assert json.loads(manifests[0].read_text())["counts"]["total"]["images"] > 0

@@ -115,6 +115,11 @@ def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
     return ray.get_runtime_context().get_node_id(), fn(*args)
 
 
+def _task_name(fn: Callable[..., Any]) -> str:
+    """The job's name, for Ray's task list and the prefix of the lines it prints."""
+    return getattr(fn, "__name__", "job")
+
+
 class RayTasks:
     """A process pool's ``map`` over a Ray cluster: each job a Ray task of one CPU on whichever
     node has one (``SPREAD``), results in job order, at most ``window`` jobs in flight (memory
@@ -129,7 +134,9 @@ class RayTasks:
     def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[Any]:
         import ray
 
-        remote = ray.remote(_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")
+        remote = ray.remote(_on_node).options(
+            num_cpus=1, scheduling_strategy="SPREAD", name=_task_name(fn)
+        )
         pending: deque = deque()
         remaining = iter(jobs)
         for job in itertools.islice(remaining, self.window):
@@ -151,5 +158,5 @@ def ray_call(fn: Callable[..., Any], *args: Any, num_cpus: int) -> tuple[str, An
     (the node it ran on, its result). An error in ``fn`` is raised here."""
     import ray
 
-    remote = ray.remote(_on_node).options(num_cpus=num_cpus)
+    remote = ray.remote(_on_node).options(num_cpus=num_cpus, name=_task_name(fn))
     return ray.get(remote.remote(fn, *args))
