@@ -273,8 +273,8 @@ CLUSTER_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_preparation_spreads_over_a_ray_cluster_and_writes_the_same_shards(tmp_path):
-    """Two Ray nodes: ``prepare --address`` aligns through Ray tasks; the shards equal a local
-    preparation's (same rows, crops, poses and pair index)."""
+    """Two Ray nodes: ``prepare --address`` fits poses and aligns through Ray tasks; the shards
+    equal a local preparation's (same rows, crops, poses and pair index)."""
     fx = make_legacy_fixture(tmp_path / "repo")
     local, spread = tmp_path / "local", tmp_path / "spread"
     prepare_shards(DataConfig(data_dir=fx.data_dir), local, num_workers=1)
@@ -284,6 +284,7 @@ def test_preparation_spreads_over_a_ray_cluster_and_writes_the_same_shards(tmp_p
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "RC 0 RAY_USED True" in done.stdout, done.stdout[-2000:]
+    assert "pose: Ray tasks ran on node(s)" in done.stdout, done.stdout[-2000:]
     cols = ["person_name", "split", "image_path", "image", "yaw", "pitch", "roll"]
     assert read_shard_table(spread, columns=cols).equals(read_shard_table(local, columns=cols))
     for split in shards.SPLITS:

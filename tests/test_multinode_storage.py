@@ -2,22 +2,23 @@
 runs on another node than the driver, with a real S3-compatible server on loopback as
 ``--storage_path``; the worker node comes from a real Ray autoscaler.
 
-The cluster lives in a subprocess, run once for this module: a head (``ray.cluster_utils.Cluster``)
-with 0 CPUs and the ``driver_node`` resource, whose autoscaler (Ray's ``fake_multinode``
-provider, which starts nodes as local raylets) may add one 3-CPU node, and no node besides the
-head at start. It runs the CLI's ``main`` against it: with the default and with a relative
-storage path (both refused before training, naming the flag, and before preparing any data);
-where this process may make mount namespaces, with a local ``--storage_path`` while a node joins
-by hand from its own mount namespace, seeing an empty tmpfs there (refused, naming the flag and
-that node; the node is then stopped); then with ``s3://``, where the launcher finds 0 CPUs, asks
-the autoscaler for the run's resources and waits until its node is up. The driver's
-``--save_dir`` / ``--log_dir`` must then hold the original's files, copied down from the bucket,
-and the bucket everything. The runs use a fresh ``--cache_dir``, so the training run prepares
-its shards on first use: after connecting, as Ray tasks on the autoscaled node (the head has no
-CPUs), not in the driver's process pool. Then a sweep trial is placed on the same cluster: the
-trial on the head, its Train worker on the worker node. The script stops its own processes
-only (never ``ray stop``, which would stop every Ray on the machine), including the
-autoscaler's nodes, which the head's shutdown leaves running.
+The cluster lives in a subprocess, run once for this module: a head
+(``ray.cluster_utils.Cluster``) with 0 CPUs and the ``driver_node`` resource, whose autoscaler
+(Ray's ``fake_multinode`` provider, which starts nodes as local raylets) may add one 3-CPU node,
+and no node besides the head at start. It runs the CLI's ``main`` against it: with the default
+and with a relative storage path (both refused before training, naming the flag, and before
+preparing any data); where this process may make mount namespaces, with a local
+``--storage_path`` while a node joins by hand from its own mount namespace, seeing an empty
+tmpfs there (refused, naming the flag and that node; the node is then stopped); then with
+``s3://``, where the launcher finds 0 CPUs, asks the autoscaler for the run's resources and
+waits until its node is up. The driver's ``--save_dir`` / ``--log_dir`` must then hold the
+original's files, copied down from the bucket, and the bucket everything. The runs use a fresh
+``--cache_dir``, so the training run prepares its shards and trains its judges on first use:
+after connecting, as Ray tasks on the autoscaled node (the head has no CPUs), not in the
+driver's process pool. Then a sweep trial is placed on the same cluster: the trial on the head,
+its Train worker on the worker node. The script stops its own processes only (never ``ray
+stop``, which would stop every Ray on the machine), including the autoscaler's nodes, which the
+head's shutdown leaves running.
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory, s3_server) -> ClusterR
     env = train_env(tmp_path)
     if no_namespace is None:
         env["PRIVATE_FOLDER"] = str(private)
-    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--no_judge", "--cache_dir", str(cache)]
+    args = [*TINY, "--save_dir", "ck", "--log_dir", "logs", "--cache_dir", str(cache)]
     args += ["--storage_path", uri]
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, *args],
@@ -411,13 +412,20 @@ def _first_autoscaled_node_id() -> str:
 
 def _assert_prepared_by_ray_tasks_on_the_worker(run: ClusterRun) -> None:
     """The refused runs checked the data but prepared nothing; the training run prepared its
-    shards after connecting, as Ray tasks that all ran on the worker node (the head has 0
-    CPUs and the driver runs on it), and published them in the cache."""
+    shards (pose fitting, decode + align) and trained its judges after connecting, as Ray
+    tasks that all ran on the worker node (the head has 0 CPUs and the driver runs on it),
+    and published them in the cache."""
     stdout = run.proc.stdout
     refused, training = stdout.split("TRAINING_RUN", 1)
     assert "shards: not prepared yet" in refused and "decode+align" not in refused, refused
     assert "shards: not prepared yet" in training, training[-4000:]
-    assert run.worker() != run.head()
+    worker = run.worker()
+    assert worker != run.head()
+    fitted_on = re.search(r"pose: Ray tasks ran on node\(s\) (.+)", training)
+    judged_on = re.search(r"judges: trained by a Ray task on node (\w+)", training)
+    assert fitted_on and judged_on, training[-4000:]
+    assert fitted_on.group(1).strip() == judged_on.group(1) == worker, training[-4000:]
+    assert len(list((run.cache / "judges").glob("*.pt"))) == 2
     manifests = list((run.cache / "shards").glob("*/manifest.json"))
     assert len(manifests) == 1, manifests
     assert json.loads(manifests[0].read_text())["counts"]["total"]["images"] > 0

@@ -1,5 +1,6 @@
 """Checks the driver makes before Ray starts: a re-run's flags against its Ray run's latest
-checkpoint, and output folders that cannot be written. Real files, no Ray."""
+checkpoint, output folders that cannot be written, and what a run joining a cluster leaves for
+after the connection. Real files, no Ray."""
 
 from __future__ import annotations
 
@@ -157,3 +158,32 @@ def test_nothing_is_pruned_on_an_unreadable_record(tmp_path: Path) -> None:
     (run_dir / "checkpoint_x").mkdir()
     assert launcher.prune_unregistered_checkpoints(run_dir) == []
     assert (run_dir / "checkpoint_x").is_dir()
+
+
+def test_against_a_cluster_what_is_not_cached_waits_for_the_connection(
+    tmp_path: Path, capsys
+) -> None:
+    """``check_data(defer_preparation=True)`` (a run joining a cluster) reads and checks the
+    data, then leaves to the connection whatever is not cached: the shards, then the judges
+    (trained here by the local path of ``train_judges``); with both cached the data is ready
+    before Ray."""
+    from controlnet_ray.judging import judge_files
+    from tests.datasets import make_legacy_fixture
+
+    fx = make_legacy_fixture(tmp_path / "repo")
+    cache = tmp_path / "c"
+    flags = ("--data_dir", str(fx.data_dir), "--cache_dir", str(cache), "--image_size", "64")
+    cfg = _cfg(tmp_path, *flags)
+    data = launcher.check_data(cfg, defer_preparation=True)
+    assert data.shards is None and not (cache / "shards").exists()
+    assert "shards: not prepared yet" in capsys.readouterr().out
+    shards = data.source.ensure()
+    data = launcher.check_data(cfg, defer_preparation=True)
+    assert data.shards is None and "judges: not trained yet" in capsys.readouterr().out
+    no_judge = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, no_judge=True))
+    assert launcher.check_data(no_judge, defer_preparation=True).shards == shards
+    launcher.train_judges(cfg, shards)  # no Ray here: trained in this process
+    assert sorted((cache / "judges").glob("*.pt")) == sorted(judge_files(shards, cache))
+    capsys.readouterr()
+    assert launcher.check_data(cfg, defer_preparation=True).shards == shards
+    assert "judge: reusing" in capsys.readouterr().out

@@ -38,6 +38,7 @@ from controlnet_ray.tune import (
     write_results,
 )
 from tests.cli_helpers import run_module
+from tests.datasets import make_legacy_fixture
 
 TINY = ["--epochs", "3", "--batch_size", "4", "--save_dir", "/tmp/ck", "--log_dir", "/tmp/lg"]
 
@@ -97,6 +98,64 @@ def test_cli_help_and_bad_flag_fail_fast_without_ray():
     bad = run_module("tune", "--loss_types", "huber")
     assert bad.returncode == 2 and "--loss_types" in bad.stderr
     assert "Started a local Ray" not in bad.stdout + bad.stderr
+
+
+# --- checks before Ray, preparation once connected (the launcher's, as for training) -----------
+
+
+@pytest.mark.parametrize("cluster", [[], ["--address", "127.0.0.1:9"]], ids=["local", "cluster"])
+def test_bad_data_stops_a_sweep_in_one_line_before_ray(tmp_path: Path, cluster: list):
+    """The sweep reads and checks its data before starting or joining Ray: nothing listens at
+    the cluster's address, so reaching Ray would fail differently."""
+    fx = make_legacy_fixture(tmp_path / "repo", frames_per_person=3)
+    doc = fx.load_json("video")
+    doc["landmarks_2d"][4] = [[1e4, 1e4]] * 5
+    fx.save_json("video", doc)
+    person = doc["metadata"][4]["person_name"]
+    out = ["--save_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "lg")]
+    args = ["--data_dir", str(fx.data_dir), "--cache_dir", str(tmp_path / "c"), *out, *cluster]
+    proc = run_module("tune", *args, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and err.count("\n") == 0 and err.startswith("error: "), err
+    assert f"video_metadata.json: entry 4 (person '{person}'): field 'landmarks_2d'" in err
+    assert "sweep " not in proc.stdout  # Ray was never started or joined
+
+
+class _Connecting(Exception):
+    """Raised in place of starting or joining Ray: the test stops the sweep there."""
+
+
+@pytest.mark.parametrize("joins", [True, False], ids=["cluster", "local"])
+def test_a_sweep_prepares_after_joining_a_cluster_and_before_a_local_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, joins: bool
+):
+    """Against a cluster the shards are left for after the connection (then prepared as Ray
+    tasks on its nodes, as training does); locally they are ready before Ray starts."""
+    from controlnet_ray.tune import command_line
+
+    if joins:
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def start_ray(cfg, opts):  # noqa: ANN001, ANN202 - stands in for tune.resources.start_ray
+        raise _Connecting
+
+    monkeypatch.setattr(command_line, "start_ray", start_ray)
+    fx = make_legacy_fixture(tmp_path / "repo", frames_per_person=3)
+    cache = tmp_path / "c"
+    cfg, opts = parse(
+        "--data_dir", str(fx.data_dir), "--cache_dir", str(cache), "--num_workers", "1",
+        "--no_judge",
+    )  # fmt: skip
+    with pytest.raises(_Connecting):
+        command_line.run_sweep(cfg, opts)
+    out = capsys.readouterr().out
+    manifests = list(cache.glob("shards/*/manifest.json"))
+    if joins:
+        assert "shards: not prepared yet" in out and not manifests, out
+    else:
+        assert "shards: not prepared yet" not in out and len(manifests) == 1, out
 
 
 # --- resources -------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The one policy for process pools in data preparation (rendering, pose fitting, alignment).
+"""The one policy for process pools in data preparation (rendering, pose fitting, alignment),
+and the one decision of when that work runs as Ray tasks on a cluster instead.
 
 * ``spawn``, never ``fork``: the caller may already hold threads (Ray, torch, OpenCV) that
   make a forked child unsafe.
@@ -8,16 +9,25 @@
 * A worker that dies (killed for memory, a ``__main__`` that ``spawn`` cannot re-import)
   breaks the pool; :func:`process_pool` turns that into a :class:`PoolError`, one line that
   names the job, and on any error cancels the jobs not yet started instead of waiting on them.
+* Connected to a multi-node Ray cluster (:func:`ray_cluster_cpus` > 0), the expensive steps
+  of a preparation (decode + align, pose fitting, the judges' one-time training) run as Ray
+  tasks on the cluster's nodes (:class:`RayTasks`, :func:`ray_call`), not on the driver's
+  machine, which on the shipped cluster configs is a head started with ``num-cpus: 0``.
+  Locally (no Ray, or a one-machine Ray) nothing changes: the pools above, or inline.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 
 class PoolError(RuntimeError):
@@ -64,3 +74,89 @@ def process_pool(
         raise
     else:
         pool.shutdown(wait=True)
+
+
+def ray_cluster_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to, when it has several nodes
+    (0 otherwise: no Ray, or one machine, where a process pool does the same job without
+    Ray's per-task cost). A head started with 0 CPUs (as the shipped manifests start it)
+    counts as a node: its driver then runs the work on the other nodes, not on the head.
+    Never starts Ray. The one test of "on the cluster or here" for preparation work."""
+    if "ray" not in sys.modules:
+        return 0
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    nodes = _alive_nodes()
+    if len(nodes) < 2:
+        return 0
+    return int(sum(n.get("Resources", {}).get("CPU", 0) for n in nodes))
+
+
+def ray_task_cpus(requested: int) -> int:
+    """CPUs for one Ray task that wants ``requested``: at least 1, at most the largest live
+    node's CPUs (a task bigger than every node would wait forever)."""
+    largest = max((n.get("Resources", {}).get("CPU", 0) for n in _alive_nodes()), default=1)
+    return max(1, min(int(requested), int(largest)))
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _on_node(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """``fn(*args)`` in a Ray task, with the ID of the node it ran on (so the driver can say
+    where the work ran)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), fn(*args)
+
+
+def _task_name(fn: Callable[..., Any]) -> str:
+    """The job's name, for Ray's task list and the prefix of the lines it prints."""
+    return getattr(fn, "__name__", "job")
+
+
+class RayTasks:
+    """A process pool's ``map`` over a Ray cluster: each job a Ray task of one CPU on whichever
+    node has one (``SPREAD``), results in job order, at most ``window`` jobs in flight (memory
+    stays bounded); the IDs of the nodes that ran them gather in ``nodes``. Every node must
+    see the files a job reads at the same paths (a shared mount, as ``--cache_dir`` already
+    must be)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = max(1, int(window))
+        self.nodes: set[str] = set()
+
+    def map(self, fn: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[Any]:
+        import ray
+
+        remote = ray.remote(_on_node).options(
+            num_cpus=1, scheduling_strategy="SPREAD", name=_task_name(fn)
+        )
+        pending: deque = deque()
+        remaining = iter(jobs)
+        for job in itertools.islice(remaining, self.window):
+            pending.append(remote.remote(fn, job))
+        while pending:
+            node, result = ray.get(pending.popleft())
+            self.nodes.add(node)
+            for job in itertools.islice(remaining, 1):
+                pending.append(remote.remote(fn, job))
+            yield result
+
+    def where(self) -> str:
+        """The nodes that ran the jobs so far, for the line that says where the work ran."""
+        return ", ".join(sorted(self.nodes))
+
+
+def ray_call(fn: Callable[..., Any], *args: Any, num_cpus: int) -> tuple[str, Any]:
+    """``fn(*args)`` as one Ray task holding ``num_cpus`` CPUs (so never on a 0-CPU head):
+    (the node it ran on, its result). An error in ``fn`` is raised here."""
+    import ray
+
+    remote = ray.remote(_on_node).options(num_cpus=num_cpus, name=_task_name(fn))
+    return ray.get(remote.remote(fn, *args))

@@ -37,7 +37,13 @@ from controlnet_ray.judging.report import (
     format_report,
     summary_line,
 )
-from controlnet_ray.judging.session import Judging, ensure_judges, prepare_judging
+from controlnet_ray.judging.session import (
+    Judging,
+    ensure_judges,
+    judge_files,
+    judges_cached,
+    prepare_judging,
+)
 
 __all__ = [
     "TRIVIAL",
@@ -59,6 +65,8 @@ __all__ = [
     "fit_trivial_predictors",
     "format_report",
     "judge_cache_path",
+    "judge_files",
+    "judges_cached",
     "load_rows",
     "prepare_judging",
     "summary_line",

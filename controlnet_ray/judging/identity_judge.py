@@ -183,6 +183,13 @@ def _step_loss(
     return F.cross_entropy(s.scale * (cos - margin), labels)
 
 
+def default_identity_settings(shards_dir: str | Path) -> IdentitySettings:
+    """The identity judge's settings for a shard directory: the defaults at its framing."""
+    from controlnet_ray.judging.data import manifest_of
+
+    return IdentitySettings(framing=manifest_of(shards_dir)["framing"])
+
+
 def ensure_identity_judge(
     shards_dir: str | Path,
     cache_root: str | Path,
@@ -190,9 +197,9 @@ def ensure_identity_judge(
     verbose: bool = True,
 ) -> IdentityJudge:
     """The cached identity judge of this shard directory; trained on its train split if absent."""
-    from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows, manifest_of
+    from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows
 
-    s = settings or IdentitySettings(framing=manifest_of(shards_dir)["framing"])
+    s = settings or default_identity_settings(shards_dir)
     path = judge_cache_path(shards_dir, cache_root, s, kind="identity")
     if path.is_file():
         if verbose:

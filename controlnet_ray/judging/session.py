@@ -17,8 +17,17 @@ import torch
 
 from controlnet_ray.config import DataConfig
 from controlnet_ray.judging.data import MAX_TRAIN_ROWS, Rows, build_eval_set, load_rows
-from controlnet_ray.judging.identity_judge import IdentityJudge, ensure_identity_judge
-from controlnet_ray.judging.pose_judge import JudgeSettings, PoseJudge, ensure_pose_judge
+from controlnet_ray.judging.identity_judge import (
+    IdentityJudge,
+    default_identity_settings,
+    ensure_identity_judge,
+)
+from controlnet_ray.judging.pose_judge import (
+    JudgeSettings,
+    PoseJudge,
+    ensure_pose_judge,
+    judge_cache_path,
+)
 from controlnet_ray.judging.predictors import TrivialPredictors, fit_trivial_predictors
 from controlnet_ray.judging.report import Embedder, Predictor, Scorer, build_report
 from controlnet_ray.metrics import face_mask
@@ -59,9 +68,23 @@ class Judging:
 
 def ensure_judges(shards_dir: str | Path, cache_root: str | Path) -> None:
     """Train (or find) both judges of this shard directory: a training run does it once before
-    Ray starts, so its workers only load them."""
+    training starts (on the driver, or as a Ray task on a cluster), so its workers only load
+    them."""
     ensure_pose_judge(shards_dir, cache_root)
     ensure_identity_judge(shards_dir, cache_root)
+
+
+def judges_cached(shards_dir: str | Path, cache_root: str | Path) -> bool:
+    """Whether both judges :func:`ensure_judges` makes are already in ``cache_root`` (cheap:
+    the shards' manifest and two file lookups, nothing loaded)."""
+    return all(p.is_file() for p in judge_files(shards_dir, cache_root))
+
+
+def judge_files(shards_dir: str | Path, cache_root: str | Path) -> tuple[Path, Path]:
+    """Where :func:`ensure_judges` keeps this shard directory's pose and identity judges."""
+    pose = judge_cache_path(shards_dir, cache_root, JudgeSettings())
+    settings = default_identity_settings(shards_dir)
+    return pose, judge_cache_path(shards_dir, cache_root, settings, kind="identity")
 
 
 def prepare_judging(

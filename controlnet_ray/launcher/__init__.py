@@ -17,6 +17,8 @@ from controlnet_ray.launcher.checks import (
     EXPECTED_ERRORS,
     absolute_paths,
     check_before_ray,
+    check_data,
+    check_outputs,
     check_resume_file,
     check_writable_dir,
     output_dirs,
@@ -27,10 +29,11 @@ from controlnet_ray.launcher.connection import (
     check_cluster_paths,
     cluster_is_multi_node,
     init_ray,
+    joins_cluster,
     nodes_missing,
     shutdown_local_ray,
 )
-from controlnet_ray.launcher.data import build_pairs, resolve_shards
+from controlnet_ray.launcher.data import build_pairs, prepare_data, resolve_shards, train_judges
 from controlnet_ray.launcher.mirror import (
     MIRROR_INTERVAL_S,
     OutputMirror,
@@ -62,6 +65,8 @@ __all__ = [
     "build_trainer",
     "check_before_ray",
     "check_cluster_paths",
+    "check_data",
+    "check_outputs",
     "check_resume_file",
     "check_rerun",
     "check_writable_dir",
@@ -70,11 +75,13 @@ __all__ = [
     "existing_run",
     "fit_with_outputs",
     "init_ray",
+    "joins_cluster",
     "latest_ray_checkpoint",
     "materialise_outputs",
     "nodes_missing",
     "output_dirs",
     "plan_resources",
+    "prepare_data",
     "print_judged_summary",
     "prune_unregistered_checkpoints",
     "resolve_shards",
@@ -82,4 +89,5 @@ __all__ = [
     "resume_state_ref",
     "run_training",
     "shutdown_local_ray",
+    "train_judges",
 ]

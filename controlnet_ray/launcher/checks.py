@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from controlnet_ray.config import ConfigError, TrainConfig
-from controlnet_ray.launcher.data import RunData, locate_data, prepare_data
+from controlnet_ray.launcher.data import RunData, locate_data, prepare_data, unprepared
 from controlnet_ray.launcher.rerun import check_rerun
 
 
@@ -99,23 +99,30 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
 
 def check_before_ray(cfg: TrainConfig, *, defer_preparation: bool = False) -> RunData:
     """Everything that can be known before Ray starts: output folders writable, --resume
-    fits, a re-run agrees with its Ray run, the data readable (its JSON, npy and image paths)
-    and, unless ``defer_preparation``, prepared with its judges trained.
+    fits, a re-run agrees with its Ray run, and the data (:func:`check_data`)."""
+    check_outputs(cfg)
+    check_rerun(cfg)
+    return check_data(cfg, defer_preparation=defer_preparation)
 
-    ``defer_preparation`` (a run against an existing cluster): shards not cached yet are left
-    to :func:`~controlnet_ray.launcher.data.prepare_data` once connected, so decoding and
-    aligning run as Ray tasks on the cluster's nodes, not on the driver's (a head with
-    ``num-cpus: 0``)."""
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Every local output folder writable and --resume fitting the model (a sweep checks
+    these too; its trials' re-runs are Ray Tune's business)."""
     for flag, folder in output_dirs(cfg):
         check_writable_dir(folder, flag)
     check_resume_file(cfg)
-    check_rerun(cfg)
+
+
+def check_data(cfg: TrainConfig, *, defer_preparation: bool = False) -> RunData:
+    """The data read and checked (its JSON, npy and image paths) and, unless
+    ``defer_preparation``, prepared with its judges trained.
+
+    ``defer_preparation`` (a run joining an existing cluster): shards not cached yet are left
+    to :func:`~controlnet_ray.launcher.data.prepare_data` once connected, so decoding, pose
+    fitting, aligning and the judges' training run as Ray tasks on the cluster's nodes, not
+    on the driver's (a head with ``num-cpus: 0``)."""
     source = locate_data(cfg)
-    if defer_preparation and not source.cached:
-        print(
-            f"shards: not prepared yet; preparing them at {source.target} once connected to "
-            "the cluster (decoding and alignment as Ray tasks on its nodes)",
-            flush=True,
-        )
+    if defer_preparation and (waiting := unprepared(cfg, source)):
+        print(f"{waiting} once connected to the cluster, as Ray tasks on its nodes", flush=True)
         return RunData(source, None)
     return RunData(source, prepare_data(cfg, source))

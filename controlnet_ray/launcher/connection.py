@@ -15,6 +15,12 @@ from controlnet_ray.config import ConfigError, TrainConfig
 PROBE_TIMEOUT_S = 120.0  # for every node to answer whether it sees a path
 
 
+def joins_cluster(cfg: TrainConfig) -> bool:
+    """Whether this run joins an existing cluster (--address or $RAY_ADDRESS) rather than
+    starting a local Ray of its own size."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     """Connect to --address/$RAY_ADDRESS, or start a local Ray sized by the plan; True when
     this call started a local Ray (its caller then owns its shutdown)."""
@@ -24,9 +30,8 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if joins_cluster(cfg):
+        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return False
     else:
         # A local Ray shares the machine with the training workers: without Prometheus metrics

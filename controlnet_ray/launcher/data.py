@@ -2,7 +2,9 @@
 ``--data_dir``, prepared once and cached), the judges trained on them, and the pair datasets
 built from them. Reading and checking the data (:func:`locate_data`) is separate from
 preparing it (:func:`prepare_data`) so that a run against a cluster checks before connecting
-and prepares after, on the cluster's nodes.
+and prepares after, on the cluster's nodes: pose fitting and decode + align as Ray tasks
+(``data.shards``), the judges' training as one Ray task (:func:`train_judges`). Whether work
+goes to the cluster is decided in one place, ``data.pools.ray_cluster_cpus``.
 """
 
 from __future__ import annotations
@@ -63,11 +65,50 @@ def prepare_data(cfg: TrainConfig, source: ShardSource) -> Path:
     """The shards (reused, or prepared: through Ray tasks when the driver is connected to a
     multi-node cluster) and, unless --no_judge, the held-out judges trained once on them."""
     shards = source.ensure()
-    if not cfg.output.no_judge:  # trained once per dataset, on the driver; the worker loads them
-        from controlnet_ray.judging import ensure_judges
-
-        ensure_judges(shards, cfg.data.resolved_cache_dir())
+    if not cfg.output.no_judge:  # trained once per dataset; the workers only load them
+        train_judges(cfg, shards)
     return shards
+
+
+def unprepared(cfg: TrainConfig, source: ShardSource) -> str | None:
+    """What :func:`prepare_data` would still have to make (a line for the user), or None
+    when the shards and (unless --no_judge) the judges are all cached."""
+    if not source.cached:
+        return f"shards: not prepared yet; preparing them at {source.target}"
+    if cfg.output.no_judge:
+        return None
+    from controlnet_ray.judging import judges_cached
+
+    if judges_cached(source.target, cfg.data.resolved_cache_dir()):
+        return None
+    return f"judges: not trained yet for the shards at {source.target}; training them"
+
+
+def train_judges(cfg: TrainConfig, shards: Path) -> None:
+    """Both judges of ``shards``, trained once into --cache_dir: connected to a multi-node
+    cluster, as one Ray task on a node with CPUs (``--num_workers`` of them, at most a
+    node's), never on the driver's 0-CPU head; here otherwise, or when already cached."""
+    from controlnet_ray.data.pools import ray_call, ray_cluster_cpus, ray_task_cpus
+    from controlnet_ray.judging import ensure_judges, judges_cached
+
+    cache = cfg.data.resolved_cache_dir()
+    if not ray_cluster_cpus() or judges_cached(shards, cache):
+        ensure_judges(shards, cache)
+        return
+    cpus = ray_task_cpus(max(1, cfg.data.num_workers))
+    print(f"judges: training as a Ray task ({cpus} CPU) on the cluster", flush=True)
+    node, _ = ray_call(_train_judges_here, str(shards), str(cache), cpus, num_cpus=cpus)
+    print(f"judges: trained by a Ray task on node {node}", flush=True)
+
+
+def _train_judges_here(shards: str, cache: str, threads: int) -> None:
+    """The Ray task of :func:`train_judges`: torch on the CPUs Ray granted it."""
+    import torch
+
+    from controlnet_ray.judging import ensure_judges
+
+    torch.set_num_threads(threads)
+    ensure_judges(shards, cache)
 
 
 def _replace_data_dir(cfg: TrainConfig, data_dir: str):

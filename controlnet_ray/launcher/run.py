@@ -1,8 +1,8 @@
 """``run_training``: a whole run, in order: check inputs and prepare the data (against a
-cluster, a first-time preparation waits for the connection and for the resources, and runs as
-Ray tasks), start Ray sized by the plan or join the cluster, hold the resources, train with
-the console drawing progress, copy the outputs down, print the held-out judged summary, stop
-the local Ray this run started.
+cluster, a first-time preparation and the judges' training wait for the connection and the
+run's resources, and run as Ray tasks on its nodes), start Ray sized by the plan or join the
+cluster, hold the resources, train with the console drawing progress, copy the outputs down,
+print the held-out judged summary, stop the local Ray this run started.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ from pathlib import Path
 from controlnet_ray import capacity
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.launcher.checks import absolute_paths, check_before_ray
-from controlnet_ray.launcher.connection import check_cluster_paths, init_ray, shutdown_local_ray
+from controlnet_ray.launcher.connection import (
+    check_cluster_paths,
+    init_ray,
+    joins_cluster,
+    shutdown_local_ray,
+)
 from controlnet_ray.launcher.data import build_pairs, prepare_data
 from controlnet_ray.launcher.mirror import fit_with_outputs
 from controlnet_ray.launcher.rerun import (
@@ -31,7 +36,7 @@ def run_training(cfg: TrainConfig) -> object:
     t0 = time.time()
     given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local = not joins_cluster(cfg)
     plan = plan_resources(cfg, float(os.cpu_count() or 1), local=True) if local else None
     if plan is not None:  # a local Ray cannot grow: a shortfall (no GPU) is known now
         capacity.ensure(
@@ -57,9 +62,9 @@ def run_training(cfg: TrainConfig) -> object:
     check_cluster_paths(cfg, given_storage_path)
     # Held before a first-time preparation: a cluster that can never hold the run is refused
     # before that work, and on one that autoscales from no workers (a 0-CPU head) the request
-    # brings the nodes that the preparation's Ray tasks then run on.
+    # brings the nodes that the preparation's Ray tasks (and the judges' training) run on.
     with capacity.held(resource_need(cfg, plan), cfg.ray.resource_wait_s, fixed=local):
-        shards = data.shards or prepare_data(cfg, data.source)  # first use on a cluster
+        shards = data.shards or prepare_data(cfg, data.source)  # deferred on a cluster
         result = _fit(cfg, plan, shards)
     print_judged_summary(getattr(result, "metrics", None) or {})
     if (run_dir := existing_run(cfg)) is not None:

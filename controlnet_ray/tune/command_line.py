@@ -1,5 +1,7 @@
 """``python -m controlnet_ray.tune``: the training parser plus the sweep flags, and the driver
-that prepares shards once, runs (or resumes) the sweep and prints the ranked table."""
+that checks its inputs before Ray, prepares the shards and judges once (against a cluster:
+after connecting, as Ray tasks on its nodes, as training does), runs (or resumes) the sweep
+and prints the ranked table."""
 
 from __future__ import annotations
 
@@ -92,18 +94,34 @@ def parse_sweep_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Sw
 
 
 def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
-    """Prepare shards once, run (or resume) the sweep, print and write the ranked table."""
-    from controlnet_ray.launcher import absolute_paths, build_pairs, resolve_shards
+    """Check the inputs before Ray (the launcher's checks: output folders, --resume, the
+    data), prepare the shards and judges once (locally before Ray, against a cluster after
+    connecting, on its nodes), run (or resume) the sweep, print and write the ranked table."""
+    from controlnet_ray.launcher import (
+        absolute_paths,
+        build_pairs,
+        check_cluster_paths,
+        check_data,
+        check_outputs,
+        joins_cluster,
+        prepare_data,
+    )
 
     t0 = time.time()
+    given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
+    check_outputs(cfg)
+    data = check_data(cfg, defer_preparation=joins_cluster(cfg))
     if cfg.ray.fresh:
         discard_previous_sweep(cfg, opts)
     plan, local = start_ray(cfg, opts)
     print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
+    check_cluster_paths(cfg, given_storage_path)
+    # Held first, as a training run does: on a cluster that autoscales from no workers the
+    # request brings the nodes a deferred preparation's Ray tasks run on.
     with capacity.held(sweep_need(cfg, plan), cfg.ray.resource_wait_s, fixed=local):
-        shards = resolve_shards(cfg)
+        shards = data.shards or prepare_data(cfg, data.source)  # deferred on a cluster
         pairs = build_pairs(cfg, shards)
         grid = make_tuner(cfg, opts, plan, pairs).fit()
     rows = rank(summaries_from_grid(grid, cfg, opts))
@@ -118,10 +136,13 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, opts = parse_sweep_args(argv)
+    from controlnet_ray.launcher import EXPECTED_ERRORS
+    from controlnet_ray.train import one_line
+
     try:
         rows = run_sweep(cfg, opts)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except EXPECTED_ERRORS as exc:  # bad input found by the checks (before Ray): one line, rc 2
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     failed = [r for r in rows if r.error]
     if failed:

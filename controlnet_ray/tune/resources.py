@@ -116,9 +116,9 @@ def start_ray(cfg: TrainConfig, opts: SweepOptions) -> tuple[SweepPlan, bool]:
     also returns whether the cluster is local (fixed: a shortfall fails at once)."""
     import ray
 
-    from controlnet_ray.launcher import init_ray
+    from controlnet_ray.launcher import init_ray, joins_cluster
 
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local = not joins_cluster(cfg)
     if local:
         plan = plan_sweep(cfg, opts, float(os.cpu_count() or 1), 0.0, local=True)
         init_ray(cfg, plan.ray_num_cpus)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from controlnet_ray.data.pools import pool_workers, process_pool
+from controlnet_ray.data.pools import RayTasks, pool_workers, process_pool, ray_cluster_cpus
 from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D, NOSE
 from controlnet_ray.data.pose.rotations import _rot_from_ypr_batch
@@ -76,7 +76,7 @@ class PoseReport:
     generic_bias_deg: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     seconds: float = 0.0
     ms_per_person: float = 0.0
-    num_workers: int = 1  # processes that fitted persons (1: in-process)
+    num_workers: int = 1  # processes that fitted persons (1: in-process; Ray tasks: the CPUs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,7 +94,9 @@ def _fit_chunk(args) -> list[PersonFit]:
     return out
 
 
-def _run_fits(items, mean, cfg, pool: ProcessPoolExecutor | None, workers: int):
+def _run_fits(items, mean, cfg, pool: ProcessPoolExecutor | RayTasks | None, workers: int):
+    """Fits in person order: inline, or chunked over a process pool or Ray tasks (same
+    results: every person is fitted alone)."""
     if pool is None:
         return _fit_chunk((items, mean, cfg))
     n_chunks = min(len(items), workers * 4)
@@ -103,6 +105,24 @@ def _run_fits(items, mean, cfg, pool: ProcessPoolExecutor | None, workers: int):
         (items[a:b], mean, cfg) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a
     ]
     return [fit for chunk in pool.map(_fit_chunk, chunks) for fit in chunk]
+
+
+def _fitters(workers: int, persons: int) -> tuple[Any, int]:
+    """Where both passes fit their persons, and over how many workers: Ray tasks when this
+    process is connected to a multi-node cluster (``pools.ray_cluster_cpus``, the decision the
+    decode + align step takes too), else a process pool when there are at least two persons
+    per worker, else inline (1)."""
+    cluster_cpus = ray_cluster_cpus() if persons else 0
+    if cluster_cpus:
+        print(
+            f"pose: fitting {persons} persons as Ray tasks over the cluster's {cluster_cpus} "
+            "CPUs (not the driver's processes)",
+            flush=True,
+        )
+        return nullcontext(RayTasks(2 * cluster_cpus)), cluster_cpus
+    if workers > 1 and persons >= 2 * workers:
+        return process_pool("pose: fitting persons", workers), workers
+    return nullcontext(), 1
 
 
 def estimate_dataset_poses(
@@ -133,7 +153,8 @@ def estimate_dataset_poses(
     bundle-adjusted persons (applied only with at least ``min_persons_for_mean`` of them); the
     report names them.  ``num_workers`` > 1 fits persons in a spawned process pool (None: all
     usable CPUs, never more than those: :func:`controlnet_ray.data.pools.pool_workers`; used
-    when there are at least two persons per worker).
+    when there are at least two persons per worker). Connected to a multi-node Ray cluster,
+    the persons are fitted as Ray tasks on its nodes instead, whatever ``num_workers``.
     """
     t_start = time.perf_counter()
     cfg = config or BundleConfig()
@@ -162,10 +183,7 @@ def estimate_dataset_poses(
 
     poses = np.zeros((n, 3))
     items = [(lm[groups[p]], sz[groups[p]], front[groups[p]], None) for p in bundle_names]
-    use_pool = workers > 1 and len(items) >= 2 * workers
-    used_workers = workers if use_pool else 1
-    # one pool for both passes
-    pooled = process_pool("pose: fitting persons", workers) if use_pool else nullcontext()
+    pooled, used_workers = _fitters(workers, len(items))
     with pooled as pool:
         mean, refined, mean_persons = mean0, False, 0
         if refine_mean and len(bundle_names) >= min_persons_for_mean:
@@ -176,7 +194,7 @@ def estimate_dataset_poses(
             if len(cand) > mean_face_max_persons:
                 pick = np.linspace(0, len(cand) - 1, mean_face_max_persons).round().astype(int)
                 cand = [cand[j] for j in pick]
-            fits1 = _run_fits([items[i] for i in cand], mean0, cfg, pool, workers)
+            fits1 = _run_fits([items[i] for i in cand], mean0, cfg, pool, used_workers)
             good = [j for j, f in enumerate(fits1) if f.converged and not f.front_ignored]
             if len(good) >= min_persons_for_mean:
                 # each shape in its front photo's frame: the population's pitch zero is
@@ -187,7 +205,9 @@ def estimate_dataset_poses(
                 for j in good:  # warm start for pass 2
                     a, b, c, _ = items[cand[j]]
                     items[cand[j]] = (a, b, c, fits1[j])
-        fits = _run_fits(items, mean, cfg, pool, workers)
+        fits = _run_fits(items, mean, cfg, pool, used_workers)
+    if isinstance(pool, RayTasks):
+        print(f"pose: Ray tasks ran on node(s) {pool.where()}", flush=True)
 
     not_conv = []
     for p, fit in zip(bundle_names, fits, strict=True):

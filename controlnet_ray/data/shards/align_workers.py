@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from controlnet_ray.data.align import crop
-from controlnet_ray.data.pools import pool_workers, process_pool
+from controlnet_ray.data.pools import RayTasks, pool_workers, process_pool, ray_cluster_cpus
 
 _MIN_IMAGES_FOR_POOL = 1000  # ~3 s of inline work: below it, spawning workers costs more
 
@@ -56,13 +56,10 @@ def _align_chunk(task: tuple[list[tuple], int]) -> list[tuple[int, bytes | None,
     return out
 
 
-def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> tuple[str, list]:
-    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU; returns
-    the node it ran on with the results, so the driver can say where preparation ran."""
-    import ray
-
+def _align_chunk_one_thread(task: tuple[list[tuple], int]) -> list:
+    """:func:`_align_chunk` in a Ray task: one OpenCV thread, as Ray granted one CPU."""
     _init_worker()
-    return ray.get_runtime_context().get_node_id(), _align_chunk(task)
+    return _align_chunk(task)
 
 
 def _run_alignment(
@@ -73,16 +70,16 @@ def _run_alignment(
 
     bar = tqdm(total=total, desc="decode+align", unit="img", file=sys.stderr, mininterval=1.0)
     try:
-        cluster_cpus = _ray_cluster_cpus()
+        cluster_cpus = ray_cluster_cpus()
         if cluster_cpus:
             print(
                 f"decode+align: Ray tasks over the cluster's {cluster_cpus} CPUs "
                 "(not the driver's processes)",
                 flush=True,
             )
-            nodes: set[str] = set()
-            yield from _tick(_windowed_ray(tasks, 2 * cluster_cpus, nodes), bar)
-            print(f"decode+align: Ray tasks ran on node(s) {', '.join(sorted(nodes))}", flush=True)
+            ray_tasks = RayTasks(2 * cluster_cpus)
+            yield from _tick(_windowed_ray(ray_tasks, tasks), bar)
+            print(f"decode+align: Ray tasks ran on node(s) {ray_tasks.where()}", flush=True)
             return
         workers = pool_workers(num_workers)
         if workers <= 1 or total < _MIN_IMAGES_FOR_POOL:
@@ -108,47 +105,13 @@ def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
         yield result
 
 
-def _ray_cluster_cpus() -> int:
-    """CPUs of the Ray cluster this process is connected to, when it has several nodes
-    (0 otherwise: no Ray, or one machine, where the process pool does the same job without
-    Ray's per-task cost). A head started with 0 CPUs (as the shipped manifests start it)
-    counts as a node: its driver then aligns on the other nodes, not on the head. Never
-    starts Ray."""
-    if "ray" not in sys.modules:
-        return 0
-    import ray
-
-    if not ray.is_initialized():
-        return 0
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return 0
-    return int(sum(n.get("Resources", {}).get("CPU", 0) for n in nodes))
-
-
-def _windowed_ray(tasks: list, window: int, nodes: set[str] | None = None) -> Iterator[list]:
-    """:func:`_windowed` over a Ray cluster: each chunk of images is decoded and aligned by a
-    Ray task on whichever node has a CPU (``SPREAD``), results in task order, at most
-    ``window`` chunks in flight; the IDs of the nodes that ran them are added to ``nodes``.
-    Every node must see the source images at the same paths (a shared mount, as
-    ``--cache_dir`` already must be); the crops (PNG, a few KB each) come back to this
-    process, which writes the shards as before, so the files, their order and the checks
-    are those of a local preparation."""
-    import ray
-
-    remote = ray.remote(_align_chunk_one_thread).options(num_cpus=1, scheduling_strategy="SPREAD")
-    pending: deque = deque()
-    remaining = iter(tasks)
-    for task in itertools.islice(remaining, window):
-        pending.append(remote.remote(task))
-    while pending:
-        node, result = ray.get(pending.popleft())
-        if nodes is not None:
-            nodes.add(node)
-        task = next(remaining, None)
-        if task is not None:
-            pending.append(remote.remote(task))
-        yield result
+def _windowed_ray(ray_tasks: RayTasks, tasks: list) -> Iterator[list]:
+    """:func:`_windowed` over a Ray cluster (:class:`~controlnet_ray.data.pools.RayTasks`):
+    each chunk decoded and aligned by a Ray task on whichever node has a CPU, results in task
+    order. Every node must see the source images at the same paths; the crops (PNG, a few KB
+    each) come back to this process, which writes the shards as before, so the files, their
+    order and the checks are those of a local preparation."""
+    return ray_tasks.map(_align_chunk_one_thread, tasks)
 
 
 def _tick(results: Iterator, bar) -> Iterator[tuple[int, bytes | None, str | None]]:
