@@ -86,12 +86,14 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def _setup(tiny_data: TinyData, root: Path) -> loop.WorkerSetup:
+def _setup(tiny_data: TinyData, root: Path, epochs: int = EPOCHS) -> loop.WorkerSetup:
+    """The tiny run, with the adversarial option on: its discriminator state takes the one
+    resume path too."""
     base = tiny_config(tiny_data)
     cfg = TrainConfig(
         data=base.data,
         model=base.model,
-        optim=dataclasses.replace(base.optim, epochs=EPOCHS),
+        optim=dataclasses.replace(base.optim, epochs=epochs, adversarial_loss_weight=0.05),
         output=dataclasses.replace(
             base.output,
             save_dir=str(root / "ck"),
@@ -148,13 +150,29 @@ def test_the_loop_trains_saves_and_resumes_without_ray(
     assert [r["epoch"] for r in host.reports] == [1, 2, 3, 4]
     resumed = ckpt.load_checkpoint(_stored(parts, SAVE_DIR) / run_files.FINAL_MODEL)
     assert resumed["val_metrics_history"] == final["val_metrics_history"]
-    for name, value in final["model_state_dict"].items():
-        assert torch.equal(resumed["model_state_dict"][name], value), name
+    for key in ("model_state_dict", ckpt.DISC_KEY):
+        for name, value in final[key].items():
+            assert torch.equal(resumed[key][name], value), (key, name)
+    assert resumed["engine_state"]["adversary"] == final["engine_state"]["adversary"]
 
     # Started once more after its last epoch, it trains nothing and reports that epoch again.
     loop.run_worker(parts, host)
     assert "nothing to train: the run already reached epoch 4" in capfd.readouterr().out
     assert host.reports[-1]["epoch"] == EPOCHS and len(host.reports) == EPOCHS + 1
+
+    # The same run with one epoch more (a re-run of the same command, longer) continues to it,
+    # discriminator and its optimizer restored.
+    longer = _setup(tiny_data, tmp_path / "parts", epochs=EPOCHS + 1)
+    loop.run_worker(longer, host)
+    out = capfd.readouterr().out
+    assert "continuing at epoch 5" in out and "discriminator and its optimizer resumed" in out
+    assert host.reports[-1]["epoch"] == EPOCHS + 1
+    state = ckpt.load_checkpoint(_stored(longer, SAVE_DIR) / run_files.FINAL_MODEL)
+    assert [v["epoch"] for v in state["val_metrics_history"]] == list(range(1, EPOCHS + 2))
+    steps = final["engine_state"]["adversary"]["steps"]
+    assert steps > 0 and state["engine_state"]["adversary"]["steps"] * EPOCHS == steps * (
+        EPOCHS + 1
+    )
 
 
 def test_the_loop_imports_without_ray() -> None:
