@@ -1,4 +1,5 @@
-"""The one process-pool policy of data preparation (controlnet_ray.data.pools), on a real pool."""
+"""The one process-pool policy of data preparation (controlnet_ray.data.pools), on a real pool;
+its bounded ordered map (shared with Ray tasks) on plain callables."""
 
 from __future__ import annotations
 
@@ -27,3 +28,24 @@ def test_real_pool_returns_results_in_order_and_a_dead_worker_is_one_line_naming
     message = str(info.value)
     assert message.startswith("test job: dying worker: a worker process died")
     assert "\n" not in message
+
+
+def test_windowed_keeps_job_order_and_at_most_the_window_in_flight() -> None:
+    """The one bounded, ordered map the process pools and Ray tasks share."""
+    from controlnet_ray.data.pools import windowed
+
+    in_flight: list[int] = []
+    most = 0
+
+    def submit(job: int) -> int:
+        nonlocal most
+        in_flight.append(job)
+        most = max(most, len(in_flight))
+        return job
+
+    def collect(handle: int) -> int:
+        in_flight.remove(handle)
+        return handle * 10
+
+    assert list(windowed(submit, collect, range(7), 3)) == [j * 10 for j in range(7)]
+    assert most == 3 and in_flight == []

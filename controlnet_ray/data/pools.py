@@ -76,6 +76,26 @@ def process_pool(
         pool.shutdown(wait=True)
 
 
+def windowed(
+    submit: Callable[[Any], Any],
+    collect: Callable[[Any], Any],
+    jobs: Iterable[Any],
+    window: int,
+) -> Iterator[Any]:
+    """``collect(submit(job))`` for each job, in job order, with at most ``window`` jobs
+    submitted and not yet collected, so memory stays bounded however many jobs there are (a
+    process pool's futures and Ray's object refs alike)."""
+    pending: deque = deque()
+    remaining = iter(jobs)
+    for job in itertools.islice(remaining, window):
+        pending.append(submit(job))
+    while pending:
+        result = collect(pending.popleft())
+        for job in itertools.islice(remaining, 1):
+            pending.append(submit(job))
+        yield result
+
+
 def ray_cluster_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to, when it has several nodes
     (0 otherwise: no Ray, or one machine, where a process pool does the same job without
@@ -137,15 +157,10 @@ class RayTasks:
         remote = ray.remote(_on_node).options(
             num_cpus=1, scheduling_strategy="SPREAD", name=_task_name(fn)
         )
-        pending: deque = deque()
-        remaining = iter(jobs)
-        for job in itertools.islice(remaining, self.window):
-            pending.append(remote.remote(fn, job))
-        while pending:
-            node, result = ray.get(pending.popleft())
+        for node, result in windowed(
+            lambda job: remote.remote(fn, job), ray.get, jobs, self.window
+        ):
             self.nodes.add(node)
-            for job in itertools.islice(remaining, 1):
-                pending.append(remote.remote(fn, job))
             yield result
 
     def where(self) -> str:

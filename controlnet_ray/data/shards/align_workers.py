@@ -5,9 +5,7 @@ come back in task order with at most a window of chunks in flight."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
 import sys
-from collections import deque
 from collections.abc import Iterator
 
 import cv2
@@ -15,7 +13,13 @@ import numpy as np
 from PIL import Image
 
 from controlnet_ray.data.align import crop
-from controlnet_ray.data.pools import RayTasks, pool_workers, process_pool, ray_cluster_cpus
+from controlnet_ray.data.pools import (
+    RayTasks,
+    pool_workers,
+    process_pool,
+    ray_cluster_cpus,
+    windowed,
+)
 
 _MIN_IMAGES_FOR_POOL = 1000  # ~3 s of inline work: below it, spawning workers costs more
 
@@ -77,8 +81,10 @@ def _run_alignment(
                 "(not the driver's processes)",
                 flush=True,
             )
+            # Every node must see the source images at the same paths; the crops (PNG, a few
+            # KB each) come back here and are written as a local preparation writes them.
             ray_tasks = RayTasks(2 * cluster_cpus)
-            yield from _tick(_windowed_ray(ray_tasks, tasks), bar)
+            yield from _tick(ray_tasks.map(_align_chunk_one_thread, tasks), bar)
             print(f"decode+align: Ray tasks ran on node(s) {ray_tasks.where()}", flush=True)
             return
         workers = pool_workers(num_workers)
@@ -93,25 +99,7 @@ def _run_alignment(
 
 def _windowed(ex: cf.Executor, tasks: list, window: int) -> Iterator[list]:
     """Ordered results with at most ``window`` chunks in flight, so memory stays bounded."""
-    pending: deque[cf.Future] = deque()
-    remaining = iter(tasks)
-    for task in itertools.islice(remaining, window):
-        pending.append(ex.submit(_align_chunk, task))
-    while pending:
-        result = pending.popleft().result()
-        task = next(remaining, None)
-        if task is not None:
-            pending.append(ex.submit(_align_chunk, task))
-        yield result
-
-
-def _windowed_ray(ray_tasks: RayTasks, tasks: list) -> Iterator[list]:
-    """:func:`_windowed` over a Ray cluster (:class:`~controlnet_ray.data.pools.RayTasks`):
-    each chunk decoded and aligned by a Ray task on whichever node has a CPU, results in task
-    order. Every node must see the source images at the same paths; the crops (PNG, a few KB
-    each) come back to this process, which writes the shards as before, so the files, their
-    order and the checks are those of a local preparation."""
-    return ray_tasks.map(_align_chunk_one_thread, tasks)
+    return windowed(lambda task: ex.submit(_align_chunk, task), cf.Future.result, tasks, window)
 
 
 def _tick(results: Iterator, bar) -> Iterator[tuple[int, bytes | None, str | None]]:
