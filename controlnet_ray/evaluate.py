@@ -113,7 +113,9 @@ def _validate(args: argparse.Namespace) -> tuple[Path, Path]:
         section_from_namespace(args, "data", given_only=True)
     except ConfigError as exc:
         raise InferenceError(str(exc)) from exc
-    for flag in ("batch_size", "grid_pairs", "mean_images", "num_workers"):
+    # --batch_size is checked above with the data flags; --num_workers 0 (inline) is valid
+    # for training's preparation but not here
+    for flag in ("grid_pairs", "mean_images", "num_workers"):
         if getattr(args, flag) < 1:
             raise InferenceError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.max_pairs < 0:
