@@ -28,7 +28,7 @@ from controlnet_ray.model import (
     resolve_encoder,
     trainable_parameters,
 )
-from controlnet_ray.model.controlnet import MASK_PRIOR
+from controlnet_ray.model.controlnet import COPY_PRIOR, MASK_PRIOR
 from controlnet_ray.model.warp import pixel_grid, proxy_flow, warp
 
 SMALL_ARCFACE = 32  # iresnet input size used where the test does not need InsightFace's 112
@@ -503,11 +503,12 @@ def test_proxy_flow_moves_the_face_the_way_the_pose_convention_says(axis: int, s
     assert 0 < flow.visible.sum() < flow.head.sum()
 
 
-@pytest.mark.parametrize("fill_seed", ["latitude", "head_colour"])
+@pytest.mark.parametrize("fill_seed", ["copy", "latitude", "head_colour"])
 def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed: str) -> None:
     """Zero-initialised mask, flow and gain: the output is the proxy's warp of the source,
     blended by the visibility prior with the fill (here zeroed too, so exactly its seed: the
-    source at the hidden point's height on its seen side, or the mean colour of its head)."""
+    source at the hidden point's height on its seen side, the mean colour of its head, or for
+    ``copy`` the first copied at no offset, blended with the second by the copy prior)."""
     model = build_model(ModelConfig(image_size=64, fill_seed=fill_seed)).eval()
     with torch.no_grad():
         model.generator.to_rgb[0].weight.zero_()
@@ -517,11 +518,12 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
     flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True)
     mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
-    if fill_seed == "latitude":
-        seed = warp(b["source"], flow.fill_grid)
-    else:
-        seen = flow.source_head
-        seed = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
+    seen = flow.source_head
+    colour = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
+    seed = {"latitude": warp(b["source"], flow.fill_grid), "head_colour": colour}.get(fill_seed)
+    if fill_seed == "copy":
+        take = torch.sigmoid(torch.tensor(COPY_PRIOR))
+        seed = take * warp(b["source"], flow.fill_grid) + (1 - take) * colour
     expected = mask * warp(b["source"], flow.grid) + (1 - mask) * seed
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 

@@ -135,11 +135,12 @@ class ModelConfig(_Section):
         "plain = the seed's U-Net (checkpoints from before this flag)",
     )
     fill_seed: FillSeed = option(
-        "head_colour",
-        "what the warp generator fills the head the source did not show from: head_colour = the "
-        "source head's mean colour; latitude = the source's head at the same height on its "
-        "nearest well-seen side (hair at hair height, skin at cheek height: sharper, but not "
-        "more recognisable in 12 CPU epochs; benchmarks/README.md)",
+        "copy",
+        "what the warp generator fills the head the source did not show from: copy = source "
+        "pixels copied through a learned flow that starts at the same height of the head's "
+        "seen side, blended with a head_colour fill by a learned mask (recognisable, textured); "
+        "head_colour = a predicted residual on the source head's mean colour (checkpoints "
+        "before copy); latitude = a predicted residual on the source at that seen-side point",
     )
     identity_weights: str | None = option(
         None,

@@ -11,10 +11,10 @@ learning anything:
   rotated to the target pose; no hit is background, which is left in place;
 * the hit point, rotated to the source pose and projected, is where to sample the source;
 * it was visible in the source when the ellipsoid's normal there faced the camera;
-* where it was not, the fill may start (``--fill_seed latitude``) from the same height of the
-  head turned round to its nearest well-seen side (``fill_grid``): the side of a head the ID
-  photo never showed is mostly more of what it showed at that height -- hair at hair height,
-  skin at cheek height.
+* where it was not, the fill copies from (``--fill_seed copy``, the default) or starts from
+  (``latitude``) the same height of the head turned round to its nearest well-seen side
+  (``fill_grid``): the side of a head the ID photo never showed is mostly more of what it
+  showed at that height -- hair at hair height, skin at cheek height.
 
 The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
 ears, hair), and fills what the source could not show.  Angles follow
@@ -61,7 +61,7 @@ class ProxyFlow:
     visible: torch.Tensor  # [B,1,H,W] 1 where that head point was visible in the source
     source_head: torch.Tensor  # [B,1,H,W] the head's silhouette in the source image
     # [B,H,W,2] where the source shows the head at that height; only when asked for
-    # (``with_fill``): the default fill seed does not use it
+    # (``with_fill``): the ``copy`` and ``latitude`` fills use it
     fill_grid: torch.Tensor | None = None
 
 
@@ -115,7 +115,7 @@ def proxy_flow(
     with_fill: bool = False,
 ) -> ProxyFlow:
     """Where each target pixel's head point was in the source (see the module docstring);
-    ``with_fill``: also ``fill_grid``, for ``--fill_seed latitude``."""
+    ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``."""
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
     hit, p_hit = _cast(rot_t, pix)

@@ -32,15 +32,20 @@ from controlnet_ray.model.controlnet.unet import (
     decoder_view_channels,
 )
 from controlnet_ray.model.controlnet.warp_head import (
+    COPY_PRIOR,
+    COPY_REACH,
     FLOW_RESIDUAL_SCALE,
     MASK_PRIOR,
     WARP_CHANNELS,
     compose,
     fill_seed_image,
     head_colour,
+    warp_channels,
 )
 
 __all__ = [
+    "COPY_PRIOR",
+    "COPY_REACH",
     "FLOW_RESIDUAL_SCALE",
     "MASK_PRIOR",
     "NUM_SCALES",
@@ -65,4 +70,5 @@ __all__ = [
     "head_colour",
     "model_signature",
     "trainable_parameters",
+    "warp_channels",
 ]

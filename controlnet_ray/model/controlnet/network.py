@@ -38,7 +38,7 @@ from controlnet_ray.config import ModelConfig
 from controlnet_ray.model.controlnet.control_branch import ControlBranch
 from controlnet_ray.model.controlnet.pose_head import PoseHead
 from controlnet_ray.model.controlnet.unet import Generator, decoder_channels
-from controlnet_ray.model.controlnet.warp_head import WARP_CHANNELS, _init_warp_head, compose
+from controlnet_ray.model.controlnet.warp_head import _init_warp_head, compose, warp_channels
 from controlnet_ray.model.encoders import EncoderFeatures, ImageEncoder, build_encoder
 from controlnet_ray.model.iresnet import IResNet, load_iresnet
 from controlnet_ray.model.warp import face_grid, head_region, proxy_flow, warp
@@ -65,7 +65,7 @@ class ImageControlNet(nn.Module):
         self.fill_seed = cfg.fill_seed
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
-        out_channels = WARP_CHANNELS if self.warp_mode else 3
+        out_channels = warp_channels(cfg.fill_seed) if self.warp_mode else 3
         self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim, out_channels)
         if self.warp_mode:
             _init_warp_head(self.generator.to_rgb[0])
@@ -110,7 +110,7 @@ class ImageControlNet(nn.Module):
             injections = self.control(feats, source_pose, target_pose) if use_control else None
             image = torch.tanh(self.generator(feats, injections))
             return image, head_region(target_pose, height, width).to(image.dtype)
-        with_fill = self.fill_seed == "latitude"
+        with_fill = self.fill_seed in ("latitude", "copy")
         flow = proxy_flow(source_pose, target_pose, height, width, with_fill=with_fill)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
