@@ -43,6 +43,7 @@ from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.judging.data import build_eval_set, load_rows  # noqa: E402
 from controlnet_ray.judging.identity_judge import ensure_identity_judge  # noqa: E402
 from controlnet_ray.judging.pose_judge import ensure_pose_judge  # noqa: E402
+from controlnet_ray.judging.predictors import fit_trivial_predictors  # noqa: E402
 from controlnet_ray.judging.report import Scorer  # noqa: E402
 from controlnet_ray.metrics import face_mask  # noqa: E402
 
@@ -77,8 +78,9 @@ def _index(name: str) -> int:
     return int(str(name)[-4:])
 
 
-def build_groups(args: argparse.Namespace) -> list[Scorer]:
-    """Scorers on groups of new persons, judged by the training set's judges."""
+def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Callable]]:
+    """Scorers on groups of new persons, judged by the training set's judges, and the trivial
+    predictors fitted on the training set's train video frames (as the product's report)."""
     if args.identities + args.persons > 400:
         raise SystemExit(f"--persons: at most {400 - args.identities} new persons in the 400 set")
     train_shards = _shards(args, args.identities, args.frames)
@@ -96,7 +98,9 @@ def build_groups(args: argparse.Namespace) -> list[Scorer]:
         sub = rows.subset(np.isin(rows.person, persons[start : start + args.group]))
         pairs = make_pairs(sub.columns(), "front_to_video")
         groups.append(Scorer(build_eval_set(sub, pairs), judge, mask, None, identity=identity))
-    return groups
+    train = load_rows(train_shards, ("train",))
+    train = train.subset(train.role == "video")
+    return groups, fit_trivial_predictors(train.images, train.poses, mask).as_dict()
 
 
 def summarise(per_group: list[dict[str, np.ndarray]], groups: list[Scorer]) -> dict:
@@ -134,11 +138,10 @@ def line(name: str, s: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    groups = build_groups(args)
-    results = {
-        "floor": summarise([g.floor for g in groups], groups),
-        "source": judge(groups, lambda g: g.ev.source),
-    }
+    groups, trivial = build_groups(args)
+    results = {"floor": summarise([g.floor for g in groups], groups)}
+    for name, fn in trivial.items():
+        results[name] = judge(groups, lambda g, f=fn: g.predict(f))
     from controlnet_ray.inference import load_model
 
     for path in args.checkpoints:
@@ -152,6 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
           "    face  sharp")  # fmt: skip
     for name, s in results.items():
         print(line(name[-28:], s))
+    best = max(results[k]["psnr_face"] for k in ("pose_bin", "pose_bin_colour"))
+    for path in args.checkpoints:
+        s, floor = results[str(path)], results["floor"]
+        print(f"{str(path)[-40:]}: judged yaw x{s['yaw_err'] / floor['yaw_err']:.2f} of the floor, "
+              f"pitch x{s['pitch_err'] / floor['pitch_err']:.2f}; face PSNR "
+              f"{s['psnr_face'] - best:+.2f} dB over the best trivial predictor; identity top-1 "
+              f"{s['id_top1']:.1%} +- {s['id_top1_se']:.1%}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, allow_nan=False), encoding="utf-8")
         print(f"wrote {args.json}")
