@@ -28,7 +28,7 @@ from controlnet_ray.model import (
     resolve_encoder,
     trainable_parameters,
 )
-from controlnet_ray.model.controlnet import COPY_PRIOR, MASK_PRIOR
+from controlnet_ray.model.controlnet import COPY_PRIOR, COPY_REACH, MASK_PRIOR, warp_channels
 from controlnet_ray.model.warp import pixel_grid, proxy_flow, warp
 
 SMALL_ARCFACE = 32  # iresnet input size used where the test does not need InsightFace's 112
@@ -525,6 +525,30 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed
         take = torch.sigmoid(torch.tensor(COPY_PRIOR))
         seed = take * warp(b["source"], flow.fill_grid) + (1 - take) * colour
     expected = mask * warp(b["source"], flow.grid) + (1 - mask) * seed
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_copy_fill_learns_where_to_copy_from_within_its_reach() -> None:
+    """``copy`` (the default): the image loss reaches the copy flow and the copy mask from the
+    first step (their channels start at zero, not saturated), and a hidden point copies the
+    source at the seen-side grid moved by at most ``COPY_REACH``."""
+    model = build_model(ModelConfig(image_size=64))
+    conv = model.generator.to_rgb[0]
+    assert model.fill_seed == "copy" and conv.out_channels == 4 * warp_channels("copy")
+    b = _batch(2, 64)
+    out = model(b["source"], b["source_pose"], b["target_pose"]).image
+    (out - b["source"].flip(-1)).pow(2).mean().backward()
+    for channel in (7, 8, 9):  # copy offset x, y and the copy mask (PixelShuffle: 4 rows each)
+        assert conv.weight.grad[4 * channel : 4 * channel + 4].abs().sum() > 0
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.bias[12:16] = -100.0  # mask: nothing from the proxy warp
+        conv.bias[28:36] = 100.0  # copy offset: saturated at +COPY_REACH in x and y
+        conv.bias[36:40] = 100.0  # copy mask: all copy
+        out = model.generate(b["source"], b["source_pose"], b["target_pose"])
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True)
+    expected = warp(b["source"], flow.fill_grid + COPY_REACH)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
