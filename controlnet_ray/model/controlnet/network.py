@@ -10,8 +10,10 @@
 * ``generator="warp"`` (the default) moves pixels instead of averaging them: the encoder's maps
   are warped by the analytic motion of a 3D head proxy from the source to the target pose
   (:mod:`controlnet_ray.model.warp`), so the U-Net's skips carry the *target's* layout; the
-  decoder then predicts a residual flow (zero-initialised), a visibility mask and a fill image,
-  and the output is ``mask * warp(source, proxy + residual) * gain + (1 - mask) * fill``.
+  decoder then predicts a residual flow (zero-initialised), a visibility mask and a fill, and
+  the output is ``mask * warp(source, proxy + residual) * gain + (1 - mask) * fill``; the fill
+  (``fill_seed``, default ``copy``) copies source pixels through a second learned flow
+  (:mod:`controlnet_ray.model.controlnet.warp_head`).
   ``generator="plain"`` is the seed's U-Net (skips in the source's layout), kept for old
   checkpoints and comparison.
 * ``pose_head`` regresses (yaw, pitch, roll) / ``POSE_SCALE_DEG`` from an image.
