@@ -78,6 +78,19 @@ def _index(name: str) -> int:
     return int(str(name)[-4:])
 
 
+def new_person_mask(names: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Rows of the synthetic persons with index ``first .. first + count - 1``: with ``first``
+    the training set's identity count, persons it does not hold."""
+    index = np.array([_index(p) for p in names])
+    return (index >= first) & (index < first + count)
+
+
+def person_groups(persons: list[str], size: int) -> list[list[str]]:
+    """Sorted persons in consecutive groups of ``size`` (a short last group is left out)."""
+    ordered = sorted(persons)
+    return [ordered[i : i + size] for i in range(0, len(ordered) - size + 1, size)]
+
+
 def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Callable]]:
     """Scorers on groups of new persons, judged by the training set's judges, and the trivial
     predictors fitted on the training set's train video frames (as the product's report)."""
@@ -89,13 +102,11 @@ def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Call
     judge = ensure_pose_judge(train_shards, cache, verbose=False)
     identity = ensure_identity_judge(train_shards, cache, verbose=False)
     rows = load_rows(new_shards)
-    index = np.array([_index(p) for p in rows.person])
-    rows = rows.subset((index >= args.identities) & (index < args.identities + args.persons))
-    persons = sorted(set(rows.person))
+    rows = rows.subset(new_person_mask(rows.person, args.identities, args.persons))
     mask = face_mask(int(rows.images.shape[1]), "head")
     groups = []
-    for start in range(0, len(persons) - args.group + 1, args.group):
-        sub = rows.subset(np.isin(rows.person, persons[start : start + args.group]))
+    for members in person_groups(list(set(rows.person)), args.group):
+        sub = rows.subset(np.isin(rows.person, members))
         pairs = make_pairs(sub.columns(), "front_to_video")
         groups.append(Scorer(build_eval_set(sub, pairs), judge, mask, None, identity=identity))
     train = load_rows(train_shards, ("train",))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +95,26 @@ def test_face_mask_and_masked_psnr() -> None:
     pred = target + 0.2
     assert abs(float(psnr_per_image(pred, target, mask)) - 20.0) < 1e-3
     assert [pose_bin(-0.5, 9.9), pose_bin(15.0, -10.0)] == [(-1, 0), (1, -1)]
+
+
+def test_new_persons_are_past_the_training_sets_last_index_and_grouped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/new_persons.py judges only persons the 40-identity training set does not
+    hold (the renderer's persons 40..159, whatever their names' quirks), in whole groups."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the script sets on import; undone
+    from new_persons import new_person_mask, person_groups
+
+    from controlnet_ray.data.synthetic.views import person_name
+
+    names = np.array([person_name(i, 400) for i in range(400)] * 2, dtype=object)
+    keep = new_person_mask(names, 40, 120)
+    chosen = set(names[keep])
+    assert chosen == {person_name(i, 400) for i in range(40, 160)}
+    assert not chosen & {person_name(i, 40) for i in range(40)}  # none of the training set's
+    assert new_person_mask(np.array(["合成_0003", "synth 0005"]), 3, 3).all()
+    groups = person_groups(sorted(chosen, reverse=True), 6)
+    assert len(groups) == 20 and all(len(g) == 6 for g in groups)
+    assert sorted(p for g in groups for p in g) == sorted(chosen)
+    assert person_groups(["a", "b", "c"], 2) == [["a", "b"]]
