@@ -323,6 +323,11 @@ def test_signature_and_key_mismatches_are_named(tmp_path: Path) -> None:
     with pytest.raises(ckpt.CheckpointError, match=r"encoder: checkpoint has 'cnn', this run "):
         ckpt.check_model_compat(state, model, other)
 
+    # A key the file's signature lacks (added later) is not compared; one it has still is.
+    ckpt.check_model_compat(state, model, dict(SIGNATURE, fill_seed="copy"))
+    with pytest.raises(ckpt.CheckpointError, match=r"depth: checkpoint has 0, this run builds "):
+        ckpt.check_model_compat(state, model, {k: v for k, v in SIGNATURE.items() if k != "depth"})
+
     bigger = Tiny()
     bigger.extra = nn.Linear(2, 2)
     del state["model_state_dict"]["control.2.bias"]

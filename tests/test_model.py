@@ -424,7 +424,9 @@ def test_signature_and_flops() -> None:
         "image_size": 112,
         "base_channels": 32,
         "generator": "warp",
+        "fill_seed": "copy",
     }
+    assert model_signature(ModelConfig(generator="plain"))["fill_seed"] is None  # plain ignores it
     model = build_model(cfg)
     flops = flops_per_sample(model, 112)
     assert 1e8 < flops < 1e10
@@ -591,3 +593,22 @@ def test_warp_generator_needs_head_framing() -> None:
         cfg.validate()
     cfg.model.generator = "plain"
     cfg.validate()
+
+
+def test_weights_of_another_fill_are_refused_by_name() -> None:
+    """The fill decides the warp head's channels: resuming head-colour weights into a copy
+    model names the flag; a file from before the signature recorded the fill still loads
+    into the model its stored config builds."""
+    from controlnet_ray.checkpoint import CheckpointError, check_model_compat
+    from controlnet_ray.model import model_signature
+
+    old_cfg, new_cfg = (
+        ModelConfig(image_size=64, fill_seed="head_colour"),
+        ModelConfig(image_size=64),
+    )
+    old = build_model(old_cfg)
+    state = {"model_state_dict": old.state_dict(), "model_signature": model_signature(old_cfg)}
+    with pytest.raises(CheckpointError, match="fill_seed: checkpoint has 'head_colour', this run"):
+        check_model_compat(state, build_model(new_cfg), model_signature(new_cfg))
+    del state["model_signature"]["fill_seed"]
+    check_model_compat(state, old, model_signature(old_cfg))

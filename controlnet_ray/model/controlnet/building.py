@@ -47,6 +47,8 @@ def model_signature(cfg: ModelConfig) -> dict[str, object]:
         "image_size": cfg.image_size,
         "base_channels": cfg.base_channels,
         "generator": cfg.generator,
+        # the warp generator's output channels depend on it; a plain model ignores it
+        "fill_seed": cfg.fill_seed if cfg.generator == "warp" else None,
     }
 
 
