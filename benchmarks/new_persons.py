@@ -38,13 +38,14 @@ from common import assert_no_ray  # noqa: E402  (benchmarks/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from controlnet_ray.config import TrainConfig  # noqa: E402
+from controlnet_ray.config import DataConfig, TrainConfig  # noqa: E402
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
+from controlnet_ray.data.shards import load_manifest  # noqa: E402
 from controlnet_ray.judging.data import build_eval_set, load_rows  # noqa: E402
 from controlnet_ray.judging.identity_judge import ensure_identity_judge  # noqa: E402
 from controlnet_ray.judging.pose_judge import ensure_pose_judge  # noqa: E402
-from controlnet_ray.judging.predictors import fit_trivial_predictors  # noqa: E402
 from controlnet_ray.judging.report import Scorer  # noqa: E402
+from controlnet_ray.judging.session import fit_trivial  # noqa: E402
 from controlnet_ray.metrics import face_mask  # noqa: E402
 
 YAW_BINS = ((0, 20), (20, 40), (40, 60), (60, 91))
@@ -64,13 +65,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _shards(args: argparse.Namespace, identities: int, frames: int) -> Path:
+    """The prepared shards of the embedded set of that size (rendered and prepared if absent)."""
     from controlnet_ray.launcher import resolve_shards
 
     cfg = TrainConfig()
-    cfg.data = dataclasses.replace(
-        cfg.data, cache_dir=args.cache_dir, synthetic_identities=identities, synthetic_frames=frames
-    )
+    cfg.data = _data(args, identities, frames)
     return resolve_shards(cfg)
+
+
+def _data(args: argparse.Namespace, identities: int, frames: int) -> DataConfig:
+    return dataclasses.replace(
+        DataConfig(), cache_dir=args.cache_dir, synthetic_identities=identities,
+        synthetic_frames=frames,
+    )  # fmt: skip
 
 
 def _index(name: str) -> int:
@@ -98,20 +105,18 @@ def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Call
         raise SystemExit(f"--persons: at most {400 - args.identities} new persons in the 400 set")
     train_shards = _shards(args, args.identities, args.frames)
     new_shards = _shards(args, 400, 24)
-    cache = TrainConfig().data.resolved_cache_dir() if args.cache_dir is None else args.cache_dir
+    cache = _data(args, args.identities, args.frames).resolved_cache_dir()
     judge = ensure_pose_judge(train_shards, cache, verbose=False)
     identity = ensure_identity_judge(train_shards, cache, verbose=False)
     rows = load_rows(new_shards)
     rows = rows.subset(new_person_mask(rows.person, args.identities, args.persons))
-    mask = face_mask(int(rows.images.shape[1]), "head")
+    mask = face_mask(int(rows.images.shape[1]), load_manifest(new_shards).framing)
     groups = []
     for members in person_groups(list(set(rows.person)), args.group):
         sub = rows.subset(np.isin(rows.person, members))
         pairs = make_pairs(sub.columns(), "front_to_video")
         groups.append(Scorer(build_eval_set(sub, pairs), judge, mask, None, identity=identity))
-    train = load_rows(train_shards, ("train",))
-    train = train.subset(train.role == "video")
-    return groups, fit_trivial_predictors(train.images, train.poses, mask).as_dict()
+    return groups, fit_trivial(train_shards, ("video",), mask).as_dict()
 
 
 def summarise(per_group: list[dict[str, np.ndarray]], groups: list[Scorer]) -> dict:

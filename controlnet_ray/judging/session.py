@@ -119,8 +119,15 @@ def prepare_judging(
         framing = load_manifest(shards_dir).framing
         mask = face_mask(int(held.images.shape[1]), framing)
     scorer = Scorer(build_eval_set(held, pairs), judge, mask, embed, identity=identity)
-    roles = np.unique(held.role[pairs[:, 1]])
+    trivial = fit_trivial(shards_dir, np.unique(held.role[pairs[:, 1]]), scorer.mask)
+    return Judging(scorer, trivial, held, pairs)
+
+
+def fit_trivial(
+    shards_dir: str | Path, roles: Sequence[str], mask: torch.Tensor
+) -> TrivialPredictors:
+    """The trivial predictors, fitted on the train split's frames of the targets' ``roles``
+    (an even subset of at most ``MAX_TRAIN_ROWS``)."""
     train = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
     train = train.subset(np.isin(train.role, roles))
-    trivial = fit_trivial_predictors(train.images, train.poses, scorer.mask)
-    return Judging(scorer, trivial, held, pairs)
+    return fit_trivial_predictors(train.images, train.poses, mask)
