@@ -39,7 +39,7 @@ def _signature_diffs(saved: Mapping[str, Any], current: Mapping[str, Any]) -> li
         return []
     diffs = []
     for key in sorted(saved):
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        old, new = saved[key], current.get(key, "<absent>")
         if old != new:
             diffs.append(f"{key}: checkpoint has {old!r}, this run builds {new!r}")
     return diffs

@@ -40,7 +40,12 @@ from controlnet_ray.config import ModelConfig
 from controlnet_ray.model.controlnet.control_branch import ControlBranch
 from controlnet_ray.model.controlnet.pose_head import PoseHead
 from controlnet_ray.model.controlnet.unet import Generator, decoder_channels
-from controlnet_ray.model.controlnet.warp_head import _init_warp_head, compose, warp_channels
+from controlnet_ray.model.controlnet.warp_head import (
+    _init_warp_head,
+    compose,
+    needs_fill_grid,
+    warp_channels,
+)
 from controlnet_ray.model.encoders import EncoderFeatures, ImageEncoder, build_encoder
 from controlnet_ray.model.iresnet import IResNet, load_iresnet
 from controlnet_ray.model.warp import face_grid, head_region, proxy_flow, warp
@@ -112,7 +117,7 @@ class ImageControlNet(nn.Module):
             injections = self.control(feats, source_pose, target_pose) if use_control else None
             image = torch.tanh(self.generator(feats, injections))
             return image, head_region(target_pose, height, width).to(image.dtype)
-        with_fill = self.fill_seed in ("latitude", "copy")
+        with_fill = needs_fill_grid(self.fill_seed)
         flow = proxy_flow(source_pose, target_pose, height, width, with_fill=with_fill)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None

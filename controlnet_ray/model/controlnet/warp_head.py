@@ -41,6 +41,11 @@ def warp_channels(fill_seed: str) -> int:
     return WARP_CHANNELS + (COPY_CHANNELS if fill_seed == "copy" else 0)
 
 
+def needs_fill_grid(fill_seed: str) -> bool:
+    """Whether ``fill_seed`` samples the source at ``ProxyFlow.fill_grid`` (the seen side)."""
+    return fill_seed in ("copy", "latitude")
+
+
 def _init_warp_head(conv: nn.Conv2d) -> None:
     """Zero the output channels of mask, residual flow and gain, and ``copy``'s offset and
     mask (PixelShuffle puts output channel k at conv channels 4k..4k+3): an untrained warp
