@@ -28,8 +28,16 @@ from controlnet_ray.model import (
     resolve_encoder,
     trainable_parameters,
 )
-from controlnet_ray.model.controlnet import COPY_PRIOR, COPY_REACH, MASK_PRIOR, warp_channels
-from controlnet_ray.model.warp import pixel_grid, proxy_flow, warp
+from controlnet_ray.model.controlnet import (
+    COPY_PRIOR,
+    COPY_REACH,
+    MASK_PRIOR,
+    SHAPE_CENTRE_REACH,
+    SHAPE_RADII_REACH,
+    learned_shape,
+    warp_channels,
+)
+from controlnet_ray.model.warp import ProxyShape, fixed_shape, pixel_grid, proxy_flow, warp
 
 SMALL_ARCFACE = 32  # iresnet input size used where the test does not need InsightFace's 112
 
@@ -425,8 +433,10 @@ def test_signature_and_flops() -> None:
         "base_channels": 32,
         "generator": "warp",
         "fill_seed": "copy",
+        "head_shape": "learned",
     }
-    assert model_signature(ModelConfig(generator="plain"))["fill_seed"] is None  # plain ignores it
+    plain = model_signature(ModelConfig(generator="plain"))
+    assert plain["fill_seed"] is None and plain["head_shape"] is None  # plain has no proxy
     model = build_model(cfg)
     flops = flops_per_sample(model, 112)
     assert 1e8 < flops < 1e10
@@ -554,6 +564,33 @@ def test_copy_fill_learns_where_to_copy_from_within_its_reach() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+def test_learned_head_shape_starts_at_the_fixed_proxy_and_moves_within_its_bounds() -> None:
+    """``head_shape learned`` (the default): the shape head starts at zero (the fixed proxy,
+    exactly), the image loss reaches it from the first step, and saturated it moves the
+    ellipsoid's centre by ``SHAPE_CENTRE_REACH`` and scales its radii by
+    ``exp(SHAPE_RADII_REACH)``, no further."""
+    zero = learned_shape(torch.zeros(2, 6))
+    fixed = fixed_shape(2, torch.device("cpu"))
+    assert torch.equal(zero.centre, fixed.centre) and torch.equal(zero.radii, fixed.radii)
+    model = build_model(ModelConfig(image_size=64))
+    b = _batch(2, 64)
+    out = model(b["source"], b["source_pose"], b["target_pose"]).image
+    (out - b["source"].flip(-1)).pow(2).mean().backward()
+    assert model.shape_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.shape_head.bias.fill_(100.0)
+        model.generator.to_rgb[0].weight.zero_()
+        model.generator.to_rgb[0].bias.zero_()
+        model.generator.to_rgb[0].bias[12:16] = 100.0  # mask: all from the proxy warp
+        out = model.generate(b["source"], b["source_pose"], b["target_pose"])
+    widest = ProxyShape(
+        fixed.centre + SHAPE_CENTRE_REACH, fixed.radii * math.exp(SHAPE_RADII_REACH)
+    )
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, shape=widest)
+    torch.testing.assert_close(out, warp(b["source"], flow.grid), atol=1e-5, rtol=0)
+    assert flow.head.sum() > proxy_flow(b["source_pose"], b["target_pose"], 64, 64).head.sum()
+
+
 def test_fill_seed_samples_the_source_head_at_the_hidden_points_height() -> None:
     """Frontal source, head turned 70 deg: the points the source hid are sampled from inside
     the source's head silhouette at their own height (y unchanged in a frontal source), and
@@ -577,9 +614,11 @@ def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> No
     stored = TrainConfig().to_dict()
     del stored["model"]["generator"], stored["data"]["framing"]
     del stored["optim"]["background_loss_weight"], stored["model"]["fill_seed"]
+    del stored["model"]["head_shape"]
     cfg = TrainConfig.from_dict(stored)
     assert (cfg.model.generator, cfg.data.framing) == ("plain", "arcface")
     assert cfg.model.fill_seed == "head_colour"  # a warp model of then filled from the mean
+    assert cfg.model.head_shape == "fixed"  # ... with the one proxy ellipsoid
     assert cfg.optim.background_loss_weight == 1.0  # the old loss: every pixel counts
     plain = build_model(cfg.model)
     assert plain.generator.to_rgb[0].out_channels == 12  # the seed's layout: old files load
@@ -612,3 +651,17 @@ def test_weights_of_another_fill_are_refused_by_name() -> None:
         check_model_compat(state, build_model(new_cfg), model_signature(new_cfg))
     del state["model_signature"]["fill_seed"]
     check_model_compat(state, old, model_signature(old_cfg))
+
+
+def test_weights_of_another_head_shape_are_refused_by_name() -> None:
+    """A fixed-proxy model has no shape head: resuming its weights into a learned-shape model
+    names the flag, not a missing tensor."""
+    from controlnet_ray.checkpoint import CheckpointError, check_model_compat
+    from controlnet_ray.model import model_signature
+
+    old_cfg, new_cfg = ModelConfig(image_size=64, head_shape="fixed"), ModelConfig(image_size=64)
+    old = build_model(old_cfg)
+    assert old.shape_head is None
+    state = {"model_state_dict": old.state_dict(), "model_signature": model_signature(old_cfg)}
+    with pytest.raises(CheckpointError, match="head_shape: checkpoint has 'fixed', this run"):
+        check_model_compat(state, build_model(new_cfg), model_signature(new_cfg))

@@ -18,6 +18,7 @@ from controlnet_ray.config.choices import (
     FillSeed,
     Framing,
     GeneratorName,
+    HeadShape,
     IResNetDepth,
     LossType,
     PairMode,
@@ -141,6 +142,12 @@ class ModelConfig(_Section):
         "seen side, blended with a head_colour fill by a learned mask (recognisable, textured); "
         "head_colour = a predicted residual on the source head's mean colour (checkpoints "
         "before copy); latitude = a predicted residual on the source at that seen-side point",
+    )
+    head_shape: HeadShape = option(
+        "learned",
+        "the warp generator's 3D head proxy: learned = each person's own ellipsoid, read "
+        "(bounded) from the source image; fixed = one ellipsoid for every head (checkpoints "
+        "before learned)",
     )
     identity_weights: str | None = option(
         None,

@@ -65,6 +65,24 @@ class ProxyFlow:
     fill_grid: torch.Tensor | None = None
 
 
+@dataclass
+class ProxyShape:
+    """Each head's proxy ellipsoid in crop units, head frame: ``centre`` and ``radii``, [B,3]."""
+
+    centre: torch.Tensor
+    radii: torch.Tensor
+
+    def broadcast(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centre, radii) as [B,1,1,3], against [B,H,W,3] points."""
+        return self.centre[:, None, None, :], self.radii[:, None, None, :]
+
+
+def fixed_shape(batch: int, device: torch.device) -> ProxyShape:
+    """The fixed proxy (``PROXY_CENTER``, ``PROXY_RADII``) for every head of a batch."""
+    centre = torch.tensor(PROXY_CENTER, device=device).expand(batch, 3)
+    return ProxyShape(centre, torch.tensor(PROXY_RADII, device=device).expand(batch, 3))
+
+
 def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
     """[B,3] degrees -> [B,3,3] head rotations, ``Rz(roll) @ Rx(-pitch) @ Ry(yaw)``."""
     yaw, pitch, roll = torch.deg2rad(pose_deg.float()).unbind(dim=1)
@@ -88,11 +106,12 @@ def pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
     return torch.stack([gx, gy], dim=-1)
 
 
-def _cast(rot: torch.Tensor, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cast(
+    rot: torch.Tensor, pix: torch.Tensor, shape: ProxyShape
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(hit [B,H,W] bool, head-frame hit point [B,H,W,3]) of each pixel's ray (orthographic,
     along the view axis, nearest the viewer) on the proxy ellipsoid seen at rotation ``rot``."""
-    centre = torch.tensor(PROXY_CENTER, device=pix.device)
-    radii = torch.tensor(PROXY_RADII, device=pix.device)
+    centre, radii = shape.broadcast()
     # camera frame (x right, y up, z to the viewer) of the pixel at depth 0
     cam = torch.stack([pix[..., 0], -pix[..., 1], torch.zeros_like(pix[..., 0])], dim=-1)
     inv = rot.transpose(1, 2)  # head <- camera
@@ -113,25 +132,28 @@ def proxy_flow(
     height: int,
     width: int,
     with_fill: bool = False,
+    shape: ProxyShape | None = None,
 ) -> ProxyFlow:
     """Where each target pixel's head point was in the source (see the module docstring);
-    ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``."""
+    ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``; ``shape``:
+    each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`)."""
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
+    if shape is None:
+        shape = fixed_shape(source_pose.shape[0], pix.device)
     rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
-    hit, p_hit = _cast(rot_t, pix)
+    hit, p_hit = _cast(rot_t, pix, shape)
     src = _project(rot_s, p_hit)  # where the source shows it
-    centre = torch.tensor(PROXY_CENTER, device=pix.device)
-    radii = torch.tensor(PROXY_RADII, device=pix.device)
+    centre, radii = shape.broadcast()
     normal = (p_hit - centre) / (radii * radii)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     cos_view = torch.einsum("bj,bhwj->bhw", rot_s[:, 2], normal)
     # soft: a point seen at a grazing angle in the source is smeared there (or background)
     facing = ((cos_view - VISIBLE_COS[0]) / (VISIBLE_COS[1] - VISIBLE_COS[0])).clamp(0.0, 1.0)
     grid = torch.where(hit[..., None], src, pix.expand_as(src))
-    source_head = _cast(rot_s, pix)[0].float()[:, None]
+    source_head = _cast(rot_s, pix, shape)[0].float()[:, None]
     fill_grid = None
     if with_fill:
-        seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s))
+        seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s, shape))
         fill_grid = torch.where(hit[..., None], seen_side, pix.expand_as(seen_side))
     visible = (hit.float() * facing)[:, None]
     return ProxyFlow(grid, hit.float()[:, None], visible, source_head, fill_grid)
@@ -143,12 +165,11 @@ def _project(rot: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.stack([q[..., 0], -q[..., 1]], dim=-1)
 
 
-def _turn_to_seen_side(p: torch.Tensor, rot_s: torch.Tensor) -> torch.Tensor:
+def _turn_to_seen_side(p: torch.Tensor, rot_s: torch.Tensor, shape: ProxyShape) -> torch.Tensor:
     """Proxy points [B,H,W,3] turned about the head's vertical axis, each at its own height,
     to at most ``FILL_LONGITUDE_DEG`` from the source's view direction (points already
     within it stay where they are)."""
-    centre = torch.tensor(PROXY_CENTER, device=p.device)
-    radii = torch.tensor(PROXY_RADII, device=p.device)
+    centre, radii = shape.broadcast()
     u = (p - centre) / radii  # on the unit sphere
     view = rot_s[:, 2]  # the source camera's view axis in the head frame, [B,3]
     view_lon = torch.atan2(view[:, 0], view[:, 2])[:, None, None]
@@ -163,7 +184,8 @@ def _turn_to_seen_side(p: torch.Tensor, rot_s: torch.Tensor) -> torch.Tensor:
 def head_region(target_pose: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B,1,H,W] the proxy's silhouette at the target pose: the head pixels a loss should weigh."""
     pix = pixel_grid(height, width, target_pose.device)
-    return _cast(rotation_from_ypr(target_pose), pix)[0].float()[:, None]
+    shape = fixed_shape(target_pose.shape[0], pix.device)
+    return _cast(rotation_from_ypr(target_pose), pix, shape)[0].float()[:, None]
 
 
 #: The ArcFace crop in the same units: its centre (4 mm below the eyes, 80 mm in front of the

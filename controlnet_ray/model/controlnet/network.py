@@ -9,9 +9,10 @@
   branch leaves the generator's output exactly unchanged while gradients still reach it.
 * ``generator="warp"`` (the default) moves pixels instead of averaging them: the encoder's maps
   are warped by the analytic motion of a 3D head proxy from the source to the target pose
-  (:mod:`controlnet_ray.model.warp`), so the U-Net's skips carry the *target's* layout; the
-  decoder then predicts a residual flow (zero-initialised), a visibility mask and a fill, and
-  the output is ``mask * warp(source, proxy + residual) * gain + (1 - mask) * fill``; the fill
+  (:mod:`controlnet_ray.model.warp`; by default each person's own, ``head_shape``), so the
+  U-Net's skips carry the *target's* layout; the decoder then predicts a residual flow
+  (zero-initialised), a visibility mask and a fill, and the output is
+  ``mask * warp(source, proxy + residual) * gain + (1 - mask) * fill``; the fill
   (``fill_seed``, default ``copy``) copies source pixels through a second learned flow
   (:mod:`controlnet_ray.model.controlnet.warp_head`).
   ``generator="plain"`` is the seed's U-Net (skips in the source's layout), kept for old
@@ -41,8 +42,10 @@ from controlnet_ray.model.controlnet.control_branch import ControlBranch
 from controlnet_ray.model.controlnet.pose_head import PoseHead
 from controlnet_ray.model.controlnet.unet import Generator, decoder_channels
 from controlnet_ray.model.controlnet.warp_head import (
+    SHAPE_CHANNELS,
     _init_warp_head,
     compose,
+    learned_shape,
     needs_fill_grid,
     warp_channels,
 )
@@ -70,12 +73,14 @@ class ImageControlNet(nn.Module):
         self.image_size = cfg.image_size
         self.warp_mode = cfg.generator == "warp"
         self.fill_seed = cfg.fill_seed
+        self.head_shape = cfg.head_shape
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
         out_channels = warp_channels(cfg.fill_seed) if self.warp_mode else 3
         self.generator = Generator(self.encoder.map_channels, dec, cfg.feature_dim, out_channels)
         if self.warp_mode:
             _init_warp_head(self.generator.to_rgb[0])
+        self.shape_head = _build_shape_head(cfg) if self.warp_mode else None
         self.control = ControlBranch(
             self.encoder.map_channels, dec, cfg.num_control_layers, hidden=4 * cfg.base_channels
         )
@@ -118,7 +123,8 @@ class ImageControlNet(nn.Module):
             image = torch.tanh(self.generator(feats, injections))
             return image, head_region(target_pose, height, width).to(image.dtype)
         with_fill = needs_fill_grid(self.fill_seed)
-        flow = proxy_flow(source_pose, target_pose, height, width, with_fill=with_fill)
+        shape = learned_shape(self.shape_head(feats.code)) if self.shape_head is not None else None
+        flow = proxy_flow(source_pose, target_pose, height, width, with_fill, shape)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
         image = compose(source, flow, self.generator(feats, injections), self.fill_seed)
@@ -158,6 +164,17 @@ class ImageControlNet(nn.Module):
             ref = net(_resize(target, net.input_size))
         emb = net(_resize(image, net.input_size))
         return F.cosine_similarity(emb.float(), ref.float(), dim=1)
+
+
+def _build_shape_head(cfg: ModelConfig) -> nn.Linear | None:
+    """``--head_shape learned``: identity code -> the proxy's shape (``learned_shape``), zeroed
+    so an untrained model warps with the fixed proxy exactly."""
+    if cfg.head_shape != "learned":
+        return None
+    head = nn.Linear(cfg.feature_dim, SHAPE_CHANNELS)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 The encoder's maps are warped by the analytic motion of a 3D head proxy from the source to the
 target pose (:mod:`controlnet_ray.model.warp`), so the U-Net's skips carry the *target's*
-layout; the decoder then predicts a residual flow (zero-initialised), a visibility mask and a
+layout.  With ``--head_shape learned`` (the default) the proxy ellipsoid is each person's own:
+:func:`learned_shape` reads its bounded centre and radii from the encoder's identity code.  The
+decoder then predicts a residual flow (zero-initialised), a visibility mask and a
 fill image, and :func:`compose` returns
 ``mask * warp(source, proxy + residual) * gain + (1 - mask) * hidden``.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from controlnet_ray.model.warp import ProxyFlow, warp
+from controlnet_ray.model.warp import ProxyFlow, ProxyShape, fixed_shape, warp
 
 WARP_CHANNELS = 7  # fill RGB, mask logit, residual flow (x, y), log gain of the warped source
 COPY_CHANNELS = 3  # ``copy`` adds: the copy flow's offset (x, y) and the copy mask's logit
@@ -34,6 +36,14 @@ FLOW_RESIDUAL_SCALE = 0.05
 #: 88 %, head-colour fill 12 % before training).  Chosen by training (benchmarks/README.md).
 COPY_REACH = 0.5
 COPY_PRIOR = 2.0
+#: ``--head_shape learned``: a zero-initialised linear head on the encoder's identity code moves
+#: the proxy ellipsoid's centre by up to ``SHAPE_CENTRE_REACH`` crop half-sides and scales its
+#: radii by up to ``exp(+-SHAPE_RADII_REACH)`` (tanh-bounded), one shape per source image.
+#: Chosen by training (benchmarks/README.md): the fixed proxy is a compromise over persons and
+#: parts of the head; bounded, a learned one cannot shrink the head into a blur.
+SHAPE_CHANNELS = 6  # centre offset (x, y, z), log radii scale (x, y, z)
+SHAPE_CENTRE_REACH = 0.05
+SHAPE_RADII_REACH = 0.15
 
 
 def warp_channels(fill_seed: str) -> int:
@@ -44,6 +54,16 @@ def warp_channels(fill_seed: str) -> int:
 def needs_fill_grid(fill_seed: str) -> bool:
     """Whether ``fill_seed`` samples the source at ``ProxyFlow.fill_grid`` (the seen side)."""
     return fill_seed in ("copy", "latitude")
+
+
+def learned_shape(raw: torch.Tensor) -> ProxyShape:
+    """[B, SHAPE_CHANNELS] raw shape-head output -> each head's proxy ellipsoid; zeros give
+    the fixed proxy exactly."""
+    raw = raw.float()
+    fixed = fixed_shape(raw.shape[0], raw.device)
+    centre = fixed.centre + SHAPE_CENTRE_REACH * torch.tanh(raw[:, 0:3])
+    radii = fixed.radii * torch.exp(SHAPE_RADII_REACH * torch.tanh(raw[:, 3:6]))
+    return ProxyShape(centre, radii)
 
 
 def _init_warp_head(conv: nn.Conv2d) -> None:
