@@ -37,7 +37,15 @@ from controlnet_ray.model.controlnet import (
     learned_shape,
     warp_channels,
 )
-from controlnet_ray.model.warp import ProxyShape, fixed_shape, pixel_grid, proxy_flow, warp
+from controlnet_ray.model.warp import (
+    PROXY_CENTER,
+    PROXY_RADII,
+    ProxyShape,
+    fixed_shape,
+    pixel_grid,
+    proxy_flow,
+    warp,
+)
 
 SMALL_ARCFACE = 32  # iresnet input size used where the test does not need InsightFace's 112
 
@@ -433,10 +441,11 @@ def test_signature_and_flops() -> None:
         "base_channels": 32,
         "generator": "warp",
         "fill_seed": "copy",
+        "seen_side": "spread",
         "head_shape": "learned",
     }
     plain = model_signature(ModelConfig(generator="plain"))
-    assert plain["fill_seed"] is None and plain["head_shape"] is None  # plain has no proxy
+    assert plain["fill_seed"] is plain["seen_side"] is plain["head_shape"] is None  # no proxy
     model = build_model(cfg)
     flops = flops_per_sample(model, 112)
     assert 1e8 < flops < 1e10
@@ -591,18 +600,22 @@ def test_learned_head_shape_starts_at_the_fixed_proxy_and_moves_within_its_bound
     assert flow.head.sum() > proxy_flow(b["source_pose"], b["target_pose"], 64, 64).head.sum()
 
 
-def test_fill_seed_samples_the_source_head_at_the_hidden_points_height() -> None:
+@pytest.mark.parametrize("seen_side", ["clamp", "spread"])
+def test_fill_seed_samples_the_source_head_at_the_hidden_points_height(seen_side: str) -> None:
     """Frontal source, head turned 70 deg: the points the source hid are sampled from inside
     the source's head silhouette at their own height (y unchanged in a frontal source), and
     the points it showed well are sampled where the proxy warp samples them."""
     size = 64
     target = torch.tensor([[70.0, 0.0, 0.0]])
-    flow = proxy_flow(torch.zeros(1, 3), target, size, size, with_fill=True)
+    flow = proxy_flow(torch.zeros(1, 3), target, size, size, with_fill=True, seen_side=seen_side)
     head = flow.head[0, 0] > 0
     hidden = head & (flow.visible[0, 0] == 0)
     assert hidden.sum() > 100  # the turned side of the head
-    inside = warp(flow.source_head, flow.fill_grid)[0, 0]
-    assert (inside[hidden] > 0.99).all()
+    # inside the frontal source's silhouette, the proxy ellipse (x/rx)^2 + ((y+cy)/ry)^2 <= 1
+    # (grid y points down); spread looks up to 80 deg round, nearer its edge
+    x, y = flow.fill_grid[0][hidden].unbind(-1)
+    ellipse = (x / PROXY_RADII[0]) ** 2 + ((y + PROXY_CENTER[1]) / PROXY_RADII[1]) ** 2
+    assert ellipse.max() <= 1.0 + 1e-5
     torch.testing.assert_close(flow.fill_grid[0, ..., 1][head], flow.grid[0, ..., 1][head])
     well_seen = head & (flow.visible[0, 0] == 1)
     torch.testing.assert_close(
@@ -610,15 +623,37 @@ def test_fill_seed_samples_the_source_head_at_the_hidden_points_height() -> None
     )
 
 
+def test_spread_looks_nearer_the_silhouette_the_further_round_a_point_is() -> None:
+    """``seen_side spread`` (the default): in a frontal source a hidden point at longitude L is
+    looked for at ``x = rx * ring * sin(L')``, where ``clamp`` has ``L' = 55 deg`` for all of
+    them and ``spread`` a ``L'`` between 55 and 80 deg that grows, in order, with ``L``."""
+    target = torch.tensor([[70.0, 0.0, 0.0]])
+    clamp, spread = (
+        proxy_flow(torch.zeros(1, 3), target, 64, 64, with_fill=True, seen_side=side)
+        for side in ("clamp", "spread")
+    )
+    hidden = (clamp.head[0, 0] > 0) & (clamp.visible[0, 0] == 0)
+    ratio = spread.fill_grid[0, ..., 0][hidden].abs() / clamp.fill_grid[0, ..., 0][hidden].abs()
+    top = math.sin(math.radians(80.0)) / math.sin(math.radians(55.0))
+    assert ratio.min() > 1 - 1e-4 and ratio.max() < top + 1e-4
+    assert ratio.max() > 1.1  # the far side reaches well into the band
+    row = hidden[32]  # the middle row: hidden points left to right, further round each time
+    xs = spread.fill_grid[0, 32, :, 0][row]
+    assert (xs.diff() * xs.diff()[0].sign() >= -1e-6).all()
+    with pytest.raises(ValueError, match="seen_side must be"):
+        proxy_flow(torch.zeros(1, 3), target, 8, 8, with_fill=True, seen_side="mirror")
+
+
 def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> None:
     stored = TrainConfig().to_dict()
     del stored["model"]["generator"], stored["data"]["framing"]
     del stored["optim"]["background_loss_weight"], stored["model"]["fill_seed"]
-    del stored["model"]["head_shape"]
+    del stored["model"]["head_shape"], stored["model"]["seen_side"]
     cfg = TrainConfig.from_dict(stored)
     assert (cfg.model.generator, cfg.data.framing) == ("plain", "arcface")
     assert cfg.model.fill_seed == "head_colour"  # a warp model of then filled from the mean
     assert cfg.model.head_shape == "fixed"  # ... with the one proxy ellipsoid
+    assert cfg.model.seen_side == "clamp"  # ... hidden points all at the seen-side limit
     assert cfg.optim.background_loss_weight == 1.0  # the old loss: every pixel counts
     plain = build_model(cfg.model)
     assert plain.generator.to_rgb[0].out_channels == 12  # the seed's layout: old files load

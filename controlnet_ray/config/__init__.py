@@ -35,6 +35,7 @@ from controlnet_ray.config.choices import (
     LOSS_TYPES,
     PAIR_MODES,
     PROGRESS_MODES,
+    SEEN_SIDES,
     BestMetric,
     Device,
     EncoderName,
@@ -46,6 +47,7 @@ from controlnet_ray.config.choices import (
     LossType,
     PairMode,
     ProgressMode,
+    SeenSide,
 )
 from controlnet_ray.config.options import choices_of, field_types, flag_name, option
 from controlnet_ray.config.sections import (
@@ -69,6 +71,7 @@ __all__ = [
     "LOSS_TYPES",
     "PAIR_MODES",
     "PROGRESS_MODES",
+    "SEEN_SIDES",
     "BestMetric",
     "ConfigError",
     "DataConfig",
@@ -86,6 +89,7 @@ __all__ = [
     "PairMode",
     "ProgressMode",
     "RayOptions",
+    "SeenSide",
     "TrainConfig",
     "choices_of",
     "field_types",

@@ -23,6 +23,7 @@ from controlnet_ray.config.choices import (
     LossType,
     PairMode,
     ProgressMode,
+    SeenSide,
 )
 from controlnet_ray.config.options import option
 
@@ -142,6 +143,13 @@ class ModelConfig(_Section):
         "seen side, blended with a head_colour fill by a learned mask (recognisable, textured); "
         "head_colour = a predicted residual on the source head's mean colour (checkpoints "
         "before copy); latitude = a predicted residual on the source at that seen-side point",
+    )
+    seen_side: SeenSide = option(
+        "spread",
+        "where the copy and latitude fills look for a hidden head point on the source's seen "
+        "side: spread = the further round the head, the nearer the silhouette (an ear or the "
+        "hair at the side, seen edge-on in a frontal photo); clamp = all at the same 55 deg "
+        "(checkpoints before spread)",
     )
     head_shape: HeadShape = option(
         "learned",

@@ -97,7 +97,12 @@ def sections(cfg: TrainConfig) -> dict[str, _Section]:
 #: a stored config describes what that run did, so a missing field means the old behaviour.
 _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"framing": "arcface"},
-    "model": {"generator": "plain", "fill_seed": "head_colour", "head_shape": "fixed"},
+    "model": {
+        "generator": "plain",
+        "fill_seed": "head_colour",
+        "seen_side": "clamp",
+        "head_shape": "fixed",
+    },
     "optim": {"background_loss_weight": 1.0},
 }
 

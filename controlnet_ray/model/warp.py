@@ -14,7 +14,8 @@ learning anything:
 * where it was not, the fill copies from (``--fill_seed copy``, the default) or starts from
   (``latitude``) the same height of the head turned round to its nearest well-seen side
   (``fill_grid``): the side of a head the ID photo never showed is mostly more of what it
-  showed at that height -- hair at hair height, skin at cheek height.
+  showed at that height -- hair at hair height, skin at cheek height; the further round a
+  point is, the nearer the silhouette it is looked for (``--seen_side spread``).
 
 The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
 ears, hair), and fills what the source could not show.  Angles follow
@@ -50,6 +51,15 @@ VISIBLE_COS = (0.15, 0.45)
 #: side looks like a second face and reads as less turned).  Chosen by training
 #: (``benchmarks/recipe.py``, 40/55/65 deg; benchmarks/README.md, "Faces that turn").
 FILL_LONGITUDE_DEG = 55.0
+#: ``seen_side="spread"`` (the model's default, ``--seen_side``): a hidden point further than
+#: ``FILL_LONGITUDE_DEG`` round the head is not put at that limit but spread, in order, over
+#: the grazing band beyond it -- ``limit + SPREAD_RATE * (longitude - limit)``, at most
+#: ``SPREAD_LIMIT_DEG`` -- so an ear or the hair at 90 deg is looked for near the silhouette,
+#: where a frontal photo shows the side of the head edge-on, and not on the cheek at 55 deg.
+#: ``"clamp"`` puts every hidden point at the limit (checkpoints before ``spread``).  Chosen by
+#: training (benchmarks/README.md, "Faces that turn").
+SPREAD_RATE = 0.3
+SPREAD_LIMIT_DEG = 80.0
 
 
 @dataclass
@@ -133,10 +143,14 @@ def proxy_flow(
     width: int,
     with_fill: bool = False,
     shape: ProxyShape | None = None,
+    seen_side: str = "spread",
 ) -> ProxyFlow:
     """Where each target pixel's head point was in the source (see the module docstring);
-    ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``; ``shape``:
-    each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`)."""
+    ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``, with hidden
+    points spread over or clamped to the seen side (``seen_side``, :data:`SPREAD_RATE`);
+    ``shape``: each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`)."""
+    if seen_side not in ("spread", "clamp"):
+        raise ValueError(f"seen_side must be 'spread' or 'clamp', got {seen_side!r}")
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     if shape is None:
         shape = fixed_shape(source_pose.shape[0], pix.device)
@@ -153,8 +167,8 @@ def proxy_flow(
     source_head = _cast(rot_s, pix, shape)[0].float()[:, None]
     fill_grid = None
     if with_fill:
-        seen_side = _project(rot_s, _turn_to_seen_side(p_hit, rot_s, shape))
-        fill_grid = torch.where(hit[..., None], seen_side, pix.expand_as(seen_side))
+        seen = _project(rot_s, _turn_to_seen_side(p_hit, rot_s, shape, seen_side == "spread"))
+        fill_grid = torch.where(hit[..., None], seen, pix.expand_as(seen))
     visible = (hit.float() * facing)[:, None]
     return ProxyFlow(grid, hit.float()[:, None], visible, source_head, fill_grid)
 
@@ -165,17 +179,25 @@ def _project(rot: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.stack([q[..., 0], -q[..., 1]], dim=-1)
 
 
-def _turn_to_seen_side(p: torch.Tensor, rot_s: torch.Tensor, shape: ProxyShape) -> torch.Tensor:
+def _turn_to_seen_side(
+    p: torch.Tensor, rot_s: torch.Tensor, shape: ProxyShape, spread: bool
+) -> torch.Tensor:
     """Proxy points [B,H,W,3] turned about the head's vertical axis, each at its own height,
-    to at most ``FILL_LONGITUDE_DEG`` from the source's view direction (points already
-    within it stay where they are)."""
+    to at most ``FILL_LONGITUDE_DEG`` from the source's view direction, or with ``spread``
+    beyond it into the grazing band (:data:`SPREAD_RATE`); points already within it stay where
+    they are."""
     centre, radii = shape.broadcast()
     u = (p - centre) / radii  # on the unit sphere
     view = rot_s[:, 2]  # the source camera's view axis in the head frame, [B,3]
     view_lon = torch.atan2(view[:, 0], view[:, 2])[:, None, None]
     off = torch.remainder(torch.atan2(u[..., 0], u[..., 2]) - view_lon + math.pi, 2 * math.pi)
+    off = off - math.pi  # longitude from the view direction, in [-pi, pi)
     limit = math.radians(FILL_LONGITUDE_DEG)
-    lon = view_lon + (off - math.pi).clamp(-limit, limit)
+    if spread:
+        beyond = limit + SPREAD_RATE * (off.abs() - limit)
+        off = off.sign() * torch.where(off.abs() > limit, beyond, off.abs())
+        limit = math.radians(SPREAD_LIMIT_DEG)
+    lon = view_lon + off.clamp(-limit, limit)
     ring = (1 - u[..., 1] ** 2).clamp(min=0).sqrt()
     turned = torch.stack([ring * lon.sin(), u[..., 1], ring * lon.cos()], dim=-1)
     return centre + radii * turned

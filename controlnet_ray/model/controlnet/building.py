@@ -49,6 +49,8 @@ def model_signature(cfg: ModelConfig) -> dict[str, object]:
         "generator": cfg.generator,
         # the warp generator's output channels depend on it; a plain model ignores it
         "fill_seed": cfg.fill_seed if cfg.generator == "warp" else None,
+        # no parameters of its own, but weights learnt with one mapping misplace the other's fill
+        "seen_side": cfg.seen_side if cfg.generator == "warp" else None,
         # the learned proxy shape has its own head (parameters); a plain model has no proxy
         "head_shape": cfg.head_shape if cfg.generator == "warp" else None,
     }

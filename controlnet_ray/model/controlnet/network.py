@@ -73,7 +73,7 @@ class ImageControlNet(nn.Module):
         self.image_size = cfg.image_size
         self.warp_mode = cfg.generator == "warp"
         self.fill_seed = cfg.fill_seed
-        self.head_shape = cfg.head_shape
+        self.seen_side = cfg.seen_side
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
         out_channels = warp_channels(cfg.fill_seed) if self.warp_mode else 3
@@ -124,7 +124,7 @@ class ImageControlNet(nn.Module):
             return image, head_region(target_pose, height, width).to(image.dtype)
         with_fill = needs_fill_grid(self.fill_seed)
         shape = learned_shape(self.shape_head(feats.code)) if self.shape_head is not None else None
-        flow = proxy_flow(source_pose, target_pose, height, width, with_fill, shape)
+        flow = proxy_flow(source_pose, target_pose, height, width, with_fill, shape, self.seen_side)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None
         image = compose(source, flow, self.generator(feats, injections), self.fill_seed)
