@@ -120,7 +120,9 @@ class ModelConfig(_Section):
         3, "control injections into the generator (1..5)", original=True
     )
     freeze_generator: bool = option(
-        False, "train only the encoder, control branch and pose head", original=True
+        False,
+        "train only the encoder, control branch, pose head and learned head shape",
+        original=True,
     )
     encoder: EncoderName = option(
         "auto", "auto: iresnet when --encoder_weights is given, else the small cnn"

@@ -20,8 +20,9 @@ learning anything:
 The generator learns only the residual flow, what the proxy cannot know (perspective, the nose,
 ears, hair), and fills what the source could not show.  Angles follow
 ``data.geometry``: ``R = Rz(roll) Rx(-pitch) Ry(yaw)``, head frame x right, y up, z to the
-viewer.  This module imports only torch: the model package never imports the data package, so
-the proxy is stated in crop units here and a test ties it to ``data.align``'s framing.
+viewer.  This module imports only torch (and the config's choice lists): the model package
+never imports the data package, so the proxy is stated in crop units here and a test ties it
+to ``data.align``'s framing.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from controlnet_ray.config.choices import SEEN_SIDES
 
 #: Proxy ellipsoid in crop units (1 = the crop's half-side, ``data.align.HEAD_HALF_SIZE_MM``
 #: = 140 mm), head frame, relative to the head centre the crop is framed on
@@ -149,8 +152,8 @@ def proxy_flow(
     ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``, with hidden
     points spread over or clamped to the seen side (``seen_side``, :data:`SPREAD_RATE`);
     ``shape``: each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`)."""
-    if seen_side not in ("spread", "clamp"):
-        raise ValueError(f"seen_side must be 'spread' or 'clamp', got {seen_side!r}")
+    if seen_side not in SEEN_SIDES:
+        raise ValueError(f"seen_side must be one of {SEEN_SIDES}, got {seen_side!r}")
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     if shape is None:
         shape = fixed_shape(source_pose.shape[0], pix.device)
