@@ -129,31 +129,84 @@ def uint8_batch(bs: int, size: int, device: torch.device) -> dict[str, torch.Ten
     return {k: v.to(device) for k, v in (images | poses).items()}
 
 
-def engine_alone(cfg: TrainConfig, device: torch.device, args: argparse.Namespace) -> dict:
-    """The engine's rate, peak memory and one step's FLOPs (forward + backward + optimizer)."""
+VARIANTS = ("channels_last", "compile")
+
+
+def engine_alone(
+    cfg: TrainConfig, device: torch.device, args: argparse.Namespace, variant: str = "eager"
+) -> dict:
+    """The engine's rate, peak memory and one step's FLOPs (forward + backward + optimizer).
+
+    ``variant``: ``eager`` (the product's step), ``channels_last`` (model and images in NHWC)
+    or ``compile`` (``torch.compile`` of the model; the warm-up steps pay for compiling).
+    FLOPs are counted on the eager step only.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     bs = cfg.data.batch_size
     engine = build_engine(cfg.model, cfg.optim, device)
     raw = uint8_batch(bs, cfg.model.image_size, device)
+    layout = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    if variant == "channels_last":
+        engine.model.to(memory_format=layout)
+    if variant == "compile":
+        engine.model = torch.compile(engine.model)
 
     def step() -> None:
-        engine.train_micro_batch(to_model_batch(raw, flip=True))
+        batch = to_model_batch(raw, flip=True)
+        for k in IMAGE_KEYS:
+            batch[k] = batch[k].contiguous(memory_format=layout)
+        engine.train_micro_batch(batch)
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    flops = None
+    if variant == "eager":
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops() / bs
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with GpuSampler(device) as gpu:
         elapsed = timed_steps(step, args.warmup, args.steps, device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if variant == "eager" and args.profile:
+        print_profile(step, device, bs)
     return {
         "samples_per_s": bs * args.steps / elapsed,
-        "flops_per_sample": counter.get_total_flops() / bs,
+        "flops_per_sample": flops,
         "torch_peak_gib": peak,
         **gpu.summary(),
     }
+
+
+def print_profile(step, device: torch.device, bs: int, steps: int = 3) -> None:  # noqa: ANN001
+    """The top operators of ``steps`` training steps by self time on the device (CPU if none):
+    what the step's time goes to, to set beside the FLOP-count bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile: {steps} steps at batch {bs}, top operators by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+
+
+def guarded(phase: str, fn, *a) -> dict:  # noqa: ANN001
+    """``fn(*a)``, or ``{"error": ...}`` if it raised: one failing phase must not cost the
+    figures of the others on a machine lent for minutes."""
+    try:
+        return fn(*a)
+    except Exception as exc:  # noqa: BLE001  (recorded and printed, never hidden)
+        print(f"{phase} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():  # a failed run keeps its Ray up
+            ray.shutdown()
+        return {"error": f"{type(exc).__name__}: {exc}", "samples_per_s": None}
 
 
 def ray_path(cfg: TrainConfig, device: torch.device, root: Path) -> dict:
@@ -181,25 +234,38 @@ def bench_config(args: argparse.Namespace, bs: int, device: torch.device) -> Tra
     return cfg
 
 
+def _pipeline(shards: Path, cfg: TrainConfig, epochs: int, device: torch.device) -> dict:
+    rates, pairs = ray_pipeline_rates(shards, cfg.data, epochs, device)
+    return {"samples_per_s": max(rates), "epochs": rates, "pairs": pairs}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
 def measure_batch(args: argparse.Namespace, bs: int, device: torch.device, shards: Path) -> dict:
     cfg = bench_config(args, bs, device)
-    engine = engine_alone(cfg, device, args)
-    rates, pairs = ray_pipeline_rates(shards, cfg.data, args.pipeline_epochs, device)
+    engine = guarded("engine", engine_alone, cfg, device, args)
+    pipeline = guarded("pipeline", _pipeline, shards, cfg, args.pipeline_epochs, device)
     with tempfile.TemporaryDirectory() as tmp:
-        ray = ray_path(cfg, device, Path(tmp))
+        ray = guarded("ray", ray_path, cfg, device, Path(tmp))
     peak = args.peak_tflops * 1e12
-    flops = engine["flops_per_sample"]
+    flops = engine.get("flops_per_sample")
+    cuda = device.type == "cuda" and bool(flops)
+    mfu = {k: flops * r["samples_per_s"] / peak if cuda and r["samples_per_s"] else None
+           for k, r in (("engine", engine), ("ray", ray))}  # fmt: skip
     return {
         "batch_size": bs,
-        "pairs_per_epoch": pairs,
+        "pairs_per_epoch": pipeline.get("pairs"),
         "engine": engine,
-        "pipeline": {"samples_per_s": max(rates), "epochs": rates},
+        "variants": {},  # filled by main() once every batch size's product figures are in
+        "pipeline": pipeline,
         "ray": ray,
-        "ray_over_engine": ray["samples_per_s"] / engine["samples_per_s"],
-        "pipeline_over_engine": max(rates) / engine["samples_per_s"],
-        "mfu_engine": flops * engine["samples_per_s"] / peak if device.type == "cuda" else None,
-        "mfu_ray": flops * ray["samples_per_s"] / peak if device.type == "cuda" else None,
-        "flop_bound_samples_per_s": peak / flops if flops and device.type == "cuda" else None,
+        "ray_over_engine": _ratio(ray["samples_per_s"], engine["samples_per_s"]),
+        "pipeline_over_engine": _ratio(pipeline["samples_per_s"], engine["samples_per_s"]),
+        "mfu_engine": mfu["engine"],
+        "mfu_ray": mfu["ray"],
+        "flop_bound_samples_per_s": peak / flops if cuda else None,
     }
 
 
@@ -210,21 +276,26 @@ def _f(value: float | None, spec: str, unit: str = "") -> str:
 def print_batch(r: dict) -> None:
     e, p, y = r["engine"], r["pipeline"], r["ray"]
     print(f"\nbatch {r['batch_size']} ({r['pairs_per_epoch']} pairs an epoch)")
-    print(f"{'':<10}{'samples/s':>11}{'GPU busy % mean/p90':>22}{'peak GPU mem':>20}{'MFU':>8}")
-    for name, row, mem, mfu in (
-        ("engine", e, _f(e["torch_peak_gib"], ".2f", " GiB torch"), r["mfu_engine"]),
-        ("ray", y, _f(y["mem_peak_gib"], ".2f", " GiB NVML"), r["mfu_ray"]),
-    ):
+    print(f"{'':<22}{'samples/s':>11}{'GPU busy % mean/p90':>22}{'peak GPU mem':>20}{'MFU':>8}")
+    rows = [("engine", e, "torch", r["mfu_engine"]), ("ray", y, "NVML", r["mfu_ray"])]
+    rows += [(f"engine {v}", row, "torch", None) for v, row in r["variants"].items()]
+    for name, row, source, mfu in rows:
+        if "error" in row:
+            print(f"{name:<22}{'failed':>11}  {row['error']}")
+            continue
         busy = f"{_f(row['busy_mean'], '.0f')}/{_f(row['busy_p90'], '.0f')}"
+        key = "torch_peak_gib" if source == "torch" else "mem_peak_gib"
+        mem = _f(row[key], ".2f", f" GiB {source}")
         pct = _f(mfu and 100 * mfu, ".1f", "%")
-        print(f"{name:<10}{row['samples_per_s']:>11.1f}{busy:>22}{mem:>20}{pct:>8}")
-    print(f"{'pipeline':<10}{p['samples_per_s']:>11.1f}   (alone, no training)")
+        print(f"{name:<22}{row['samples_per_s']:>11.1f}{busy:>22}{mem:>20}{pct:>8}")
+    print(f"{'pipeline':<22}{_f(p['samples_per_s'], '>11.1f')}   (alone, no training)")
     print(
-        f"ray / engine {r['ray_over_engine']:.2f} (target >= 0.9); pipeline / engine "
-        f"{r['pipeline_over_engine']:.2f} (target >= 2)"
+        f"ray / engine {_f(r['ray_over_engine'], '.2f')} (target >= 0.9); pipeline / engine "
+        f"{_f(r['pipeline_over_engine'], '.2f')} (target >= 2)"
     )
+    flops = e.get("flops_per_sample")
     bound = _f(r["flop_bound_samples_per_s"], ".0f")
-    print(f"train step {e['flops_per_sample'] / 1e9:.3f} GFLOP/sample (FlopCounterMode); "
+    print(f"train step {_f(flops and flops / 1e9, '.3f')} GFLOP/sample (FlopCounterMode); "
           f"FLOP-count bound at --peak_tflops: {bound} samples/s")  # fmt: skip
 
 
@@ -247,6 +318,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic_identities", type=int, default=40)
     p.add_argument("--synthetic_frames", type=int, default=16)
     p.add_argument("--peak_tflops", type=float, default=PEAK_TFLOPS_BF16, help="for MFU")
+    p.add_argument(
+        "--profile", action="store_true", help="print the eager step's top operators (profiler)"
+    )
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=VARIANTS,
+        help="engine-alone variants measured beside the product's eager step",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
     args = p.parse_args(argv)
     if args.epochs < 2:
@@ -266,14 +347,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.image_size} px; peak {args.peak_tflops:g} TFLOP/s")  # fmt: skip
     shards = resolve_shards(bench_config(args, sizes[0], device))
     meta = {"torch": torch.__version__, "device_name": name, "args": vars(args)}
-    results = []
-    for bs in sizes:  # printed and written as each finishes: a run cut short keeps them
-        results.append(measure_batch(args, bs, device, shards))
-        print_batch(results[-1])
+    results: list[dict] = []
+
+    def report(r: dict) -> None:  # printed and written as each finishes: a cut run keeps them
+        print_batch(r)
         sys.stdout.flush()
         if args.json:
             text = json.dumps({"meta": meta, "results": results}, indent=2, default=str)
             args.json.write_text(text)
+
+    for bs in sizes:
+        results.append(measure_batch(args, bs, device, shards))
+        report(results[-1])
+    for r in results if args.variants else []:  # last: compiling may take minutes
+        cfg = bench_config(args, r["batch_size"], device)
+        for v in args.variants:
+            r["variants"][v] = guarded(v, engine_alone, cfg, device, args, v)
+        report(r)
     return 0
 
 

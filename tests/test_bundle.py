@@ -237,6 +237,7 @@ def test_bundle_builds_and_installs_offline(tmp_path: Path) -> None:
     result = run_gpu_path_tiny(python, tmp_path, env)
     for part in ("engine", "pipeline", "ray"):
         assert result[part]["samples_per_s"] > 0, part
+    assert result["variants"]["channels_last"]["samples_per_s"] > 0
     assert result["engine"]["flops_per_sample"] > 1e8  # fwd + bwd of the default model at 64 px
     assert result["mfu_engine"] is None and result["engine"]["busy_mean"] is None  # CPU: n/a
 
@@ -247,7 +248,8 @@ def run_gpu_path_tiny(python: Path, tmp: Path, env: dict[str, str]) -> dict:
     tiny = ["--device", "cpu", "--steps", "3", "--warmup", "1", "--epochs", "2",
             "--pair_mode", "front_to_video",
             "--pipeline_epochs", "1", "--batch_size", "8", "--image_size", "64",
-            "--synthetic_identities", "8", "--synthetic_frames", "8"]  # fmt: skip
+            "--synthetic_identities", "8", "--synthetic_frames", "8",
+            "--variants", "channels_last"]  # fmt: skip
     proc = subprocess.run(
         [python, str(ROOT / "benchmarks" / "gpu_path.py"), *tiny, "--json", str(out)],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=600,

@@ -700,3 +700,23 @@ def test_weights_of_another_head_shape_are_refused_by_name() -> None:
     state = {"model_state_dict": old.state_dict(), "model_signature": model_signature(old_cfg)}
     with pytest.raises(CheckpointError, match="head_shape: checkpoint has 'fixed', this run"):
         check_model_compat(state, build_model(new_cfg), model_signature(new_cfg))
+
+
+def test_proxy_geometry_is_float32_under_autocast() -> None:
+    """bf16 autocast must not reach the ray casting: in bf16 the discriminant cancels to 0 at
+    silhouette pixels (NaN gradients on an H200 at batch 1024) and grids lose precision."""
+    from controlnet_ray.model.warp import ProxyShape, fixed_shape, proxy_flow
+
+    g = torch.Generator().manual_seed(0)
+    src, tgt = (
+        (torch.rand(6, 3, generator=g) - 0.5) * 120,
+        (torch.rand(6, 3, generator=g) - 0.5) * 120,
+    )
+    base = fixed_shape(6, torch.device("cpu"))
+    shape = ProxyShape(base.centre.bfloat16(), base.radii.bfloat16())
+    plain = proxy_flow(src, tgt, 16, 16, with_fill=True, shape=shape.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = proxy_flow(src, tgt, 16, 16, with_fill=True, shape=shape)
+    for name in ("grid", "visible", "fill_grid"):
+        a, b = getattr(plain, name), getattr(cast, name)
+        assert b.dtype == torch.float32 and torch.equal(a, b), name

@@ -16,11 +16,22 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def collective_device(t: torch.Tensor) -> torch.device:
+    """Where ``t`` must be for a collective of this process group: NCCL (the GPU workers'
+    backend) reduces CUDA tensors only, so host-side sums go to this rank's GPU for the call;
+    gloo takes them where they are."""
+    if "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (a copy, on ``t``'s device); ``t`` itself without DDP."""
+    if not _distributed():
+        return t
+    out = t.to(collective_device(t), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def from_rank_zero(obj: Any, device: torch.device | None = None) -> Any:

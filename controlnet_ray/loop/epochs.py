@@ -16,7 +16,7 @@ from controlnet_ray.config import TrainConfig
 from controlnet_ray.data.batch import to_model_batch
 from controlnet_ray.data.prefetch import FirstItemPrefetch
 from controlnet_ray.engine import EvalSums, NonFiniteLossError, StepMetrics
-from controlnet_ray.loop.collectives import _all_reduce_sum, all_rng_states
+from controlnet_ray.loop.collectives import all_reduce_sum, all_rng_states
 from controlnet_ray.loop.epoch_metrics import _require_finite, epoch_metrics
 from controlnet_ray.loop.host import EpochCheckpoint, WorkerHost
 from controlnet_ray.loop.validation import judge, validate
@@ -105,7 +105,7 @@ class TrainingLoop:
             self._post_step(epoch, i + 1, sums, t0)
         if self.engine.optimizer_steps == steps_before:
             self._fail_untrained_epoch(epoch, self.engine.skipped_steps - skipped_before)
-        sums = _all_reduce_sum(sums)
+        sums = all_reduce_sum(sums)
         n = sums[3].item()
         return {
             "loss": sums[0].item() / n,

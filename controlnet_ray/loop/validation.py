@@ -14,7 +14,7 @@ from controlnet_ray import checkpoint as ckpt
 from controlnet_ray.config import OptimConfig, TrainConfig
 from controlnet_ray.data.batch import to_model_batch
 from controlnet_ray.engine import AmpSettings, EvalSums, evaluate
-from controlnet_ray.loop.collectives import _all_reduce_sum
+from controlnet_ray.loop.collectives import all_reduce_sum
 from controlnet_ray.loop.host import WorkerHost
 
 JUDGED_MAX_PAIRS = 256  # validation pairs the judges score each epoch (an even subset)
@@ -73,7 +73,7 @@ def validate(model: nn.Module, host: WorkerHost, cfg: OptimConfig, amp: AmpSetti
         amp,
         keep_sample=host.rank == 0,
     )
-    reduced = EvalSums.from_tensor(_all_reduce_sum(sums.to_tensor()))
+    reduced = EvalSums.from_tensor(all_reduce_sum(sums.to_tensor()))
     reduced.sample = sums.sample
     return reduced
 

@@ -89,6 +89,9 @@ class ProxyShape:
         """(centre, radii) as [B,1,1,3], against [B,H,W,3] points."""
         return self.centre[:, None, None, :], self.radii[:, None, None, :]
 
+    def float(self) -> ProxyShape:
+        return ProxyShape(self.centre.float(), self.radii.float())
+
 
 def fixed_shape(batch: int, device: torch.device) -> ProxyShape:
     """The fixed proxy (``PROXY_CENTER``, ``PROXY_RADII``) for every head of a batch."""
@@ -151,9 +154,28 @@ def proxy_flow(
     """Where each target pixel's head point was in the source (see the module docstring);
     ``with_fill``: also ``fill_grid``, for ``--fill_seed copy`` and ``latitude``, with hidden
     points spread over or clamped to the seen side (``seen_side``, :data:`SPREAD_RATE`);
-    ``shape``: each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`)."""
+    ``shape``: each head's own ellipsoid (default: the fixed proxy, :func:`fixed_shape`).
+
+    Always float32, autocast or not: under bfloat16 autocast the rotations and ray casts ran
+    in bfloat16 (8 mantissa bits: sampling grids off by up to a fifth of a pixel at 112 px,
+    the discriminant of grazing rays rounded to either side of 0)."""
     if seen_side not in SEEN_SIDES:
         raise ValueError(f"seen_side must be one of {SEEN_SIDES}, got {seen_side!r}")
+    with torch.autocast(source_pose.device.type, enabled=False):
+        shape = shape.float() if shape is not None else None
+        pose_s, pose_t = source_pose.float(), target_pose.float()
+        return _proxy_flow(pose_s, pose_t, height, width, with_fill, shape, seen_side)
+
+
+def _proxy_flow(
+    source_pose: torch.Tensor,
+    target_pose: torch.Tensor,
+    height: int,
+    width: int,
+    with_fill: bool,
+    shape: ProxyShape | None,
+    seen_side: str,
+) -> ProxyFlow:
     pix = pixel_grid(height, width, source_pose.device)  # [H,W,2]
     if shape is None:
         shape = fixed_shape(source_pose.shape[0], pix.device)
