@@ -24,6 +24,8 @@ from controlnet_ray.config import TrainConfig
 from controlnet_ray.loop import EpochCheckpoint, WorkerSetup, run_worker
 from controlnet_ray.run_files import RAY_STATE_FILE
 
+GPU_PREFETCH_BATCHES = 4  # batches a GPU worker keeps in flight (Ray Data's default: 1)
+
 
 class RayHost:
     """The loop's host on Ray Train (:class:`controlnet_ray.loop.WorkerHost`)."""
@@ -58,9 +60,15 @@ class RayHost:
     def _batches(self, shard, train: bool):
         """The shard's batches as they arrive: uint8 images, already on the device (the loop
         normalises them). The dataset reshuffles every epoch (``data.pipeline``), so no local
-        shuffle buffer."""
+        shuffle buffer. A GPU finishes a step in tens of milliseconds, so it keeps
+        ``GPU_PREFETCH_BATCHES`` batches in flight rather than Ray's one."""
+        prefetch = GPU_PREFETCH_BATCHES if self.device.type == "cuda" else 1
         return shard.iter_torch_batches(
-            batch_size=self.cfg.data.batch_size, drop_last=train, device=self.device, dtypes=None
+            batch_size=self.cfg.data.batch_size,
+            drop_last=train,
+            device=self.device,
+            dtypes=None,
+            prefetch_batches=prefetch,
         )
 
     def report(self, metrics: dict[str, Any], saved: EpochCheckpoint | None) -> None:

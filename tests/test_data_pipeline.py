@@ -150,7 +150,8 @@ RAY_SCRIPT = textwrap.dedent(
     from controlnet_ray.data.shards import load_pair_index
 
     shards_dir, seed = sys.argv[1], int(sys.argv[2])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 8 logical CPUs: the shuffled index is cut finer than its blocks (the repartition path)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     cfg = DataConfig(batch_size=16, pair_mode="any", min_pose_distance=0.0,
                      max_pose_distance=360.0)
@@ -204,6 +205,13 @@ def ray_epochs(tmp_path_factory) -> dict:
 
 
 def test_every_epoch_is_a_new_permutation_of_all_pairs(ray_epochs):
+    import pyarrow as pa
+
+    from controlnet_ray.data.pipeline import _blocks, shuffled_blocks
+
+    n = ray_epochs["n_train"]
+    index_blocks = len(_blocks(pa.table({"row": list(range(n))})))
+    assert shuffled_blocks(n, index_blocks, 8.0) > index_blocks  # the repartition path ran
     index = sorted(map(tuple, ray_epochs["index"]))
     orders = []
     for ep in ray_epochs["epochs"]:
@@ -286,3 +294,16 @@ def test_preparation_spreads_over_a_ray_cluster_and_writes_the_same_shards(tmp_p
     assert read_shard_table(spread, columns=cols).equals(read_shard_table(local, columns=cols))
     for split in shards.SPLITS:
         np.testing.assert_array_equal(load_pair_index(spread, split), load_pair_index(local, split))
+
+
+def test_a_small_index_is_shuffled_into_enough_blocks_for_the_cluster():
+    """One decode task per shuffled block: 6,656 pairs in the index's 7 blocks left 9 of 16
+    CPUs idle while an H200 waited. Small indexes get two tasks per decode slot (half a CPU
+    each), never blocks under one decode batch; large ones keep their blocks."""
+    from controlnet_ray.data.pipeline import DECODE_ROWS, shuffled_blocks
+
+    assert shuffled_blocks(6656, 7, 16.0) == 64  # 2 x 32 slots
+    assert shuffled_blocks(6656, 7, 2.0) == 8
+    assert shuffled_blocks(3 * DECODE_ROWS, 1, 16.0) == 3  # not below one decode batch a block
+    assert shuffled_blocks(1_000_000, 977, 64.0) == 977
+    assert shuffled_blocks(500, 4, 0.0) == 4  # a cluster still at 0 CPUs: the index's blocks
