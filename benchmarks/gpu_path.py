@@ -137,20 +137,16 @@ def engine_alone(
 ) -> dict:
     """The engine's rate, peak memory and one step's FLOPs (forward + backward + optimizer).
 
-    ``variant``: ``eager`` (the product's step), ``channels_last`` (model and images in NHWC)
-    or ``compile`` (``torch.compile`` of the model; the warm-up steps pay for compiling).
-    FLOPs are counted on the eager step only.
+    ``variant``: ``eager`` (the product's default step), ``channels_last`` (model and images
+    in NHWC) or ``compile`` (``torch.compile`` of the model, as ``--compile`` does; the
+    warm-up steps pay for compiling). FLOPs are counted on one eager step first.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     bs = cfg.data.batch_size
     engine = build_engine(cfg.model, cfg.optim, device)
     raw = uint8_batch(bs, cfg.model.image_size, device)
-    layout = torch.channels_last if variant == "channels_last" else torch.contiguous_format
-    if variant == "channels_last":
-        engine.model.to(memory_format=layout)
-    if variant == "compile":
-        engine.model = torch.compile(engine.model)
+    layout = torch.contiguous_format
 
     def step() -> None:
         batch = to_model_batch(raw, flip=True)
@@ -158,11 +154,14 @@ def engine_alone(
             batch[k] = batch[k].contiguous(memory_format=layout)
         engine.train_micro_batch(batch)
 
-    flops = None
-    if variant == "eager":
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops() / bs
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / bs
+    if variant == "channels_last":
+        layout = torch.channels_last
+        engine.model.to(memory_format=layout)
+    if variant == "compile":
+        engine.model = torch.compile(engine.model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,6 +230,7 @@ def bench_config(args: argparse.Namespace, bs: int, device: torch.device) -> Tra
     cfg.optim.use_amp = args.precision == "bf16"
     cfg.optim.epochs = cfg.output.save_interval = args.epochs
     cfg.output.progress, cfg.output.no_judge = "lines", True
+    cfg.optim.compile = args.compile
     return cfg
 
 
@@ -245,7 +245,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def measure_batch(args: argparse.Namespace, bs: int, device: torch.device, shards: Path) -> dict:
     cfg = bench_config(args, bs, device)
-    engine = guarded("engine", engine_alone, cfg, device, args)
+    variant = "compile" if args.compile else "eager"
+    engine = guarded("engine", engine_alone, cfg, device, args, variant)
     pipeline = guarded("pipeline", _pipeline, shards, cfg, args.pipeline_epochs, device)
     with tempfile.TemporaryDirectory() as tmp:
         ray = guarded("ray", ray_path, cfg, device, Path(tmp))
@@ -318,6 +319,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic_identities", type=int, default=40)
     p.add_argument("--synthetic_frames", type=int, default=16)
     p.add_argument("--peak_tflops", type=float, default=PEAK_TFLOPS_BF16, help="for MFU")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="the product's --compile: the Ray path compiles, and so does the engine it is "
+        "compared with",
+    )
     p.add_argument(
         "--profile", action="store_true", help="print the eager step's top operators (profiler)"
     )

@@ -180,3 +180,36 @@ def test_the_loop_imports_without_ray() -> None:
     code = "import sys; sys.modules['ray'] = None; import controlnet_ray.loop"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_saves_plain_weights(
+    tiny_data: TinyData, pairs: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile``: the training steps run the compiled model (Dynamo traced it, forward
+    and backward), and the files hold the bare module's weights, loadable without compiling.
+    Dynamo's graphs run through AOTAutograd without Inductor's code generation here (Inductor's
+    C++ build of this model takes two minutes on 2 cores); Inductor was measured on an H200."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+    from controlnet_ray.model import build_model
+
+    base = _setup(tiny_data, tmp_path, epochs=1)
+    cfg = dataclasses.replace(
+        base.cfg, optim=dataclasses.replace(base.cfg.optim, compile=True)
+    ).validate()
+    torch._dynamo.reset()
+    counters.clear()
+    host = InProcessHost(pairs)
+    loop.run_worker(loop.WorkerSetup(cfg, num_train_pairs=8, scratch_root=tmp_path / "s"), host)
+    assert counters["stats"]["unique_graphs"] > 0  # it was compiled, not silently eager
+    assert [r["epoch"] for r in host.reports] == [1]
+    state = ckpt.load_checkpoint(_stored(base, SAVE_DIR) / run_files.FINAL_MODEL)
+    weights = state["model_state_dict"]
+    assert not [k for k in weights if "_orig_mod" in k]
+    build_model(cfg.model).load_state_dict(weights)  # strict
+    torch._dynamo.reset()

@@ -10,12 +10,13 @@ from controlnet_ray.checkpoint.resume import _close
 from controlnet_ray.config import TrainConfig
 
 # Settings a re-run of the same Ray run may change: they do not change what is computed
-# (console, file cadence, data-loading parallelism, placement, retry budget). --epochs is
+# (console, file cadence, data-loading parallelism, placement, retry budget, compiling). --epochs is
 # handled apart (the run is extended or shortened); every other difference stops the re-run.
 RERUN_FREE_FIELDS = frozenset(
     {
         ("data", "num_workers"),
         ("data", "cache_dir"),
+        ("optim", "compile"),
         ("output", "log_dir"),
         ("output", "save_interval"),
         ("output", "image_log_interval"),

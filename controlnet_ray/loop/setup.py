@@ -111,6 +111,8 @@ def build_trainee(
         progress.message(start.message)
     continuing = start is not None and start.continuing
     model = host.prepare_model(model)
+    if cfg.optim.compile:  # around DDP, as torch recommends; unwrap_model sees through both
+        model = torch.compile(model)
     optimizer = build_optimizer(ckpt.unwrap_model(model), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, batches_per_epoch)
     adversary = _build_adversary(cfg, host, amp, state, continuing, progress)
