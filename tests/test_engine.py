@@ -182,6 +182,58 @@ def test_fused_is_chosen_only_when_every_parameter_is_on_cuda() -> None:
     assert not eng.use_fused([])
 
 
+def test_a_capped_peak_lr_is_a_parameter_group_at_the_scaled_rate() -> None:
+    """cap_peak_lr's scaled steps equal AdamW with that part in a group at lr x cap/peak,
+    through a schedule, and leave the optimizer's state_dict as without the cap."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    a2, b2 = (copy.deepcopy(m) for m in (a, b))
+    peak, cap = 2e-3, 1e-4
+    capped = torch.optim.AdamW([*a.parameters(), *b.parameters()], lr=peak, weight_decay=0.1)
+    assert eng.cap_peak_lr(capped, list(b.parameters()), cap, peak)
+    grouped = torch.optim.AdamW(
+        [{"params": a2.parameters()}, {"params": b2.parameters(), "lr": cap}],
+        lr=peak,
+        weight_decay=0.1,
+    )
+    schedules = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1 / (1 + i)) for o in (capped, grouped)
+    ]
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for opt, (m1, m2), sched in zip(
+            (capped, grouped), ((a, b), (a2, b2)), schedules, strict=True
+        ):
+            opt.zero_grad()
+            m2(torch.tanh(m1(x))).pow(2).sum().backward()
+            opt.step()
+            sched.step()
+    for mine, ref in ((a, a2), (b, b2)):
+        for p, q in zip(mine.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert len(capped.state_dict()["param_groups"]) == 1
+    assert not eng.cap_peak_lr(capped, list(b.parameters()), cap=1e-2, peak_lr=peak)  # no cap
+
+
+def test_the_shape_head_learns_at_most_at_its_cap() -> None:
+    """At --lr 2e-3 the learned shape head steps at 1e-4 (SHAPE_HEAD_MAX_LR), everything else
+    at 2e-3; at the default --lr (1e-4) nothing is capped."""
+    from controlnet_ray.model import build_model
+    from controlnet_ray.model.controlnet.warp_head import SHAPE_HEAD_MAX_LR
+
+    for lr in (2e-3, OptimConfig().lr):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(image_size=32, base_channels=8, feature_dim=32))
+        opt = eng.build_optimizer(model, OptimConfig(lr=lr, weight_decay=0.0))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()  # AdamW's first step moves every element by its lr (gradient sign)
+        moved = {n: (p - before[n]).abs().max().item() for n, p in model.named_parameters()}
+        assert moved["shape_head.weight"] == pytest.approx(min(lr, SHAPE_HEAD_MAX_LR), rel=1e-3)
+        assert moved["encoder.backbone.stages.0.0.weight"] == pytest.approx(lr, rel=1e-3)
+
+
 def test_scheduler_warmup_then_cosine_in_optimizer_steps() -> None:
     cfg = OptimConfig(lr=1.0, epochs=10, warmup_epochs=2, gradient_accumulation_steps=2)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)

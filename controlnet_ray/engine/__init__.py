@@ -38,6 +38,7 @@ from controlnet_ray.engine.losses import (
 from controlnet_ray.engine.optimizer import (
     build_optimizer,
     build_scheduler,
+    cap_peak_lr,
     lr_factor,
     use_fused,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "TrainEngine",
     "build_disc_optimizer",
     "build_optimizer",
+    "cap_peak_lr",
     "build_scheduler",
     "compute_losses",
     "evaluate",

@@ -20,7 +20,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     normalisation and hurts; matrices and conv kernels (``ndim >= 2``) are decayed.
     Frozen parameters (``--freeze_generator``, frozen backbones) are left out so the
     optimiser state does not carry them.  The fused kernel is used when every parameter
-    is on CUDA (:func:`use_fused`).
+    is on CUDA (:func:`use_fused`).  A model may name submodules whose peak learning rate is
+    capped (``model.peak_lr_caps()``: prefix -> cap; :func:`cap_peak_lr`).
     """
     decay, no_decay = [], []
     for p in model.parameters():
@@ -34,7 +35,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         if ps
     ]
     fused = use_fused(p.device for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    for prefix, cap in getattr(model, "peak_lr_caps", dict)().items():
+        capped = [p for n, p in model.named_parameters() if n.startswith(prefix + ".")]
+        cap_peak_lr(optimizer, [p for p in capped if p.requires_grad], cap, cfg.lr)
+    return optimizer
+
+
+def cap_peak_lr(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], cap: float, peak_lr: float
+) -> bool:
+    """Make ``params`` learn at ``min(1, cap / peak_lr)`` times the optimizer's learning rate,
+    through the whole schedule; True if that is below 1 (else nothing is done).
+
+    Each step's change of those parameters is scaled after the step (step hooks), which for
+    AdamW is exactly a parameter group at the scaled rate: the moments do not depend on the
+    rate, and decoupled weight decay scales with it. Unlike a group, it leaves the optimizer's
+    ``state_dict`` as it was, so checkpoints resume across the change either way.
+    """
+    factor = min(1.0, cap / peak_lr)
+    if factor >= 1.0 or not params:
+        return False
+    before: list[torch.Tensor] = []
+
+    def snapshot(*_: object) -> None:
+        before[:] = [p.detach().clone() for p in params]
+
+    def scale_change(*_: object) -> None:
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                p.sub_(old).mul_(factor).add_(old)
+
+    optimizer.register_step_pre_hook(snapshot)
+    optimizer.register_step_post_hook(scale_change)
+    return True
 
 
 def use_fused(devices: Iterable[torch.device | str]) -> bool:

