@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for add in (_training_flags, _model_flags, _device_flags, _eval_flags, _output_flags):
         add(p)
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     if args.image_size % 16:
         p.error(f"--image_size must be divisible by 16, got {args.image_size}")
     return args
@@ -75,6 +77,13 @@ def _training_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=20.0,
         help="training budget in minutes: CPU time on CPU, wall time on CUDA",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a budget of optimizer steps instead of --budget_min: repeatable runs (the "
+        "schedule and the curve follow the steps; time is still reported)",
     )
     p.add_argument("--identities", type=int, default=400, help="synthetic identities (all splits)")
     p.add_argument("--frames", type=int, default=24, help="video frames per identity")
@@ -130,7 +139,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
         "--eval_every",
         type=float,
         default=None,
-        help="budget seconds between subset evaluations (default budget / 20)",
+        help="budget units (seconds, or steps with --steps) between subset evaluations "
+        "(default budget / 20)",
     )
     p.add_argument(
         "--eval_subset",

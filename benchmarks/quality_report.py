@@ -81,9 +81,11 @@ def build_result(
 def _timing(
     data: BenchData, bench: Bench, run: BudgetRun, start: tuple[float, float]
 ) -> dict[str, Any]:
+    steps = getattr(bench.clock, "steps", None)  # a --steps budget
     return {
         "prep": data.prep,
-        "train_budget_s": bench.clock.budget_s,
+        "train_budget_s": None if steps is not None else bench.clock.budget_s,
+        "train_budget_steps": steps,
         "train_clock_s": run.train_time,
         "train_wall_s": run.train_wall,
         "eval": run.eval_clock,
@@ -118,7 +120,7 @@ def print_summary(
 ) -> None:
     clock, persons = bench.clock, data.persons
     print(
-        f"\ntrained {clock.budget_s / 60:g} min ({clock.name}): "
+        f"\ntrained {clock.describe()}: "
         f"{bench.engine.optimizer_steps} steps, "
         f"{result['training']['samples']} samples = {result['training']['epochs']:.2f} epochs; "
         f"held-out: {persons['val'] + persons['test']} persons, "

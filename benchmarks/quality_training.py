@@ -9,7 +9,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,49 @@ class BudgetClock:
     def name(self) -> str:
         return "wall s (cuda)" if self.wall else "CPU s (process_time)"
 
+    @property
+    def budget(self) -> float:
+        """The budget in the unit of :meth:`progress`."""
+        return self.budget_s
+
+    def progress(self) -> float:
+        """How much of the budget is used, in its own unit (here: seconds of the clock)."""
+        return self.elapsed()
+
+    def describe(self) -> str:
+        return f"{self.budget_s / 60:g} min ({self.name})"
+
+
+class StepBudget(BudgetClock):
+    """A budget of optimizer steps (``--steps``): the same run twice does the same steps.
+
+    Under the CPU-time budget the step count, and with it the schedule's course, depends on how
+    busy the machine is (1939 and 2003 steps for two runs of one seed); a step budget makes a
+    run repeatable, so a difference between two runs is the recipe's or the seed's, not the
+    load's. Time is still measured (``elapsed``) and reported, it just ends nothing.
+    """
+
+    def __init__(self, steps: int, device: torch.device) -> None:
+        super().__init__(0.0, device)
+        self.steps = steps
+        self.count: Callable[[], int] = lambda: 0  # the engine's optimizer steps, set once built
+
+    @property
+    def budget(self) -> float:
+        return float(self.steps)
+
+    def progress(self) -> float:
+        return float(self.count())
+
+    def fraction(self) -> float:
+        return min(1.0, self.count() / self.steps)
+
+    def done(self) -> bool:
+        return self.count() >= self.steps
+
+    def describe(self) -> str:
+        return f"{self.steps} optimizer steps (time on the {self.name} clock)"
+
 
 @dataclass
 class Bench:
@@ -99,16 +142,22 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     model = build_model(mcfg).to(device).train()
     optimizer = build_optimizer(model, ocfg)
     amp = resolve_amp(args.use_amp, device)
-    clock = BudgetClock(args.budget_min * 60.0, device)
+    clock = (
+        StepBudget(args.steps, device)
+        if args.steps is not None
+        else BudgetClock(args.budget_min * 60.0, device)
+    )
     warm, span = max(1, int(args.warmup_frac * 10_000)), 10_000
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda _step: lr_factor(int(clock.fraction() * span), warm, span)
     )
     engine = TrainEngine(model, optimizer, scheduler, ocfg, device, amp)
+    if isinstance(clock, StepBudget):
+        clock.count = lambda: engine.optimizer_steps
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: cnn encoder, base_channels {args.base_channels}, {n_params / 1e6:.2f} M params;"
-        f" device {device}; {amp.description}; budget {clock.budget_s:.0f} {clock.name}; "
+        f" device {device}; {amp.description}; budget {clock.describe()}; "
         f"batch {args.batch_size}, lr {args.lr:g}, loss {args.loss_type}, flip {args.flip}",
         flush=True,
     )
@@ -116,8 +165,9 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> Bench:
 
 
 class BudgetRun:
-    """Training until the budget clock runs out, scoring the subset every --eval_every budget
-    seconds (paused out of the clock): the curve, and its best point by face PSNR."""
+    """Training until the budget runs out, scoring the subset every --eval_every budget units
+    (seconds, or steps under --steps; paused out of the clock): the curve, and its best point
+    by face PSNR."""
 
     def __init__(self, args: argparse.Namespace, data: BenchData, bench: Bench) -> None:
         self.args, self.data, self.bench = args, data, bench
@@ -147,7 +197,7 @@ class BudgetRun:
 
     def train(self) -> None:
         args, d, b = self.args, self.data, self.bench
-        eval_every = args.eval_every if args.eval_every is not None else b.clock.budget_s / 20
+        eval_every = args.eval_every if args.eval_every is not None else b.clock.budget / 20
         next_eval = eval_every
         stream = train_batches(
             d.train_rows, d.train_pairs, args.batch_size, args.flip, args.seed, self._threads()
@@ -159,7 +209,7 @@ class BudgetRun:
             self.samples += step.batch_size
             if not step.skipped:
                 self.loss_sum, self.loss_n = self.loss_sum + step.image_loss, self.loss_n + 1
-            if b.clock.elapsed() >= next_eval:
+            if b.clock.progress() >= next_eval:
                 self.subset_eval()
                 next_eval += eval_every
         stream.close()

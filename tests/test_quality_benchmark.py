@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality.py"
 
 
-def test_quality_benchmark_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "budget", [["--budget_min", "0.03"], ["--steps", "5"]], ids=["cpu_time", "steps"]
+)
+def test_quality_benchmark_smoke(tmp_path: Path, budget: list[str]) -> None:
     out = tmp_path / "quality.json"
     cmd = [
         sys.executable,
@@ -26,10 +29,9 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
         "3",
         "--image_size",
         "32",
-        "--budget_min",
-        "0.03",
+        *budget,
         "--eval_every",
-        "0.5",
+        "0.5" if budget[0] == "--budget_min" else "2",
         "--base_channels",
         "8",
         "--feature_dim",
@@ -50,8 +52,14 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
 
     res = json.loads(out.read_text())
     assert res["budget_clock"].startswith("CPU")
-    assert res["training"]["optimizer_steps"] > 0
-    assert res["timing"]["train_clock_s"] >= 0.03 * 60
+    if budget[0] == "--steps":  # a step budget ends after exactly that many steps
+        assert res["training"]["optimizer_steps"] == 5
+        assert res["timing"]["train_budget_steps"] == 5
+        assert [p["steps"] for p in res["curve"]] == [2, 4, 5]
+        assert res["curve"][-1]["lr"] < res["curve"][0]["lr"]  # the schedule follows the steps
+    else:
+        assert res["training"]["optimizer_steps"] > 0
+        assert res["timing"]["train_clock_s"] >= 0.03 * 60
     psnr = res["final"]["psnr"]
     for name in ("model", "source", "mean", "pose_bin", "pose_bin_colour"):
         for region in ("whole", "face"):
