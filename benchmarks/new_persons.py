@@ -49,6 +49,11 @@ from controlnet_ray.judging.session import fit_trivial  # noqa: E402
 from controlnet_ray.metrics import face_mask  # noqa: E402
 
 YAW_BINS = ((0, 20), (20, 40), (40, 60), (60, 91))
+#: Bins of a pair's pose change (the largest of |target - source| over yaw, pitch, roll).  Where
+#: the change is small, copying the ID photo is nearly a right-pose output that keeps the photo's
+#: even light: its identity there is what a generator can reach without the video's lighting,
+#: which its inputs do not contain (the right person's candidate frame shares the target's).
+CHANGE_BINS = ((0, 20), (20, 40), (40, 181))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,10 +132,18 @@ def summarise(per_group: list[dict[str, np.ndarray]], groups: list[Scorer]) -> d
     by_yaw = {
         f"{lo}-{hi}": float(allp["id_top1"][(yaw >= lo) & (yaw < hi)].mean()) for lo, hi in YAW_BINS
     }
+    change = np.concatenate(
+        [(g.ev.target_pose - g.ev.source_pose).abs().amax(1).numpy() for g in groups]
+    )
+    by_change = {
+        f"{lo}-{hi}": float(allp["id_top1"][(change >= lo) & (change < hi)].mean())
+        for lo, hi in CHANGE_BINS
+    }
     return {
         "id_top1": float(top1.mean()),
         "id_top1_se": float(top1.std(ddof=1) / np.sqrt(len(top1))),
         "id_top1_by_abs_yaw": by_yaw,
+        "id_top1_by_pose_change": by_change,
         "yaw_err": float(np.median(allp["pose_err"][:, 0])),
         "pitch_err": float(np.median(allp["pose_err"][:, 1])),
         "psnr_face": float(allp["psnr_face"].mean()),
@@ -171,6 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
           "    face  sharp")  # fmt: skip
     for name, s in results.items():
         print(line(name[-28:], s))
+    print(f"\nidentity top-1 by the pair's pose change (largest |target - source| of yaw, pitch, "
+          f"roll; {', '.join(f'{lo}-{hi}' for lo, hi in CHANGE_BINS)} deg): the ID photo where "
+          "the change is small is what an output with the photo's light reaches")  # fmt: skip
+    for name, s in results.items():
+        bins = " ".join(f"{v:4.0%}" for v in s["id_top1_by_pose_change"].values())
+        print(f"{name[-28:]:28s} {bins}")
     best = max(results[k]["psnr_face"] for k in ("pose_bin", "pose_bin_colour"))
     for path in args.checkpoints:
         s, floor = results[str(path)], results["floor"]

@@ -126,3 +126,37 @@ def test_new_persons_are_past_the_training_sets_last_index_and_grouped(
     assert len(groups) == 20 and all(len(g) == 6 for g in groups)
     assert sorted(p for g in groups for p in g) == sorted(chosen)
     assert person_groups(["a", "b", "c"], 2) == [["a", "b"]]
+
+
+def test_new_persons_summary_bins_identity_by_yaw_and_by_pose_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The summary's identity: averaged over groups (with its standard error), and per pair
+    binned by the target's |yaw| and by the pair's largest pose change (yaw, pitch or roll)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    from types import SimpleNamespace
+
+    import torch
+    from new_persons import summarise
+
+    def group(source: list[list[float]], target: list[list[float]]) -> SimpleNamespace:
+        ev = SimpleNamespace(source_pose=torch.tensor(source), target_pose=torch.tensor(target))
+        return SimpleNamespace(ev=ev)
+
+    front = [0.0, 0.0, 0.0]
+    groups = [  # pose changes 10 (pitch), 50 (yaw); then 30 (yaw), 25 (roll, target at yaw 5)
+        group([front, front], [[0.0, 10.0, 0.0], [-50.0, 0.0, 0.0]]),
+        group([front, [0.0, 0.0, -20.0]], [[30.0, 0.0, 0.0], [5.0, 0.0, 5.0]]),
+    ]
+
+    def scores(top1: list[bool]) -> dict[str, np.ndarray]:
+        n = len(top1)
+        return {"id_top1": np.array(top1), "pose_err": np.ones((n, 3)),
+                "psnr_face": np.ones(n), "sharpness": np.ones(n)}  # fmt: skip
+
+    s = summarise([scores([True, False]), scores([True, True])], groups)
+    assert s["id_top1"] == 0.75 and abs(s["id_top1_se"] - 0.25) < 1e-12  # groups 0.5 and 1.0
+    assert s["id_top1_by_pose_change"] == {"0-20": 1.0, "20-40": 1.0, "40-181": 0.0}
+    assert s["id_top1_by_abs_yaw"]["0-20"] == 1.0 and s["id_top1_by_abs_yaw"]["40-60"] == 0.0
+    assert s["pairs"] == 4
