@@ -50,6 +50,7 @@ VAL_EPOCH_TAGS = {
     "loss": "Epoch/ValLoss",
     "image_loss": "Epoch/ValImageLoss",
     "psnr": "Epoch/ValPSNR",
+    "psnr_face": "Epoch/ValPSNRFace",
     "ssim": "Epoch/ValSSIM",
     "pose_mae": "Epoch/ValPoseMAE",
     "pose_mae_deg": "Epoch/ValPoseMAE",

@@ -87,7 +87,11 @@ def run_names(epochs: int, save_interval: int, first_epoch: int = 1) -> set[str]
 ScoreOrder = Literal["max", "min"]
 # ``--best_metric`` (a reported metric) -> the direction that is better; the validation
 # metrics' own key is the name without ``val_``.
-BEST_METRIC_ORDER: dict[str, ScoreOrder] = {"val_psnr": "max", "val_loss": "min"}
+BEST_METRIC_ORDER: dict[str, ScoreOrder] = {
+    "val_psnr_face": "max",
+    "val_psnr": "max",
+    "val_loss": "min",
+}
 
 
 def score_order(metric: str) -> ScoreOrder:

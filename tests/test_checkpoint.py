@@ -179,7 +179,7 @@ def test_file_has_original_keys_and_plain_weights_only_load(tmp_path: Path) -> N
                 "model_signature", "trainable", "format_version"):  # fmt: skip
         assert key in raw, key
     assert set(raw["args"]) == ORIGINAL_ARGS
-    assert raw["best_metric"] == "val_psnr" and raw["format_version"] == ckpt.FORMAT_VERSION
+    assert raw["best_metric"] == "val_psnr_face" and raw["format_version"] == ckpt.FORMAT_VERSION
     assert type(raw["best_val_psnr"]) is float
     assert TrainConfig.from_dict(raw["config"]).optim.lr == pytest.approx(1e-3)
     assert raw["trainable"] == sorted(n for n, _ in model.named_parameters())

@@ -482,8 +482,10 @@ def test_evaluate_sums_and_means() -> None:
                         pose_scale=SCALE)  # fmt: skip
     assert model.training and sums.n == 8
     means = sums.means()
-    assert set(means) == {"loss", "image_loss", "pose_loss", "psnr", "ssim", "pose_mae_deg",
-                          "pose_mae_yaw", "pose_mae_pitch", "pose_mae_roll"}  # fmt: skip
+    assert set(means) == {"loss", "image_loss", "pose_loss", "psnr", "ssim", "psnr_face",
+                          "pose_mae_deg", "pose_mae_yaw", "pose_mae_pitch",
+                          "pose_mae_roll"}  # fmt: skip
+    assert means["psnr_face"] == means["psnr"]  # no face region given: the whole crop
     assert means["psnr"] == pytest.approx(100.0) and means["ssim"] == pytest.approx(1.0, abs=1e-5)
     assert means["pose_mae_yaw"] == pytest.approx(10.0, rel=1e-4)
     assert means["pose_mae_pitch"] == pytest.approx(0.0, abs=1e-4)
@@ -496,6 +498,32 @@ def test_evaluate_sums_and_means() -> None:
     assert again == sums and (again + again).n == 16
     with pytest.raises(ValueError, match="no evaluation samples"):
         eng.EvalSums().means()
+
+
+class Smudged(nn.Module):
+    """Returns the target with its left half replaced by grey: exact outside the left half."""
+
+    def forward(self, source, source_pose, target_pose, target=None):  # noqa: ANN001
+        image = target.clone()
+        image[..., : target.shape[-1] // 2] = 0.0
+        return SimpleNamespace(image=image, pose_pred=target_pose / SCALE, pose_pred_real=None,
+                               identity_cos=None)  # fmt: skip
+
+
+def test_evaluate_takes_face_psnr_over_the_face_region_only() -> None:
+    """``psnr_face`` is PSNR over ``face_region``'s pixels: a model wrong only outside the
+    region is perfect there, and its whole-crop PSNR is not."""
+    batches = [make_batch(2, seed=1)]
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[:, 8:] = True  # the right half, where the output equals the target
+    means = eng.evaluate(Smudged(), batches, OptimConfig(), CPU, FP32, pose_scale=SCALE,
+                         face_region=region).means()  # fmt: skip
+    assert means["psnr_face"] == pytest.approx(100.0)
+    assert means["psnr"] < 40.0
+    region[:, 7] = True  # one wrong column inside: no longer perfect
+    worse = eng.evaluate(Smudged(), batches, OptimConfig(), CPU, FP32, pose_scale=SCALE,
+                         face_region=region).means()  # fmt: skip
+    assert worse["psnr_face"] < 40.0
 
 
 def test_evaluate_restores_eval_mode_too() -> None:

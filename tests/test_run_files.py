@@ -70,6 +70,31 @@ def test_record_epoch_says_which_epochs_are_the_best(
     assert run.val_history[0] == {"epoch": 1, "loss": losses[0], "psnr": psnrs[0]}
 
 
+def test_the_best_face_psnr_is_read_off_the_history_and_survives_a_resume() -> None:
+    """``val_psnr_face`` (the default --best_metric): the best is the history's largest face
+    PSNR, so a resumed run competes with the epochs its checkpoint holds; a history written
+    before the figure existed has none, and the first new epoch is the best."""
+    run = RunState()
+    faces = [17.0, 18.5, 18.2, 18.5, 18.9]
+    chosen = [
+        epoch
+        for epoch, face in enumerate(faces, start=1)
+        if run.record_epoch(
+            epoch, {}, {"loss": 1.0, "psnr": 14.0, "psnr_face": face}, "val_psnr_face"
+        )  # fmt: skip
+    ]
+    assert chosen == [1, 2, 5]
+    state = {"best_val_psnr": 14.0, "best_val_loss": 1.0, "val_metrics_history": run.val_history}
+    resumed = RunState.continued_from(state, start_epoch=6)
+    assert not resumed.record_epoch(6, {}, {"loss": 1.0, "psnr": 14.0, "psnr_face": 18.8},
+                                    "val_psnr_face")  # fmt: skip
+    old = {"best_val_psnr": 14.0, "best_val_loss": 1.0,
+           "val_metrics_history": [{"epoch": 1, "loss": 1.0, "psnr": 14.0}]}  # fmt: skip
+    legacy = RunState.continued_from(old, start_epoch=2)
+    assert legacy.record_epoch(2, {}, {"loss": 1.0, "psnr": 13.0, "psnr_face": 10.0},
+                               "val_psnr_face")  # fmt: skip
+
+
 def test_a_continued_run_competes_with_its_stored_bests() -> None:
     run = RunState.continued_from({"best_val_psnr": 25.0, "best_val_loss": 0.1}, start_epoch=4)
     assert not run.record_epoch(4, {}, {"loss": 0.2, "psnr": 24.0}, "val_psnr")
@@ -81,6 +106,7 @@ def test_score_order_serves_every_best_metric_flag() -> None:
     from controlnet_ray.config import BEST_METRICS
 
     assert {m: run_files.score_order(m) for m in BEST_METRICS} == {
+        "val_psnr_face": "max",
         "val_psnr": "max",
         "val_loss": "min",
     }

@@ -131,10 +131,19 @@ class RunState:
     ) -> bool:
         """Append the epoch to the histories and update the bests; returns whether the epoch is
         the best so far by ``best_metric`` (:func:`run_files.improves`): its state becomes
-        ``best_model.pth``. Both bests are kept whatever the metric (the files store both)."""
+        ``best_model.pth``. Both bests are kept whatever the metric (the files store both);
+        the best face PSNR is read off the history, which the files hold (checkpoints written
+        before ``psnr_face`` existed have none in it, so a resumed run's first epoch is best)."""
+        best = {
+            "loss": self.best_val_loss,
+            "psnr": self.best_val_psnr,
+            "psnr_face": max(
+                (float(h["psnr_face"]) for h in self.val_history if "psnr_face" in h),
+                default=float("-inf"),
+            ),
+        }
         self.train_history.append({"epoch": epoch, **train})
         self.val_history.append({"epoch": epoch, **val})
-        best = {"loss": self.best_val_loss, "psnr": self.best_val_psnr}
         is_best = run_files.improves(best_metric, val, best)
         self.best_val_loss = min(self.best_val_loss, val["loss"])
         self.best_val_psnr = max(self.best_val_psnr, val["psnr"])

@@ -15,7 +15,7 @@ GeneratorName = Literal["warp", "plain"]
 FillSeed = Literal["copy", "latitude", "head_colour"]
 HeadShape = Literal["learned", "fixed"]
 SeenSide = Literal["spread", "clamp"]
-BestMetric = Literal["val_psnr", "val_loss"]
+BestMetric = Literal["val_psnr_face", "val_psnr", "val_loss"]
 ProgressMode = Literal["auto", "bar", "lines"]
 Device = Literal["cpu", "cuda", "auto"]  # --device of the inference CLIs and benchmarks
 

@@ -244,7 +244,12 @@ class OutputConfig(_Section):
     log_dir: str = option("logs_image", "TensorBoard log folder", original=True)
     save_interval: int = option(10, "epochs between checkpoint_epoch_N.pth files", original=True)
     image_log_interval: int = option(10, "epochs between Images/* TensorBoard summaries")
-    best_metric: BestMetric = option("val_psnr", "selects best_model.pth")
+    best_metric: BestMetric = option(
+        "val_psnr_face",
+        "selects best_model.pth: val_psnr_face = validation PSNR over the face region (the "
+        "head, not the video's background, which no ID photo predicts); val_psnr over the "
+        "whole crop; val_loss",
+    )
     progress: ProgressMode = option(
         "auto",
         "console progress: auto draws an in-epoch bar when a terminal is attached, "

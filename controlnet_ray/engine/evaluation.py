@@ -17,7 +17,9 @@ from controlnet_ray.engine.batch import BATCH_KEYS, Batch, _forward, move_batch
 from controlnet_ray.engine.losses import LossTerms, compute_losses, pose_scale_deg
 from controlnet_ray.metrics import pose_abs_error_deg, psnr_per_image, ssim_per_image
 
-_SUM_FIELDS = ("n", "loss_sum", "image_loss_sum", "pose_loss_sum", "psnr_sum", "ssim_sum")
+_SUM_FIELDS = (
+    "n", "loss_sum", "image_loss_sum", "pose_loss_sum", "psnr_sum", "ssim_sum", "psnr_face_sum",
+)  # fmt: skip
 
 
 @dataclass
@@ -30,11 +32,12 @@ class EvalSums:
     pose_loss_sum: float = 0.0
     psnr_sum: float = 0.0
     ssim_sum: float = 0.0
+    psnr_face_sum: float = 0.0
     pose_abs_err_deg_sum: tuple[float, float, float] = (0.0, 0.0, 0.0)  # yaw, pitch, roll
     sample: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """float64 ``[9]`` vector (the sample is not included) for ``dist.all_reduce``."""
+        """float64 ``[10]`` vector (the sample is not included) for ``dist.all_reduce``."""
         values = [getattr(self, f) for f in _SUM_FIELDS] + list(self.pose_abs_err_deg_sum)
         return torch.tensor(values, dtype=torch.float64, device=device)
 
@@ -62,6 +65,7 @@ class EvalSums:
             "pose_loss": self.pose_loss_sum / self.n,
             "psnr": self.psnr_sum / self.n,
             "ssim": self.ssim_sum / self.n,
+            "psnr_face": self.psnr_face_sum / self.n,
             "pose_mae_deg": (yaw + pitch + roll) / 3.0,
             "pose_mae_yaw": yaw,
             "pose_mae_pitch": pitch,
@@ -86,13 +90,24 @@ def _limited(batches: Iterable[Batch], max_batches: int | None) -> Iterator[Batc
         yield batch
 
 
-def _batch_sums(output: Any, batch: Batch, terms: LossTerms, scale_deg: float) -> torch.Tensor:
-    """This batch's contribution as a float64 ``[9]`` device tensor (no host sync)."""
+def _batch_sums(
+    output: Any,
+    batch: Batch,
+    terms: LossTerms,
+    scale_deg: float,
+    face_region: torch.Tensor | None,
+) -> torch.Tensor:
+    """This batch's contribution as a float64 ``[10]`` device tensor (no host sync)."""
     b = batch["source"].shape[0]
     losses = torch.stack([terms.total, terms.image, terms.pose]).detach().double() * b
-    psnr = psnr_per_image(output.image, batch["target"]).sum()
+    psnr_images = psnr_per_image(output.image, batch["target"])
+    psnr = psnr_images.sum()
     ssim = ssim_per_image(output.image, batch["target"]).sum()
-    quality = torch.stack([psnr, ssim]).double()
+    if face_region is None:
+        psnr_face = psnr
+    else:
+        psnr_face = psnr_per_image(output.image, batch["target"], face_region).sum()
+    quality = torch.stack([psnr, ssim, psnr_face]).double()
     pose_err = pose_abs_error_deg(output.pose_pred, batch["target_pose"], scale_deg).sum(0)
     n = torch.tensor([float(b)], dtype=torch.float64, device=losses.device)
     return torch.cat([n, losses, quality, pose_err.double()])
@@ -107,8 +122,15 @@ def evaluate(
     max_batches: int | None = None,
     keep_sample: bool = False,
     pose_scale: float | None = None,
+    face_region: torch.Tensor | None = None,
 ) -> EvalSums:
     """Sum losses, PSNR, SSIM and pose errors over ``batches`` in eval mode, without grads.
+
+    ``face_region`` (bool ``[H, W]``, ``metrics.face_mask`` of the data's framing) is where
+    ``psnr_face`` is taken: the head, without the video's background, which no ID photo can
+    predict and which makes whole-crop PSNR flat and noisy from the third epoch on (the
+    best-model choice, ``--best_metric val_psnr_face``, needs a figure that tracks the face).
+    Without it ``psnr_face`` equals ``psnr``.
 
     A DDP wrapper is bypassed (``model.module``): its forward may broadcast buffers, a
     collective that would hang when workers hold different numbers of validation batches.
@@ -127,7 +149,7 @@ def evaluate(
             with _autocast(device, amp):
                 output = _forward(net, batch)
             terms = compute_losses(output, batch, cfg, scale_deg)
-            total += _batch_sums(output, batch, terms, scale_deg)
+            total += _batch_sums(output, batch, terms, scale_deg, face_region)
             if keep_sample and sample is None:
                 sample = _sample(batch, output)
     sums = EvalSums.from_tensor(total)

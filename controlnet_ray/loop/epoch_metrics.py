@@ -25,6 +25,7 @@ def epoch_metrics(
         "train_pose_loss": train["pose_loss"],
         "val_loss": val["loss"],
         "val_psnr": val["psnr"],
+        "val_psnr_face": val["psnr_face"],
         "val_ssim": val["ssim"],
         "val_pose_mae_deg": val["pose_mae_deg"],
         "samples_per_sec": train["samples_per_sec"],

@@ -20,6 +20,7 @@ from controlnet_ray.loop.collectives import all_reduce_sum, all_rng_states
 from controlnet_ray.loop.epoch_metrics import _require_finite, epoch_metrics
 from controlnet_ray.loop.host import EpochCheckpoint, WorkerHost
 from controlnet_ray.loop.validation import judge, validate
+from controlnet_ray.metrics import face_mask
 from controlnet_ray.outputs import RankZeroOutputs
 from controlnet_ray.progress import WorkerProgress
 from controlnet_ray.reporting import TensorBoardReporter
@@ -49,6 +50,7 @@ class TrainingLoop:
         self.run_state = trainee.run
         self.batches_per_epoch = trainee.batches_per_epoch
         self.outputs, self.judging, self.progress = outputs, judging, progress
+        self.face_region = face_mask(cfg.data.image_size, cfg.data.framing)
 
     def run(self) -> None:
         cfg, first = self.cfg, self.run_state.start_epoch
@@ -66,7 +68,9 @@ class TrainingLoop:
                 train_time = time.time() - t0
                 if epoch < cfg.optim.epochs:  # the next epoch's data starts during validation
                     next_batches = self._prefetched_train_batches()
-                val_sums = validate(self.model, self.host, cfg.optim, self.engine.amp)
+                val_sums = validate(
+                    self.model, self.host, cfg.optim, self.engine.amp, self.face_region
+                )
                 val_metrics = _require_finite(val_sums.means(), f"epoch {epoch}: validation")
                 val_metrics.update(judge(self.judging, self.model, self.host.device))
                 # Throughput over the training pass only (as benchmarks measure it); the

@@ -62,9 +62,16 @@ def judged_metrics(report: dict[str, Any]) -> dict[str, Any]:
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 
-def validate(model: nn.Module, host: WorkerHost, cfg: OptimConfig, amp: AmpSettings) -> EvalSums:
+def validate(
+    model: nn.Module,
+    host: WorkerHost,
+    cfg: OptimConfig,
+    amp: AmpSettings,
+    face_region: torch.Tensor | None = None,
+) -> EvalSums:
     """One pass over this rank's validation shard, summed over every rank (so each rank holds
-    the whole set's figures); rank 0 keeps its first sample for the image summaries."""
+    the whole set's figures); rank 0 keeps its first sample for the image summaries.
+    ``face_region``: where ``psnr_face`` is taken (``engine.evaluate``)."""
     sums = evaluate(
         ckpt.unwrap_model(model),
         (to_model_batch(b) for b in host.batches(train=False)),
@@ -72,6 +79,7 @@ def validate(model: nn.Module, host: WorkerHost, cfg: OptimConfig, amp: AmpSetti
         host.device,
         amp,
         keep_sample=host.rank == 0,
+        face_region=face_region,
     )
     reduced = EvalSums.from_tensor(all_reduce_sum(sums.to_tensor()))
     reduced.sample = sums.sample
