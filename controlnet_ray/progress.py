@@ -30,10 +30,16 @@ def format_epoch_line(m: dict[str, Any]) -> str:
     return (
         f"epoch {epoch}/{total}  train loss {m['train_loss']:.4f} "
         f"(img {m['train_image_loss']:.4f} pose {m['train_pose_loss']:.4f})  "
-        f"val loss {m['val_loss']:.4f}  PSNR {m['val_psnr']:.2f} dB  SSIM {m['val_ssim']:.3f}  "
+        f"val loss {m['val_loss']:.4f}  PSNR {m['val_psnr']:.2f} dB{_face(m)}  "
+        f"SSIM {m['val_ssim']:.3f}  "
         f"pose err {m['val_pose_mae_deg']:.1f} deg  {m['samples_per_sec']:.1f} samples/s  "
         f"epoch {m['epoch_time_s']:.1f}s  elapsed {m['elapsed_s']:.0f}s  ETA {eta:.0f}s"
     ) + (f"\n    held-out judged: {format_judged(m)}" if "judged_yaw_err_deg" in m else "")
+
+
+def _face(m: dict[str, Any]) -> str:
+    """`` (face 18.21)``: the face-region PSNR that picks ``best_model.pth`` by default."""
+    return f" (face {m['val_psnr_face']:.2f})" if "val_psnr_face" in m else ""
 
 
 def format_judged(m: dict[str, Any]) -> str:

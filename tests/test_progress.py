@@ -50,6 +50,8 @@ def test_epoch_line_eta_counts_only_epochs_run_here():
     line = format_epoch_line({**EPOCH, "first_epoch": 2, "elapsed_s": 10.0})
     assert line.startswith("epoch 2/4") and "PSNR 14.25 dB" in line
     assert line.endswith("ETA 20s")  # 10 s for the one epoch run here, two left
+    face = format_epoch_line({**EPOCH, "val_psnr_face": 18.214})
+    assert "PSNR 14.25 dB (face 18.21)  SSIM" in face
 
 
 def test_bar_shows_position_loss_rate_and_epoch_eta():
