@@ -129,27 +129,27 @@ def summarise(per_group: list[dict[str, np.ndarray]], groups: list[Scorer]) -> d
     top1 = np.array([g["id_top1"].mean() for g in per_group])
     allp = {k: np.concatenate([g[k] for g in per_group]) for k in per_group[0]}
     yaw = np.abs(np.concatenate([g.ev.target_pose[:, 0].numpy() for g in groups]))
-    by_yaw = {
-        f"{lo}-{hi}": float(allp["id_top1"][(yaw >= lo) & (yaw < hi)].mean()) for lo, hi in YAW_BINS
-    }
     change = np.concatenate(
         [(g.ev.target_pose - g.ev.source_pose).abs().amax(1).numpy() for g in groups]
     )
-    by_change = {
-        f"{lo}-{hi}": float(allp["id_top1"][(change >= lo) & (change < hi)].mean())
-        for lo, hi in CHANGE_BINS
-    }
     return {
         "id_top1": float(top1.mean()),
         "id_top1_se": float(top1.std(ddof=1) / np.sqrt(len(top1))),
-        "id_top1_by_abs_yaw": by_yaw,
-        "id_top1_by_pose_change": by_change,
+        "id_top1_by_abs_yaw": _binned_mean(allp["id_top1"], yaw, YAW_BINS),
+        "id_top1_by_pose_change": _binned_mean(allp["id_top1"], change, CHANGE_BINS),
         "yaw_err": float(np.median(allp["pose_err"][:, 0])),
         "pitch_err": float(np.median(allp["pose_err"][:, 1])),
         "psnr_face": float(allp["psnr_face"].mean()),
         "sharpness": float(np.median(allp["sharpness"])),
         "pairs": int(len(yaw)),
     }
+
+
+def _binned_mean(
+    values: np.ndarray, key: np.ndarray, bins: tuple[tuple[int, int], ...]
+) -> dict[str, float]:
+    """``"lo-hi"`` -> the mean of ``values`` where ``lo <= key < hi``."""
+    return {f"{lo}-{hi}": float(values[(key >= lo) & (key < hi)].mean()) for lo, hi in bins}
 
 
 def judge(groups: list[Scorer], outputs: Callable[[Scorer], torch.Tensor]) -> dict:

@@ -100,8 +100,7 @@ def _batch_sums(
     """This batch's contribution as a float64 ``[10]`` device tensor (no host sync)."""
     b = batch["source"].shape[0]
     losses = torch.stack([terms.total, terms.image, terms.pose]).detach().double() * b
-    psnr_images = psnr_per_image(output.image, batch["target"])
-    psnr = psnr_images.sum()
+    psnr = psnr_per_image(output.image, batch["target"]).sum()
     ssim = ssim_per_image(output.image, batch["target"]).sum()
     if face_region is None:
         psnr_face = psnr
