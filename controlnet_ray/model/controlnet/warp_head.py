@@ -45,9 +45,10 @@ SHAPE_CHANNELS = 6  # centre offset (x, y, z), log radii scale (x, y, z)
 SHAPE_CENTRE_REACH = 0.05
 SHAPE_RADII_REACH = 0.15
 #: the shape head's peak learning rate is at most this (its updates are scaled down when --lr
-#: is higher): at lr 2e-3 the 400-identity benchmark's pose hit or missed its target by the
-#: seed (x1.5 / x2.4 the judge's floor), with the fixed proxy both seeds met it; the default
-#: --lr (1e-4) is not capped.
+#: is higher): uncapped at lr 2e-3, the 400-identity benchmark's seed 1 turned faces 2.4x / 2.0x
+#: the judge's floor (capped: 1.5x / 1.6x; seed 0 1.5x / 1.4x either way). The default --lr
+#: (1e-4) is not capped. (That seed's pose varies with the run whatever the proxy: the fixed
+#: proxy read 1.5x / 1.3x once and 2.3x / 1.7x at 2000 steps; benchmarks/README.)
 SHAPE_HEAD_MAX_LR = 1e-4
 
 
