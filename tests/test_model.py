@@ -38,6 +38,8 @@ from controlnet_ray.model.controlnet import (
     warp_channels,
 )
 from controlnet_ray.model.warp import (
+    JAW_CENTER,
+    JAW_RADII,
     PROXY_CENTER,
     PROXY_RADII,
     ProxyShape,
@@ -443,9 +445,11 @@ def test_signature_and_flops() -> None:
         "fill_seed": "copy",
         "seen_side": "spread",
         "head_shape": "learned",
+        "head_proxy": "skull_jaw",
     }
     plain = model_signature(ModelConfig(generator="plain"))
     assert plain["fill_seed"] is plain["seen_side"] is plain["head_shape"] is None  # no proxy
+    assert plain["head_proxy"] is None
     model = build_model(cfg)
     flops = flops_per_sample(model, 112)
     assert 1e8 < flops < 1e10
@@ -507,6 +511,35 @@ def test_proxy_flow_is_the_identity_at_the_same_pose() -> None:
     assert 0.25 < flow.head.mean() < 0.6  # the head fills a good part of a head-centred crop
 
 
+def test_the_jaw_extends_the_proxy_below_the_head_and_turns_with_it() -> None:
+    """``head_proxy skull_jaw`` (the default): the silhouette is the head ellipsoid's joined by
+    the jaw's, which reaches below the head's (where the chin is); at the same pose the warp is
+    still the identity; and turned, the chin's pixels sample the source where the jaw was (a
+    rotation of the jaw ellipsoid), not the unmoved source."""
+    pose = torch.tensor([[0.0, 0.0, 0.0], [35.0, -12.0, 8.0]])
+    jaw = fixed_shape(2, pose.device, "skull_jaw")
+    flow = proxy_flow(pose, pose, 32, 32, shape=jaw)
+    skull = proxy_flow(pose, pose, 32, 32)
+    assert (flow.head >= skull.head).all()
+    # row 27's centre (grid y 0.72, i.e. 0.72 crop half-sides below the middle) lies below the
+    # head ellipsoid (its bottom at 0.69) and above the jaw's (0.78)
+    assert PROXY_RADII[1] - PROXY_CENTER[1] < 27.5 / 16 - 1 < JAW_RADII[1] - JAW_CENTER[1]
+    assert skull.head[0, 0, 27].sum() == 0 and flow.head[0, 0, 27].sum() > 0
+    expected = pixel_grid(32, 32, pose.device).expand(2, -1, -1, -1)
+    torch.testing.assert_close(flow.grid, expected, atol=1e-5, rtol=0)
+    assert torch.equal(flow.source_head, flow.head)
+    down = torch.tensor([[0.0, -20.0, 0.0]])  # chin down: the chin's pixels sample above them
+    turned = proxy_flow(
+        torch.zeros(1, 3), down, 32, 32, shape=fixed_shape(1, pose.device, "skull_jaw")
+    )
+    chin = (turned.head[0, 0] > 0) & (proxy_flow(torch.zeros(1, 3), down, 32, 32).head[0, 0] == 0)
+    assert chin.sum() > 0
+    pix = pixel_grid(32, 32, pose.device)
+    assert (turned.grid[0][chin][:, 1] < pix[chin][:, 1] - 0.02).all()
+    with pytest.raises(ValueError, match="head_proxy must be"):
+        fixed_shape(1, pose.device, "ellipsoid")
+
+
 @pytest.mark.parametrize("axis,sign", [(0, 1), (0, -1), (1, 1), (1, -1)])
 def test_proxy_flow_moves_the_face_the_way_the_pose_convention_says(axis: int, sign: int) -> None:
     """yaw > 0 turns the nose to the image's right, so a target pixel samples the source to its
@@ -537,7 +570,8 @@ def test_untrained_warp_generator_returns_the_proxy_warp_of_the_source(fill_seed
     b = _batch(2, 64)
     with torch.no_grad():
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
-    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True)
+    jaw = fixed_shape(2, torch.device("cpu"), "skull_jaw")  # the model's default proxy
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True, shape=jaw)
     mask = torch.sigmoid(MASK_PRIOR * (2 * flow.visible - 1) * flow.head)
     seen = flow.source_head
     colour = (b["source"] * seen).sum((2, 3), keepdim=True) / seen.sum((2, 3), keepdim=True)
@@ -568,7 +602,8 @@ def test_copy_fill_learns_where_to_copy_from_within_its_reach() -> None:
         conv.bias[28:36] = 100.0  # copy offset: saturated at +COPY_REACH in x and y
         conv.bias[36:40] = 100.0  # copy mask: all copy
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
-    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True)
+    jaw = fixed_shape(2, torch.device("cpu"), "skull_jaw")  # the model's default proxy
+    flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, with_fill=True, shape=jaw)
     expected = warp(b["source"], flow.fill_grid + COPY_REACH)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
@@ -593,7 +628,9 @@ def test_learned_head_shape_starts_at_the_fixed_proxy_and_moves_within_its_bound
         model.generator.to_rgb[0].bias[12:16] = 100.0  # mask: all from the proxy warp
         out = model.generate(b["source"], b["source_pose"], b["target_pose"])
     widest = ProxyShape(
-        fixed.centre + SHAPE_CENTRE_REACH, fixed.radii * math.exp(SHAPE_RADII_REACH)
+        fixed.centre + SHAPE_CENTRE_REACH,
+        fixed.radii * math.exp(SHAPE_RADII_REACH),
+        fixed_shape(2, torch.device("cpu"), "skull_jaw").jaw,  # the jaw is not learned
     )
     flow = proxy_flow(b["source_pose"], b["target_pose"], 64, 64, shape=widest)
     torch.testing.assert_close(out, warp(b["source"], flow.grid), atol=1e-5, rtol=0)
@@ -649,11 +686,13 @@ def test_configs_written_before_the_warp_generator_load_as_plain_arcface() -> No
     del stored["model"]["generator"], stored["data"]["framing"]
     del stored["optim"]["background_loss_weight"], stored["model"]["fill_seed"]
     del stored["model"]["head_shape"], stored["model"]["seen_side"]
+    del stored["model"]["head_proxy"]
     cfg = TrainConfig.from_dict(stored)
     assert (cfg.model.generator, cfg.data.framing) == ("plain", "arcface")
     assert cfg.model.fill_seed == "head_colour"  # a warp model of then filled from the mean
     assert cfg.model.head_shape == "fixed"  # ... with the one proxy ellipsoid
     assert cfg.model.seen_side == "clamp"  # ... hidden points all at the seen-side limit
+    assert cfg.model.head_proxy == "skull"  # ... and no jaw
     assert cfg.optim.background_loss_weight == 1.0  # the old loss: every pixel counts
     plain = build_model(cfg.model)
     assert plain.generator.to_rgb[0].out_channels == 12  # the seed's layout: old files load

@@ -18,6 +18,7 @@ from controlnet_ray.config.choices import (
     FillSeed,
     Framing,
     GeneratorName,
+    HeadProxy,
     HeadShape,
     IResNetDepth,
     LossType,
@@ -158,6 +159,12 @@ class ModelConfig(_Section):
         "the warp generator's 3D head proxy: learned = each person's own ellipsoid, read "
         "(bounded) from the source image; fixed = one ellipsoid for every head (checkpoints "
         "before learned)",
+    )
+    head_proxy: HeadProxy = option(
+        "skull_jaw",
+        "the parts of the warp generator's 3D head proxy: skull_jaw = the head ellipsoid "
+        "joined by a jaw, so the chin and the mouth turn with the head; skull = the head "
+        "ellipsoid alone, which ends at the mouth (checkpoints before skull_jaw)",
     )
     identity_weights: str | None = option(
         None,

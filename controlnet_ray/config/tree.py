@@ -102,6 +102,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "fill_seed": "head_colour",
         "seen_side": "clamp",
         "head_shape": "fixed",
+        "head_proxy": "skull",
     },
     "optim": {"background_loss_weight": 1.0},
 }

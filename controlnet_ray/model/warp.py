@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from controlnet_ray.config.choices import SEEN_SIDES
+from controlnet_ray.config.choices import HEAD_PROXIES, SEEN_SIDES
 
 #: Proxy ellipsoid in crop units (1 = the crop's half-side, ``data.align.HEAD_HALF_SIZE_MM``
 #: = 140 mm), head frame, relative to the head centre the crop is framed on
@@ -44,6 +44,14 @@ from controlnet_ray.config.choices import SEEN_SIDES
 #: (held-out judged yaw 13.4 -> 6.5 deg after 12 epochs; benchmarks/README.md).
 PROXY_CENTER = (0.0, 0.09, 0.0)
 PROXY_RADII = (0.58, 0.78, 1.0)
+#: ``head_proxy skull_jaw`` (the default): a second ellipsoid, the jaw, joined to the first so
+#: that the chin and the mouth turn with the head.  The head ellipsoid ends at the mouth (and
+#: a learned shape shrinks it further, to its bounds), so below it the source was left in
+#: place and a turned or tilted face showed two mouths.  The embedded renderer's mean jaw
+#: (centre 47 mm below and 20 mm in front of the head centre, radii 63 x 62 x 63 mm) in crop
+#: units, its depth scaled like the head's (x1.43); it is the same for every head.
+JAW_CENTER = (0.0, -0.34, 0.20)
+JAW_RADII = (0.45, 0.44, 0.64)
 #: Visibility in the source ramps from 0 to 1 as the cosine between the proxy's normal and the
 #: view axis goes from 0.15 to 0.45 (about 81 to 63 degrees off the view axis).
 VISIBLE_COS = (0.15, 0.45)
@@ -80,23 +88,33 @@ class ProxyFlow:
 
 @dataclass
 class ProxyShape:
-    """Each head's proxy ellipsoid in crop units, head frame: ``centre`` and ``radii``, [B,3]."""
+    """Each head's proxy in crop units, head frame: the head ellipsoid's ``centre`` and
+    ``radii`` [B,3], and with ``head_proxy skull_jaw`` the jaw's (``jaw``: centre, radii)."""
 
     centre: torch.Tensor
     radii: torch.Tensor
+    jaw: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def broadcast(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(centre, radii) as [B,1,1,3], against [B,H,W,3] points."""
         return self.centre[:, None, None, :], self.radii[:, None, None, :]
 
     def float(self) -> ProxyShape:
-        return ProxyShape(self.centre.float(), self.radii.float())
+        jaw = (self.jaw[0].float(), self.jaw[1].float()) if self.jaw is not None else None
+        return ProxyShape(self.centre.float(), self.radii.float(), jaw)
 
 
-def fixed_shape(batch: int, device: torch.device) -> ProxyShape:
-    """The fixed proxy (``PROXY_CENTER``, ``PROXY_RADII``) for every head of a batch."""
-    centre = torch.tensor(PROXY_CENTER, device=device).expand(batch, 3)
-    return ProxyShape(centre, torch.tensor(PROXY_RADII, device=device).expand(batch, 3))
+def fixed_shape(batch: int, device: torch.device, head_proxy: str = "skull") -> ProxyShape:
+    """The fixed proxy (``PROXY_CENTER``, ``PROXY_RADII``; with ``head_proxy="skull_jaw"`` the
+    jaw ``JAW_CENTER``, ``JAW_RADII`` too) for every head of a batch."""
+    if head_proxy not in HEAD_PROXIES:
+        raise ValueError(f"head_proxy must be one of {HEAD_PROXIES}, got {head_proxy!r}")
+
+    def rows(values: tuple[float, float, float]) -> torch.Tensor:
+        return torch.tensor(values, device=device).expand(batch, 3)
+
+    jaw = (rows(JAW_CENTER), rows(JAW_RADII)) if head_proxy == "skull_jaw" else None
+    return ProxyShape(rows(PROXY_CENTER), rows(PROXY_RADII), jaw)
 
 
 def rotation_from_ypr(pose_deg: torch.Tensor) -> torch.Tensor:
@@ -124,10 +142,27 @@ def pixel_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 def _cast(
     rot: torch.Tensor, pix: torch.Tensor, shape: ProxyShape
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hit [B,H,W] bool, head-frame hit point [B,H,W,3]) of each pixel's ray (orthographic,
-    along the view axis, nearest the viewer) on the proxy ellipsoid seen at rotation ``rot``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hit [B,H,W] bool, head-frame hit point, and the centre and radii of the ellipsoid it
+    hit, each [B,H,W,3]) of each pixel's ray (orthographic, along the view axis, nearest the
+    viewer) on the proxy seen at rotation ``rot``: the head ellipsoid, joined by the jaw's
+    where ``shape`` has one."""
     centre, radii = shape.broadcast()
+    hit, s, p0, d = _cast_one(rot, pix, centre, radii)
+    if shape.jaw is not None:
+        jaw_c, jaw_r = (v[:, None, None, :] for v in shape.jaw)
+        jaw_hit, jaw_s, _, _ = _cast_one(rot, pix, jaw_c, jaw_r)
+        on_jaw = jaw_hit & (~hit | (jaw_s > s))
+        s, hit = torch.where(on_jaw, jaw_s, s), hit | jaw_hit
+        centre = torch.where(on_jaw[..., None], jaw_c, centre)
+        radii = torch.where(on_jaw[..., None], jaw_r, radii)
+    return hit, p0 + s[..., None] * d, centre.expand_as(p0), radii.expand_as(p0)
+
+
+def _cast_one(
+    rot: torch.Tensor, pix: torch.Tensor, centre: torch.Tensor, radii: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hit [B,H,W], ray parameter s, ray origins p0, view axis d) on one ellipsoid."""
     # camera frame (x right, y up, z to the viewer) of the pixel at depth 0
     cam = torch.stack([pix[..., 0], -pix[..., 1], torch.zeros_like(pix[..., 0])], dim=-1)
     inv = rot.transpose(1, 2)  # head <- camera
@@ -139,7 +174,7 @@ def _cast(
     c = (u * u).sum(-1) - 1
     disc = b * b - 4 * a * c
     s = (-b + disc.clamp(min=0).sqrt()) / (2 * a)  # the intersection nearer the viewer
-    return disc > 0, p0 + s[..., None] * d
+    return disc > 0, s, p0, d
 
 
 def proxy_flow(
@@ -180,9 +215,8 @@ def _proxy_flow(
     if shape is None:
         shape = fixed_shape(source_pose.shape[0], pix.device)
     rot_t, rot_s = rotation_from_ypr(target_pose), rotation_from_ypr(source_pose)
-    hit, p_hit = _cast(rot_t, pix, shape)
+    hit, p_hit, centre, radii = _cast(rot_t, pix, shape)
     src = _project(rot_s, p_hit)  # where the source shows it
-    centre, radii = shape.broadcast()
     normal = (p_hit - centre) / (radii * radii)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     cos_view = torch.einsum("bj,bhwj->bhw", rot_s[:, 2], normal)
@@ -192,7 +226,8 @@ def _proxy_flow(
     source_head = _cast(rot_s, pix, shape)[0].float()[:, None]
     fill_grid = None
     if with_fill:
-        seen = _project(rot_s, _turn_to_seen_side(p_hit, rot_s, shape, seen_side == "spread"))
+        turned = _turn_to_seen_side(p_hit, rot_s, centre, radii, seen_side == "spread")
+        seen = _project(rot_s, turned)
         fill_grid = torch.where(hit[..., None], seen, pix.expand_as(seen))
     visible = (hit.float() * facing)[:, None]
     return ProxyFlow(grid, hit.float()[:, None], visible, source_head, fill_grid)
@@ -205,13 +240,12 @@ def _project(rot: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _turn_to_seen_side(
-    p: torch.Tensor, rot_s: torch.Tensor, shape: ProxyShape, spread: bool
+    p: torch.Tensor, rot_s: torch.Tensor, centre: torch.Tensor, radii: torch.Tensor, spread: bool
 ) -> torch.Tensor:
     """Proxy points [B,H,W,3] turned about the head's vertical axis, each at its own height,
     to at most ``FILL_LONGITUDE_DEG`` from the source's view direction, or with ``spread``
     beyond it into the grazing band (:data:`SPREAD_RATE`); points already within it stay where
     they are."""
-    centre, radii = shape.broadcast()
     u = (p - centre) / radii  # on the unit sphere
     view = rot_s[:, 2]  # the source camera's view axis in the head frame, [B,3]
     view_lon = torch.atan2(view[:, 0], view[:, 2])[:, None, None]

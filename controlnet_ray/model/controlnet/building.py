@@ -53,6 +53,8 @@ def model_signature(cfg: ModelConfig) -> dict[str, object]:
         "seen_side": cfg.seen_side if cfg.generator == "warp" else None,
         # the learned proxy shape has its own head (parameters); a plain model has no proxy
         "head_shape": cfg.head_shape if cfg.generator == "warp" else None,
+        # no parameters of its own, but weights learnt on one proxy misplace the other's chin
+        "head_proxy": cfg.head_proxy if cfg.generator == "warp" else None,
     }
 
 

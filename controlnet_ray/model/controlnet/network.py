@@ -52,7 +52,7 @@ from controlnet_ray.model.controlnet.warp_head import (
 )
 from controlnet_ray.model.encoders import EncoderFeatures, ImageEncoder, build_encoder
 from controlnet_ray.model.iresnet import IResNet, load_iresnet
-from controlnet_ray.model.warp import face_grid, head_region, proxy_flow, warp
+from controlnet_ray.model.warp import face_grid, fixed_shape, head_region, proxy_flow, warp
 
 
 @dataclass
@@ -75,6 +75,7 @@ class ImageControlNet(nn.Module):
         self.warp_mode = cfg.generator == "warp"
         self.fill_seed = cfg.fill_seed
         self.seen_side = cfg.seen_side
+        self.head_proxy = cfg.head_proxy
         self.encoder: ImageEncoder = build_encoder(cfg)
         dec = decoder_channels(cfg.base_channels)
         out_channels = warp_channels(cfg.fill_seed) if self.warp_mode else 3
@@ -128,7 +129,10 @@ class ImageControlNet(nn.Module):
             image = torch.tanh(self.generator(feats, injections))
             return image, head_region(target_pose, height, width).to(image.dtype)
         with_fill = needs_fill_grid(self.fill_seed)
-        shape = learned_shape(self.shape_head(feats.code)) if self.shape_head is not None else None
+        if self.shape_head is not None:
+            shape = learned_shape(self.shape_head(feats.code), self.head_proxy)
+        else:
+            shape = fixed_shape(source.shape[0], source.device, self.head_proxy)
         flow = proxy_flow(source_pose, target_pose, height, width, with_fill, shape, self.seen_side)
         feats = EncoderFeatures([warp(m, flow.grid) for m in feats.maps], feats.code)
         injections = self.control(feats, source_pose, target_pose) if use_control else None

@@ -62,14 +62,14 @@ def needs_fill_grid(fill_seed: str) -> bool:
     return fill_seed in ("copy", "latitude")
 
 
-def learned_shape(raw: torch.Tensor) -> ProxyShape:
-    """[B, SHAPE_CHANNELS] raw shape-head output -> each head's proxy ellipsoid; zeros give
-    the fixed proxy exactly."""
+def learned_shape(raw: torch.Tensor, head_proxy: str = "skull") -> ProxyShape:
+    """[B, SHAPE_CHANNELS] raw shape-head output -> each head's proxy ellipsoid (a
+    ``skull_jaw`` proxy's jaw stays the fixed one); zeros give the fixed proxy exactly."""
     raw = raw.float()
-    fixed = fixed_shape(raw.shape[0], raw.device)
+    fixed = fixed_shape(raw.shape[0], raw.device, head_proxy)
     centre = fixed.centre + SHAPE_CENTRE_REACH * torch.tanh(raw[:, 0:3])
     radii = fixed.radii * torch.exp(SHAPE_RADII_REACH * torch.tanh(raw[:, 3:6]))
-    return ProxyShape(centre, radii)
+    return ProxyShape(centre, radii, fixed.jaw)
 
 
 def _init_warp_head(conv: nn.Conv2d) -> None:
