@@ -160,3 +160,36 @@ def test_new_persons_summary_bins_identity_by_yaw_and_by_pose_change(
     assert s["id_top1_by_pose_change"] == {"0-20": 1.0, "20-40": 1.0, "40-181": 0.0}
     assert s["id_top1_by_abs_yaw"]["0-20"] == 1.0 and s["id_top1_by_abs_yaw"]["40-60"] == 0.0
     assert s["pairs"] == 4
+
+
+def test_identity_ceiling_renders_the_same_frames_under_the_photos_conditions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/identity_ceiling.py: a variant frame is the real one's person, pose and
+    landmarks (the same draws from the noise stream, so every later frame's landmarks and crop
+    match too) under the ID photo's conditions; the ID photo itself is left as it is."""
+    from controlnet_ray.data.synthetic import dataset
+    from controlnet_ray.data.synthetic.identity import make_identity
+    from controlnet_ray.data.synthetic.views import front_view, identity_rngs, video_views
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the script sets on import; undone
+    monkeypatch.setattr(dataset, "render_view", dataset.render_view)  # the import patches it
+    import identity_ceiling
+
+    def render(variant: str | None) -> list[tuple[np.ndarray, ...]]:
+        if variant is None:
+            monkeypatch.delenv(identity_ceiling._ENV, raising=False)
+        else:
+            monkeypatch.setenv(identity_ceiling._ENV, variant)
+        id_rng, view_rng, noise_rng = identity_rngs(0, 3)
+        person = make_identity(id_rng)
+        views = [front_view(view_rng), *video_views(view_rng, 3)]
+        return [dataset.render_view(person, view, 48, noise_rng) for view in views]
+
+    real = render(None)
+    for variant in identity_ceiling.VARIANTS:
+        for k, (was, now) in enumerate(zip(real, render(variant), strict=True)):
+            np.testing.assert_array_equal(was[1], now[1])  # landmarks
+            np.testing.assert_array_equal(was[2], now[2])  # head box
+            assert np.array_equal(was[0], now[0]) == (k == 0)  # only the frames re-rendered
