@@ -3,12 +3,13 @@
 Crops are framed on the head (``data.align`` with ``--framing head``): the head centre sits at
 the crop centre and the crop's half-side is a fixed size at the head centre's depth, at every
 pose.  In those crop units (grid_sample's normalised coordinates, x right, y down, ``[-1, 1]``
-edge to edge) the head is approximately an ellipsoid rotating about the crop centre, so the
-motion of every visible head point from the source pose to the target pose is known without
-learning anything:
+edge to edge) the head is approximately an ellipsoid rotating about the crop centre (with
+``head_proxy skull_jaw`` joined by a second one, the jaw), so the motion of every visible head
+point from the source pose to the target pose is known without learning anything:
 
-* a target pixel's ray (orthographic, along the view axis) is intersected with the ellipsoid
-  rotated to the target pose; no hit is background, which is left in place;
+* a target pixel's ray (orthographic, along the view axis) is intersected with the proxy
+  rotated to the target pose (the nearer hit of the two ellipsoids); no hit is background,
+  which is left in place;
 * the hit point, rotated to the source pose and projected, is where to sample the source;
 * it was visible in the source when the ellipsoid's normal there faced the camera;
 * where it was not, the fill copies from (``--fill_seed copy``, the default) or starts from
