@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import new_persons  # noqa: E402  (benchmarks/)
 
 from controlnet_ray.config import DataConfig, TrainConfig  # noqa: E402
-from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.data.synthetic import dataset as synthetic_dataset  # noqa: E402
 from controlnet_ray.data.synthetic.spec import Background, Lighting  # noqa: E402
 from controlnet_ray.judging.data import load_rows, to_model_range  # noqa: E402
@@ -63,7 +62,7 @@ def _render_under_photo_conditions(identity, view, image_px, rng):  # noqa: ANN0
     rgb, landmarks, box = _render_view(
         identity, dataclasses.replace(view, **changed), image_px, rng
     )
-    if view.noise > 0 and changed.get("noise") == 0.0:
+    if view.noise > 0 and variant == "photo":
         rng.standard_normal(rgb.shape, dtype=np.float32)  # the noise draw the video made
     return rgb, landmarks, box
 
@@ -106,25 +105,21 @@ def main(argv: list[str] | None = None) -> dict:
         ["--persons", str(args.persons), "--group", str(args.group)]
         + (["--cache_dir", args.cache_dir] if args.cache_dir else [])
     )
-    groups, _ = new_persons.build_groups(np_args)
-    real = load_rows(new_persons._shards(np_args, 400, 24))
+    groups, _, real, split = new_persons.build_groups(np_args)
     variant = variant_rows(args)
+    variant = variant.subset(
+        new_persons.new_person_mask(variant.person, np_args.identities, np_args.persons)
+    )
     same = np.array_equal(real.person, variant.person) and np.array_equal(real.role, variant.role)
     if not same or not np.array_equal(real.poses, variant.poses):
         raise SystemExit("the variant set's rows or estimated poses differ from the real set's")
-    keep = new_persons.new_person_mask(real.person, np_args.identities, np_args.persons)
-    real, variant = real.subset(keep), variant.subset(keep)
-    outputs = {}
-    for members in new_persons.person_groups(list(set(real.person)), args.group):
-        rows = np.isin(real.person, members)
-        pairs = make_pairs(real.subset(rows).columns(), "front_to_video")
-        outputs[frozenset(members)] = to_model_range(variant.subset(rows).images[pairs[:, 1]])
+    # each group's targets, rendered under the photo's conditions (the scorers' pairs, in order)
+    outputs = [to_model_range(variant.subset(keep).images[pairs[:, 1]]) for keep, pairs in split]
+    scored = [g.score(out) for g, out in zip(groups, outputs, strict=True)]
     results = {
         "floor": new_persons.summarise([g.floor for g in groups], groups),
         "source": new_persons.judge(groups, lambda g: g.ev.source),
-        f"targets, {args.variant}": new_persons.judge(
-            groups, lambda g: outputs[frozenset(g.ev.person)]
-        ),
+        f"targets, {args.variant}": new_persons.summarise(scored, groups),
     }
     print(f"{len(groups) * args.group} new persons in groups of {args.group}; outputs = the real "
           f"targets rendered under the ID photo's conditions ({args.variant})")  # fmt: skip

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from controlnet_ray.config import DataConfig, TrainConfig  # noqa: E402
 from controlnet_ray.data.pairs import make_pairs  # noqa: E402
 from controlnet_ray.data.shards import load_manifest  # noqa: E402
-from controlnet_ray.judging.data import build_eval_set, load_rows  # noqa: E402
+from controlnet_ray.judging.data import Rows, build_eval_set, load_rows  # noqa: E402
 from controlnet_ray.judging.identity_judge import ensure_identity_judge  # noqa: E402
 from controlnet_ray.judging.pose_judge import ensure_pose_judge  # noqa: E402
 from controlnet_ray.judging.report import Scorer  # noqa: E402
@@ -103,9 +103,22 @@ def person_groups(persons: list[str], size: int) -> list[list[str]]:
     return [ordered[i : i + size] for i in range(0, len(ordered) - size + 1, size)]
 
 
-def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Callable]]:
-    """Scorers on groups of new persons, judged by the training set's judges, and the trivial
-    predictors fitted on the training set's train video frames (as the product's report)."""
+def group_pairs(rows: Rows, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each group of ``size`` persons (:func:`person_groups`): the bool mask of its rows and its
+    front photo -> video frame pairs, as indices into ``rows.subset(mask)``."""
+    out = []
+    for members in person_groups(list(set(rows.person)), size):
+        keep = np.isin(rows.person, members)
+        out.append((keep, make_pairs(rows.subset(keep).columns(), "front_to_video")))
+    return out
+
+
+def build_groups(
+    args: argparse.Namespace,
+) -> tuple[list[Scorer], dict[str, Callable], Rows, list[tuple[np.ndarray, np.ndarray]]]:
+    """Scorers on groups of new persons, judged by the training set's judges; the trivial
+    predictors fitted on the training set's train video frames (as the product's report); and
+    the new persons' rows with each group's (row mask, pairs) the scorers were built from."""
     if args.identities + args.persons > 400:
         raise SystemExit(f"--persons: at most {400 - args.identities} new persons in the 400 set")
     train_shards = _shards(args, args.identities, args.frames)
@@ -116,12 +129,12 @@ def build_groups(args: argparse.Namespace) -> tuple[list[Scorer], dict[str, Call
     rows = load_rows(new_shards)
     rows = rows.subset(new_person_mask(rows.person, args.identities, args.persons))
     mask = face_mask(int(rows.images.shape[1]), load_manifest(new_shards).framing)
-    groups = []
-    for members in person_groups(list(set(rows.person)), args.group):
-        sub = rows.subset(np.isin(rows.person, members))
-        pairs = make_pairs(sub.columns(), "front_to_video")
-        groups.append(Scorer(build_eval_set(sub, pairs), judge, mask, None, identity=identity))
-    return groups, fit_trivial(train_shards, ("video",), mask).as_dict()
+    split = group_pairs(rows, args.group)
+    groups = [
+        Scorer(build_eval_set(rows.subset(keep), pairs), judge, mask, None, identity=identity)
+        for keep, pairs in split
+    ]
+    return groups, fit_trivial(train_shards, ("video",), mask).as_dict(), rows, split
 
 
 def summarise(per_group: list[dict[str, np.ndarray]], groups: list[Scorer]) -> dict:
@@ -167,7 +180,7 @@ def line(name: str, s: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    groups, trivial = build_groups(args)
+    groups, trivial, _, _ = build_groups(args)
     results = {"floor": summarise([g.floor for g in groups], groups)}
     for name, fn in trivial.items():
         results[name] = judge(groups, lambda g, f=fn: g.predict(f))
