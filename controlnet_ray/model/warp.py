@@ -151,7 +151,7 @@ def _cast(
     centre, radii = shape.broadcast()
     hit, s, p0, d = _cast_one(rot, pix, centre, radii)
     if shape.jaw is not None:
-        jaw_c, jaw_r = (v[:, None, None, :] for v in shape.jaw)
+        jaw_c, jaw_r = ProxyShape(*shape.jaw).broadcast()
         jaw_hit, jaw_s, _, _ = _cast_one(rot, pix, jaw_c, jaw_r)
         on_jaw = jaw_hit & (~hit | (jaw_s > s))
         s, hit = torch.where(on_jaw, jaw_s, s), hit | jaw_hit
