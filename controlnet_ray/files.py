@@ -28,6 +28,17 @@ def temp_name(path: str | os.PathLike[str], suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
+def unused_path(path: str | os.PathLike[str]) -> Path:
+    """``path``, or ``path-2``, ``path-3`` ... the first name not taken: where a folder being
+    set aside goes without replacing an earlier one."""
+    path, n = Path(path), 1
+    candidate = path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
 def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Make the finished file ``tmp`` become ``path``: flush its data, rename it over ``path``
     and persist the rename; for writers that need a file name (ONNX export, hard links)."""

@@ -40,6 +40,30 @@ def epoch_curves(epoch: int) -> str:
     return f"training_curves_epoch_{epoch}.png"
 
 
+# In --save_dir and --log_dir: which run (name and settings) wrote the files there, so a run of
+# other settings sets them aside before it writes (a hidden file the original never had).
+RUN_RECORD = ".controlnet_run.json"
+TENSORBOARD_PREFIX = "events.out.tfevents."  # TensorBoard's event files in --log_dir
+
+
+def is_save_dir_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a run leaves in ``--save_dir`` (only these are
+    ever moved: the folder may hold a user's own files too)."""
+    if name in (BEST_MODEL, FINAL_MODEL, HISTORY, FINAL_CURVES):
+        return True
+    for pattern in (epoch_checkpoint, epoch_curves):
+        head, _, tail = pattern(0).partition("0")
+        number = name.removeprefix(head).removesuffix(tail)
+        if name.startswith(head) and name.endswith(tail) and number.isdigit():
+            return True
+    return False
+
+
+def is_log_dir_file(name: str) -> bool:
+    """Whether ``name`` is a TensorBoard event file a run leaves in ``--log_dir``."""
+    return name.startswith(TENSORBOARD_PREFIX)
+
+
 def in_dir(save_dir: str | os.PathLike[str], name: str) -> Path:
     """``<save_dir>/<name>``."""
     return Path(save_dir) / name

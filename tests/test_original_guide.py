@@ -1,17 +1,22 @@
 """Every command of the original script's guide works as ``python -m controlnet_ray.train``.
 
 The guide (../shared/reference/original-model2-training-guide.zh.md) is what users run today,
-from the original repo's root. Each command is parsed from a folder laid out like that repo; the
-full-configuration form (with its quirky ``--image_dir train/datas/file``) is also trained for
-real on a tiny dataset in the original layout.
+from the original repo's root, one command after another. Each command is parsed from a folder
+laid out like that repo; all of them are then trained in the guide's order from one such folder
+on a tiny dataset (a new configuration in a used ``--save_dir`` is a new run that sets the
+previous one's files aside), and the full-configuration form (with its quirky
+``--image_dir train/datas/file``) is also run in a terminal as a user types it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +25,7 @@ import pytest
 from controlnet_ray import run_files
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.data.synthetic import SyntheticSpec, render_dataset
-from tests.train_helpers import run_train_in_pty, scalars
+from tests.train_helpers import run_train_in_pty, scalars, train_env
 
 GUIDE = (
     Path(__file__).resolve().parents[2] / "shared/reference/original-model2-training-guide.zh.md"
@@ -131,3 +136,92 @@ def test_full_configuration_command_trains_from_an_original_repo(tmp_path: Path)
         assert len(tags[tag]) == 2, tag
     assert all(0 < v < 100 for v in tags["Epoch/ValPSNR"])
     assert "outputs:" in out and str(save.resolve()) in out
+
+
+# --------------------------------------------------------------------------- in the guide's order
+
+BASE = Path("train_transformer3D/controlnetlike")
+# Each command's run is shortened (one epoch, two after a --resume, 64 px crops); nothing else
+# of the command changes.
+SHORTEN = ["--image_size", "64", "--progress", "lines"]
+# Scenario 6 resumes from the epoch-50 checkpoint of a 100-epoch full-configuration run; the
+# shortened run leaves its final epoch there instead (copied under the name the guide uses).
+EPOCH_50 = BASE / "checkpoints_image/checkpoint_epoch_50.pth"
+
+
+def shortened(argv: list[str]) -> list[str]:
+    epochs = "2" if "--resume" in argv else "1"
+    return [*argv, "--epochs", epochs, *SHORTEN]
+
+
+def run_guide_in_order(root: Path, extra_runs: list[list[str]]) -> None:
+    """Run every guide command, then ``extra_runs``, in order from ``root`` in this process,
+    against one local Ray (one cluster for the whole sequence); print each command's rc."""
+    import ray
+
+    from controlnet_ray.train import main
+
+    os.chdir(root)
+    ray.init(num_cpus=3, include_dashboard=False)
+    for argv in [shortened(c) for c in guide_commands()] + extra_runs:
+        if "--resume" in argv and str(EPOCH_50) in argv and not EPOCH_50.is_file():
+            shutil.copy(EPOCH_50.with_name(run_files.FINAL_MODEL), EPOCH_50)
+        print(f"GUIDE_RC {main(argv)} {shlex.join(argv)}", flush=True)
+
+
+def _config(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["config"]
+
+
+@pytest.mark.slow
+def test_the_guide_runs_in_order_from_one_folder(tmp_path: Path):
+    """The guide's 15 training commands, one after another from one folder as its readers run
+    them: every one exits 0. Scenario 4 and 5 reuse the default --save_dir with a new
+    --loss_type / --pose_loss_weight each: each is a new run, and every earlier run's files are
+    kept beside the folder, named; a re-run with a changed --lr trains with it likewise."""
+    render_dataset(tmp_path, SyntheticSpec(num_identities=8, frames_per_identity=8, seed=3))
+    # Then the guide's last scenario-5 command again with another --lr, in the same folder.
+    last = next(c for c in reversed(guide_commands()) if "0.01" in c)
+    lr_run = [*shortened(last), "--lr", "5e-3"]
+    code = (
+        "import sys, json; from pathlib import Path; "
+        "from tests.test_original_guide import run_guide_in_order; "
+        "run_guide_in_order(Path(sys.argv[1]), json.loads(sys.argv[2]))"
+    )
+    env = dict(train_env(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), json.dumps([lr_run])],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    rcs = re.findall(r"^GUIDE_RC (\d+) (.*)$", proc.stdout, flags=re.M)
+    assert proc.returncode == 0 and len(rcs) == len(guide_commands()) + 1, out[-6000:]
+    assert [rc for rc, _ in rcs] == ["0"] * len(rcs), "\n".join(f"{rc} {a}" for rc, a in rcs)
+
+    # Every scenario's own folder holds the original's files.
+    folders = ["checkpoints_image", *(str(BASE / f"checkpoints_image{s}") for s in (
+        "", "_stage1", "_stage2", "_amp", "_accum", "_resume", "_small", "_test"))]  # fmt: skip
+    for folder in folders:
+        for name in (run_files.BEST_MODEL, run_files.FINAL_MODEL, run_files.HISTORY):
+            assert (tmp_path / folder / name).is_file(), (folder, name)
+
+    # Scenario 4 and 5 share ./checkpoints_image: the first command's run continues with
+    # "--loss_type mse" (its settings), each later one is a new run; the earlier ones moved.
+    def loss_and_weight(path: Path) -> tuple[str, float]:
+        optim = _config(path / run_files.FINAL_MODEL)["optim"]
+        return optim["loss_type"], optim["pose_loss_weight"]
+
+    kept = sorted(tmp_path.glob("checkpoints_image.*"), key=lambda p: p.stat().st_mtime)
+    assert [loss_and_weight(p) for p in kept] == [
+        ("mse", 0.1), ("l1", 0.1), ("combined", 0.1), ("mse", 0.5), ("mse", 0.01)
+    ]  # fmt: skip
+    assert len(re.findall(r"a new run \(other settings\): moved", out)) >= 4
+    assert "--loss_type mse -> l1" in out and "--pose_loss_weight 0.5 -> 0.01" in out
+
+    # The changed --lr: trained with it, the previous run's files kept and named.
+    assert "(--lr 0.0001 -> 0.005)" in out
+    assert _config(kept[-1] / run_files.FINAL_MODEL)["optim"]["lr"] == 1e-4
+    assert _config(kept[-1] / run_files.FINAL_MODEL)["optim"]["pose_loss_weight"] == 0.01
+    assert _config(tmp_path / "checkpoints_image" / run_files.FINAL_MODEL)["optim"]["lr"] == 5e-3

@@ -50,10 +50,29 @@ def test_same_flags_continue_silently(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out == ""
 
 
-def test_changed_flags_stop_naming_each_difference_and_the_ways_out(tmp_path: Path) -> None:
-    _ray_run(_cfg(tmp_path))
+def test_changed_settings_are_another_run_of_the_same_save_dir(tmp_path: Path) -> None:
+    """The run is --save_dir and the settings: other settings name another Ray run (so nothing
+    is continued with them), a longer --epochs or a console flag the same one."""
+    base = _cfg(tmp_path)
+    _ray_run(base)
+    assert _cfg(tmp_path, "--lr", "5e-3").run_name() != base.run_name()
+    assert _cfg(tmp_path, "--loss_type", "l1").run_name() != base.run_name()
+    for same in (("--epochs", "9"), ("--progress", "lines"), ("--log_dir", str(tmp_path / "l"))):
+        assert _cfg(tmp_path, *same).run_name() == base.run_name(), same
+    launcher.check_rerun(_cfg(tmp_path, "--epochs", "4", "--lr", "5e-3", "--batch_size", "8"))
+
+
+def test_a_named_run_with_changed_flags_stops_naming_each_difference_and_the_ways_out(
+    tmp_path: Path,
+) -> None:
+    """--run_name fixes the run whatever the settings: continuing it with others would mix
+    them, so the re-run stops before Ray, naming each difference."""
+    _ray_run(_cfg(tmp_path, "--run_name", "mine"))
     with pytest.raises(ConfigError) as exc:
-        launcher.check_rerun(_cfg(tmp_path, "--epochs", "4", "--lr", "5e-3", "--batch_size", "8"))
+        launcher.check_rerun(
+            _cfg(tmp_path, "--run_name", "mine", "--epochs", "4", "--lr", "5e-3",
+                 "--batch_size", "8")
+        )  # fmt: skip
     msg = str(exc.value)
     assert "--lr 0.0001 -> 0.005" in msg and "--batch_size 16 -> 8" in msg
     assert "--epochs" not in msg.split("settings:")[1].split(".")[0]  # extending is fine
@@ -187,3 +206,66 @@ def test_against_a_cluster_what_is_not_cached_waits_for_the_connection(
     capsys.readouterr()
     assert launcher.check_data(cfg, defer_preparation=True).shards == shards
     assert "judge: reusing" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- a new run's files
+
+
+def _leave_files(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(name)
+
+
+RUN_FILES = [
+    "best_model.pth",
+    "final_model.pth",
+    "checkpoint_epoch_10.pth",
+    "training_history.json",
+]
+
+
+def test_a_new_run_sets_the_previous_runs_files_aside_and_says_why(tmp_path: Path, capsys) -> None:
+    first = _cfg(tmp_path)
+    launcher.set_aside_other_runs(first)  # a first run: nothing to move, the folders recorded
+    assert capsys.readouterr().out == ""
+    save, logs = Path(first.output.save_dir), Path(first.output.log_dir)
+    _leave_files(save, [*RUN_FILES, "notes.txt"])
+    _leave_files(logs, ["events.out.tfevents.1.host"])
+    launcher.set_aside_other_runs(first)  # the same run again: nothing moves
+    assert sorted(p.name for p in save.iterdir() if p.name != run_files.RUN_RECORD) == sorted(
+        [*RUN_FILES, "notes.txt"]
+    )
+
+    second = _cfg(tmp_path, "--loss_type", "l1")
+    moved = launcher.set_aside_other_runs(second)
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1 and "--loss_type mse -> l1" in out
+    assert [m.parent for m in moved] == [save.parent, logs.parent]
+    assert moved[0].name.startswith(save.name + ".") and moved[1].name.startswith(logs.name + ".")
+    assert sorted(p.name for p in moved[0].iterdir()) == sorted(RUN_FILES)
+    assert [p.name for p in moved[1].iterdir()] == ["events.out.tfevents.1.host"]
+    assert (save / "notes.txt").is_file()  # a user's own file stays
+    assert not any(run_files.is_save_dir_file(p.name) for p in save.iterdir())
+    assert launcher.read_run_record(save)["run_name"] == second.run_name()
+    assert launcher.read_run_record(logs)["run_name"] == second.run_name()
+
+    _leave_files(save, RUN_FILES)  # the second run's files; back to the first settings
+    again = launcher.set_aside_other_runs(first)
+    assert (
+        len(again) == 1
+        and again[0] != moved[0]
+        and "--loss_type l1 -> mse" in (capsys.readouterr().out)
+    )
+
+
+def test_files_without_a_record_are_set_aside_too(tmp_path: Path, capsys) -> None:
+    """The original script's outputs carry no record: never overwritten, moved aside."""
+    cfg = _cfg(tmp_path, "--log_dir", str(tmp_path / "ck"))  # one folder for both
+    _leave_files(tmp_path / "ck", ["best_model.pth", "events.out.tfevents.7.x"])
+    moved = launcher.set_aside_other_runs(cfg)
+    assert len(moved) == 1
+    assert sorted(p.name for p in moved[0].iterdir()) == [
+        "best_model.pth", "events.out.tfevents.7.x"
+    ]  # fmt: skip
+    assert "no record of the settings" in capsys.readouterr().out

@@ -130,8 +130,9 @@ def test_two_stage_recipe_then_the_same_command_changed(tmp_path: Path):
     """The original's two-stage recipe through the CLI, then re-runs of stage 2's command:
     stage 1 trains with the generator frozen; a --resume that does not fit this model is
     refused before Ray; stage 2 starts from stage 1's best weights (fresh optimizer, the
-    generator trains, the adversarial option on from here). Stage 2's command with another
-    --lr is refused before Ray, touching nothing written."""
+    generator trains, the adversarial option on from here). Stage 2's command with fewer
+    epochs than it trained is refused before Ray, touching nothing written (with another
+    --lr it would be a new run: tests/test_original_guide.py)."""
     stage1 = run_train(
         [*TINY, "--freeze_generator", "--save_dir", "s1", "--log_dir", "l1"], tmp_path
     )
@@ -162,8 +163,8 @@ def test_two_stage_recipe_then_the_same_command_changed(tmp_path: Path):
     # other branch of the one resume plan, tests/test_checkpoint.py's plan_resume tests.)
 
     before = final.read_bytes()
-    err = one_line_error(stage2("5e-3", "3"))
-    assert "--lr" in err and "0.005" in err and "--fresh" in err and "--save_dir" in err
+    err = one_line_error(stage2("5e-5", "1"))
+    assert "--epochs 2 -> 1" in err and "--fresh" in err and "--save_dir" in err
     assert final.read_bytes() == before and history_epochs(tmp_path / "s2") == [1, 2]
 
     # (The same command with more epochs continues the run, discriminator restored: the loop's

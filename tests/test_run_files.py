@@ -112,3 +112,12 @@ def test_score_order_serves_every_best_metric_flag() -> None:
     }
     with pytest.raises(ValueError, match="no best-model order for 'val_ssim'"):
         run_files.score_order("val_ssim")
+
+
+def test_run_file_names() -> None:
+    ours = ["best_model.pth", "checkpoint_epoch_5.pth", "training_curves_epoch_5.png"]
+    assert all(run_files.is_save_dir_file(n) for n in ours)
+    others = ["checkpoint_epoch_.pth", "checkpoint_epoch_5x.pth", "model.pth", "notes.txt"]
+    assert not any(run_files.is_save_dir_file(n) for n in others)
+    assert run_files.is_log_dir_file("events.out.tfevents.1.h")
+    assert not run_files.is_log_dir_file("best_model.pth")

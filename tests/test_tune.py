@@ -30,6 +30,7 @@ from controlnet_ray.tune import (
     plan_sweep,
     rank,
     result_trial_id,
+    set_aside_other_sweep,
     summarize_trial,
     sweep_dir,
     sweep_failure_config,
@@ -240,6 +241,37 @@ def test_fresh_refuses_remote_storage():
     cfg, opts = parse("--storage_path", "s3://bucket/rr")
     with pytest.raises(ConfigError, match="--fresh"):
         discard_previous_sweep(cfg, opts)
+
+
+def test_a_sweep_with_other_settings_is_a_new_sweep(tmp_path: Path, capsys):
+    """Same settings: the record is kept and nothing moves (the Tuner restores the sweep).
+    Other settings: the old experiment and its results move aside, naming the differences."""
+    flags = ("--storage_path", str(tmp_path / "store"), "--save_dir", str(tmp_path / "ck"),
+             "--log_dir", str(tmp_path / "lg"))  # fmt: skip
+    cfg, opts = parse(*flags)
+    assert set_aside_other_sweep(cfg, opts) is None  # nothing there yet: only recorded
+    experiment = tmp_path / "store" / opts.sweep_name
+    (experiment / "train_runs").mkdir(parents=True)
+    (tmp_path / "ck" / opts.sweep_name).mkdir(parents=True)
+    assert set_aside_other_sweep(*parse(*flags, "--max_concurrent_trials", "1")) is None
+    assert experiment.is_dir() and capsys.readouterr().out == ""
+
+    moved = set_aside_other_sweep(*parse(*flags, "--lr", "5e-3", "--loss_types", "l1"))
+    out = capsys.readouterr().out
+    assert moved is not None and moved.parent == experiment.parent
+    assert (moved / "train_runs").is_dir() and not (experiment / "train_runs").exists()
+    assert "--lr 0.0001 -> 0.005" in out and "--loss_types" in out and len(out.splitlines()) == 1
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == [moved.name]
+
+
+def test_a_sweep_with_other_settings_on_object_storage_asks_for_a_new_name(
+    tmp_path: Path, s3_server
+):
+    flags = ("--storage_path", s3_server("sweeps"), "--log_dir", str(tmp_path / "lg"))
+    set_aside_other_sweep(*parse(*flags))
+    set_aside_other_sweep(*parse(*flags))  # same settings: fine
+    with pytest.raises(ConfigError, match=r"--sweep_name .* other settings .*--lr"):
+        set_aside_other_sweep(*parse(*flags, "--lr", "5e-3"))
 
 
 # --- ASHA that survives Tuner.restore --------------------------------------------------------

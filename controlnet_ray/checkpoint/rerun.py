@@ -7,28 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlnet_ray.checkpoint.resume import _close
-from controlnet_ray.config import TrainConfig
-
-# Settings a re-run of the same Ray run may change: they do not change what is computed
-# (console, file cadence, data-loading parallelism, placement, retry budget, compiling). --epochs is
-# handled apart (the run is extended or shortened); every other difference stops the re-run.
-RERUN_FREE_FIELDS = frozenset(
-    {
-        ("data", "num_workers"),
-        ("data", "cache_dir"),
-        ("optim", "compile"),
-        ("output", "log_dir"),
-        ("output", "save_interval"),
-        ("output", "image_log_interval"),
-        ("output", "progress"),
-        ("ray", "address"),
-        ("ray", "max_failures"),
-        ("ray", "num_to_keep"),
-        ("ray", "fresh"),
-        ("ray", "cpus_per_worker"),
-        ("ray", "resource_wait_s"),
-    }
-)
+from controlnet_ray.config import RERUN_FREE_FIELDS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +16,8 @@ class RerunPlan:
 
     ``conflicts``: differences that would be silently ignored or mixed with the old run's
     state (``--lr 0.0001 -> 0.005``): the re-run must stop. ``notes``: differences it
-    continues with, said aloud (``--epochs 3 -> 4``).
+    continues with, said aloud (``--epochs 3 -> 4``). The free fields are
+    :data:`~controlnet_ray.config.RERUN_FREE_FIELDS`; ``--epochs`` may grow.
     """
 
     epoch: int

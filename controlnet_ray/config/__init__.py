@@ -58,7 +58,12 @@ from controlnet_ray.config.sections import (
     OutputConfig,
     RayOptions,
 )
-from controlnet_ray.config.tree import TrainConfig, section_classes, sections
+from controlnet_ray.config.tree import (
+    RERUN_FREE_FIELDS,
+    TrainConfig,
+    section_classes,
+    sections,
+)
 
 __all__ = [
     "BEST_METRICS",
@@ -73,6 +78,7 @@ __all__ = [
     "LOSS_TYPES",
     "PAIR_MODES",
     "PROGRESS_MODES",
+    "RERUN_FREE_FIELDS",
     "SEEN_SIDES",
     "BestMetric",
     "ConfigError",

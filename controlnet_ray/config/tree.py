@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,32 @@ class TrainConfig:
         return cls(**parts)
 
     def run_name(self) -> str:
-        """Stable Ray run name: same save_dir -> same name, so re-running resumes."""
+        """The Ray run's name: ``--save_dir`` and the settings that define the training.
+
+        The same command again (or a longer ``--epochs``) gets the same name, so it continues
+        its Ray run; a command whose settings differ is another run of the same ``--save_dir``
+        (``controlnet_<folder>_<folder digest>_<settings digest>``), on any storage."""
         if self.ray.run_name:
             return self.ray.run_name
         resolved = str(Path(self.output.save_dir).expanduser().resolve())
         digest = hashlib.sha1(resolved.encode("utf-8")).hexdigest()[:8]
         stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(resolved).name)
-        return f"controlnet_{stem or 'run'}_{digest}"
+        return f"controlnet_{stem or 'run'}_{digest}_{self.settings_digest()}"
+
+    def defining_settings(self) -> dict[str, dict[str, Any]]:
+        """The settings that make a training run what it is: every field but those a re-run
+        may change (:data:`RERUN_FREE_FIELDS`), ``--epochs`` (a longer run continues) and the
+        run's place (``--save_dir``, ``--run_name``, ``--storage_path``)."""
+        skip = RERUN_FREE_FIELDS | RUN_PLACE_FIELDS | {("optim", "epochs")}
+        return {
+            section: {k: v for k, v in values.items() if (section, k) not in skip}
+            for section, values in self.to_dict().items()
+        }
+
+    def settings_digest(self) -> str:
+        """Short digest of :meth:`defining_settings` (paths as given: resolve them first)."""
+        text = json.dumps(self.defining_settings(), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode("utf-8")).hexdigest()[:6]
 
     def storage_path(self) -> str:
         """Ray Train storage root; URIs (s3://, gs://) pass through untouched."""
@@ -91,6 +111,29 @@ def section_classes() -> dict[str, type[_Section]]:
 def sections(cfg: TrainConfig) -> dict[str, _Section]:
     """Section name -> the section object of ``cfg``."""
     return {name: getattr(cfg, name) for name in section_classes()}
+
+
+#: Settings a re-run of the same run may change: they do not change what is computed (console,
+#: file cadence, data-loading parallelism, placement, retry budget, compiling).
+RERUN_FREE_FIELDS = frozenset(
+    {
+        ("data", "num_workers"),
+        ("data", "cache_dir"),
+        ("optim", "compile"),
+        ("output", "log_dir"),
+        ("output", "save_interval"),
+        ("output", "image_log_interval"),
+        ("output", "progress"),
+        ("ray", "address"),
+        ("ray", "max_failures"),
+        ("ray", "num_to_keep"),
+        ("ray", "fresh"),
+        ("ray", "cpus_per_worker"),
+        ("ray", "resource_wait_s"),
+    }
+)
+#: Where a run is, not what it computes.
+RUN_PLACE_FIELDS = frozenset({("output", "save_dir"), ("ray", "run_name"), ("ray", "storage_path")})
 
 
 #: Values of fields added after checkpoints were first written, for configs that lack them:

@@ -47,6 +47,8 @@ from controlnet_ray.launcher.rerun import (
     existing_run,
     latest_ray_checkpoint,
     prune_unregistered_checkpoints,
+    read_run_record,
+    set_aside_other_runs,
 )
 from controlnet_ray.launcher.resources import ResourcePlan, plan_resources, resource_need
 from controlnet_ray.launcher.run import print_judged_summary, run_training
@@ -84,10 +86,12 @@ __all__ = [
     "prepare_data",
     "print_judged_summary",
     "prune_unregistered_checkpoints",
+    "read_run_record",
     "resolve_shards",
     "resource_need",
     "resume_state_ref",
     "run_training",
+    "set_aside_other_runs",
     "shutdown_local_ray",
     "train_judges",
 ]

@@ -46,11 +46,18 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         image_dir=resolve(cfg.data.image_dir),
         cache_dir=str(cfg.data.resolved_cache_dir()),
     )
-    model = dataclasses.replace(cfg.model, encoder_weights=resolve(cfg.model.encoder_weights))
-    ray_opts = dataclasses.replace(
-        cfg.ray, storage_path=cfg.storage_path(), run_name=cfg.run_name()
+    model = dataclasses.replace(
+        cfg.model,
+        encoder_weights=resolve(cfg.model.encoder_weights),
+        identity_weights=resolve(cfg.model.identity_weights),
     )
-    return dataclasses.replace(cfg, output=out, data=data, model=model, ray=ray_opts)
+    resolved = dataclasses.replace(cfg, output=out, data=data, model=model)
+    # The run's name is taken from the resolved paths: the same command from another working
+    # folder, with the same files, is the same run.
+    ray_opts = dataclasses.replace(
+        cfg.ray, storage_path=resolved.storage_path(), run_name=resolved.run_name()
+    )
+    return dataclasses.replace(resolved, ray=ray_opts)
 
 
 def check_resume_file(cfg: TrainConfig) -> None:

@@ -1,17 +1,27 @@
-"""A re-run of the same ``--save_dir`` and its Ray run on disk: found and continued (only when the
-flags agree with its latest checkpoint), discarded with ``--fresh``, and cleared of checkpoint
-folders Ray never registered once a run has finished. Ray's own snapshot says which checkpoint
-it resumes from.
+"""A command run again in a used ``--save_dir``. Its Ray run is named by the folder and the
+settings that define the training (:meth:`TrainConfig.run_name`), so:
+
+* the same command again (or a longer ``--epochs``) finds its Ray run and continues it (only
+  when the flags agree with its latest checkpoint), or discards it with ``--fresh``;
+* a command with other settings is a new run: before it writes, the files another run left in
+  ``--save_dir`` and ``--log_dir`` move to a folder beside them (:func:`set_aside_other_runs`),
+  and each folder records which run now writes there (``run_files.RUN_RECORD``).
+
+Once a run has finished, checkpoint folders Ray never registered are removed. Ray's own
+snapshot says which checkpoint it resumes from.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from controlnet_ray import run_files
 from controlnet_ray.config import ConfigError, TrainConfig
+from controlnet_ray.files import atomic_write_text, dumps_strict, unused_path
 
 
 def discard_previous_run(cfg: TrainConfig) -> None:
@@ -107,3 +117,82 @@ def check_rerun(cfg: TrainConfig) -> None:
         )
     for note in plan.notes:
         print(f"continuing Ray run {cfg.run_name()}: {note}", flush=True)
+
+
+# ------------------------------------------------------------------ another run's files set aside
+
+
+def set_aside_other_runs(cfg: TrainConfig) -> list[Path]:
+    """Before this run writes: the files another run (other settings, or unknown: the
+    original script's) left in ``--save_dir`` / ``--log_dir`` move to ``<folder>.<time>``
+    beside the folder, named by when that run last wrote; one line says what moved where and
+    which settings differ. Only the run's own kinds of file move (a folder may hold a user's
+    other files). Each folder then records this run. Returns the folders files moved to."""
+    owned: dict[Path, list[Callable[[str], bool]]] = {}
+    for folder, test in (
+        (cfg.output.save_dir, run_files.is_save_dir_file),
+        (cfg.output.log_dir, run_files.is_log_dir_file),
+    ):
+        if folder is not None and "://" not in folder:
+            owned.setdefault(Path(folder), []).append(test)
+    moved: list[Path] = []
+    said: list[str] = []
+    for folder, tests in owned.items():
+        record = read_run_record(folder)
+        leftovers = [] if record.get("run_name") == cfg.run_name() else _files_of(folder, tests)
+        if leftovers:
+            moved.append(_move_aside(folder, leftovers))
+            said.append(
+                f"{len(leftovers)} file(s) of the previous run ({_why_other(record, cfg)}) "
+                f"from {folder} to {moved[-1]}"
+            )
+        _write_run_record(folder, cfg)
+    if said:
+        print(f"a new run (other settings): moved {'; '.join(said)}", flush=True)
+    return moved
+
+
+def read_run_record(folder: Path) -> dict:
+    """The run record of ``folder`` ({} when there is none or it is unreadable: then the files
+    there are of an unknown run and are set aside, never trusted)."""
+    try:
+        doc = json.loads((folder / run_files.RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _write_run_record(folder: Path, cfg: TrainConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"run_name": cfg.run_name(), "config": cfg.to_dict()}
+    atomic_write_text(folder / run_files.RUN_RECORD, dumps_strict(doc))
+
+
+def _files_of(folder: Path, tests: list[Callable[[str], bool]]) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(t(p.name) for t in tests))
+
+
+def _move_aside(folder: Path, leftovers: list[Path]) -> Path:
+    """Move ``leftovers`` into a new ``<folder>.<YYYYmmdd-HHMMSS>`` (their newest write),
+    ``-2``, ``-3`` ... appended when that name is taken."""
+    newest = max(p.stat().st_mtime for p in leftovers)
+    stem = f"{folder.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(newest))}"
+    dest = unused_path(folder.with_name(stem))
+    dest.mkdir(parents=True)
+    for p in leftovers:
+        p.rename(dest / p.name)
+    return dest
+
+
+def _why_other(record: dict, cfg: TrainConfig) -> str:
+    """Which settings differ between the run that left the files and this one."""
+    from controlnet_ray import checkpoint as ckpt
+
+    if not record.get("config"):
+        return "the files there carry no record of the settings that wrote them"
+    derived = ("--run_name ", "--storage_path ")  # follow from the settings and the folder
+    plan = ckpt.plan_rerun({"config": record["config"]}, cfg)
+    differ = [c for c in plan.conflicts if not c.startswith(derived)]
+    return ", ".join(differ) or f"Ray run {record.get('run_name')}"

@@ -26,6 +26,7 @@ from controlnet_ray.launcher.rerun import (
     discard_previous_run,
     existing_run,
     prune_unregistered_checkpoints,
+    set_aside_other_runs,
 )
 from controlnet_ray.launcher.resources import ResourcePlan, plan_resources, resource_need
 from controlnet_ray.launcher.trainer import build_trainer
@@ -54,6 +55,7 @@ def run_training(cfg: TrainConfig) -> object:
             "checkpoint if any (--fresh starts over)",
             flush=True,
         )
+    set_aside_other_runs(cfg)
     started_ray = init_ray(cfg, plan.ray_num_cpus if plan else None)
     if plan is None:
         import ray

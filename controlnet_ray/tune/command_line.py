@@ -24,7 +24,12 @@ from controlnet_ray.tune.summary import (
     summaries_from_grid,
     write_results,
 )
-from controlnet_ray.tune.trials import discard_previous_sweep, make_tuner, sweep_dir
+from controlnet_ray.tune.trials import (
+    discard_previous_sweep,
+    make_tuner,
+    set_aside_other_sweep,
+    sweep_dir,
+)
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
@@ -115,6 +120,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     data = check_data(cfg, defer_preparation=joins_cluster(cfg))
     if cfg.ray.fresh:
         discard_previous_sweep(cfg, opts)
+    set_aside_other_sweep(cfg, opts)
     plan, local = start_ray(cfg, opts)
     print(f"sweep {opts.sweep_name}: {opts.grid_size()} trial(s); {plan.describe(cfg)}", flush=True)
     check_cluster_paths(cfg, given_storage_path)

@@ -1,14 +1,19 @@
 """The trials: each one's config (own dirs, stable Ray Train run name), the trial function
-that builds and fits its TorchTrainer, and the Tuner that runs (or restores) the sweep."""
+that builds and fits its TorchTrainer, and the Tuner that runs (or restores) the sweep. A sweep
+is its name and its settings: run again with other settings, it is a new sweep and the old one
+is set aside (:func:`set_aside_other_sweep`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 from controlnet_ray.config import ConfigError, TrainConfig
-from controlnet_ray.storage import join_uri
+from controlnet_ray.files import dumps_strict, unused_path
+from controlnet_ray.storage import RunStorage, join_uri
 from controlnet_ray.tune.asha import asha_state_file, make_scheduler
 from controlnet_ray.tune.resources import SweepPlan
 from controlnet_ray.tune.search_space import METRIC, MODE, SweepOptions, param_space
@@ -146,3 +151,79 @@ def discard_previous_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
     if Path(path).exists():
         print(f"--fresh: removing previous sweep at {path}", flush=True)
         shutil.rmtree(path)
+
+
+SWEEP_RECORD = ".controlnet_sweep.json"  # in the Tune experiment folder: what the sweep is
+
+
+def sweep_settings(cfg: TrainConfig, opts: SweepOptions) -> dict[str, Any]:
+    """What makes a sweep what it is: its trials' defining settings and its search space (not
+    its name, nor how many trials run at once)."""
+    space = dataclasses.asdict(opts)
+    for placement in ("sweep_name", "max_concurrent_trials"):
+        space.pop(placement)
+    return json.loads(dumps_strict({"settings": cfg.defining_settings(), "space": space}))
+
+
+def set_aside_other_sweep(cfg: TrainConfig, opts: SweepOptions) -> Path | None:
+    """A sweep run again with other settings is a new sweep: the old Tune experiment (with its
+    trials' Train runs) and its results in ``--save_dir`` / ``--log_dir`` move to
+    ``<sweep_name>.<time>`` beside them, with one line naming the differences; then the
+    experiment folder records this sweep. On object storage an experiment cannot be moved:
+    a new ``--sweep_name`` is asked for. Returns where the experiment moved (None: nothing)."""
+    storage = RunStorage.open(cfg.storage_path(), opts.sweep_name)
+    record_path = storage.path(SWEEP_RECORD)
+    mine = sweep_settings(cfg, opts)
+    old = _read_record(storage, record_path)
+    if old == mine or not storage.exists(storage.root):
+        storage.put_bytes(dumps_strict(mine).encode(), record_path)
+        return None
+    differ = _differences(old, mine)
+    if not storage.is_local:
+        raise ConfigError(
+            f"--sweep_name {opts.sweep_name} on {cfg.storage_path()} holds a sweep with other "
+            f"settings ({differ}); pass a new --sweep_name"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved: list[tuple[Path, Path]] = []
+    for base in (Path(storage.root).parent, Path(cfg.output.save_dir), Path(cfg.output.log_dir)):
+        src = base / opts.sweep_name
+        if src.exists():
+            moved.append((src, unused_path(base / f"{opts.sweep_name}.{stamp}")))
+            src.rename(moved[-1][1])
+    where = "; ".join(f"{src} to {dest}" for src, dest in moved)
+    print(f"a new sweep (other settings: {differ}): moved {where}", flush=True)
+    storage.put_bytes(dumps_strict(mine).encode(), record_path)
+    return moved[0][1]
+
+
+def _read_record(storage: RunStorage, path: str) -> dict[str, Any]:
+    if not storage.exists(path):
+        return {}
+    with storage.fs.open_input_stream(path) as f:
+        try:
+            doc = json.loads(f.read())
+        except ValueError:
+            return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    if not old:
+        return "no record of the settings it ran with"
+    changed = []
+    for part in ("settings", "space"):
+        a, b = old.get(part) or {}, new[part]
+        flat_a, flat_b = _flat(a), _flat(b)
+        for key in sorted(set(flat_a) | set(flat_b)):
+            if flat_a.get(key) != flat_b.get(key):
+                changed.append(f"--{key} {flat_a.get(key)} -> {flat_b.get(key)}")
+    return ", ".join(changed) or "other settings"
+
+
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+    """{section: {name: v}} -> {name: v}; a flat dict stays as it is."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(value if isinstance(value, dict) else {key: value})
+    return out
