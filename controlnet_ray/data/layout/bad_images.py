@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED = 5  # how many offending paths an error message lists
 
 
-def _implausible_entries(
+def _impossible_entries(
     parts: list[_Part], rels: list[list[str]], skip: bool
 ) -> list[SkippedImage]:
     """Entries whose numbers cannot describe any face, or that repeat an earlier entry's image.
@@ -57,9 +57,7 @@ def _implausible_entries(
             f"{where}: {first.reason}{more}. Fix the data, or pass --skip_bad_images to skip "
             "such entries (they are recorded in the manifest)."
         )
-    logger.warning(
-        "skipping %d implausible entries; first: %s: %s", len(found), where, first.reason
-    )
+    logger.warning("skipping %d impossible entries; first: %s: %s", len(found), where, first.reason)
     return [s for _, s in found]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from controlnet_ray.data.layout.bad_images import (
     _handle_missing,
-    _implausible_entries,
+    _impossible_entries,
     unusual_entries,
 )
 from controlnet_ray.data.layout.image_paths import _build_entries, _choose_root, _safe_relpaths
@@ -44,20 +44,20 @@ def read_legacy_dataset(
     parts = [_read_part(ddir, role) for role in ROLES]
     all_paths = [p for part in parts for p in part.image_paths]
     rels = _safe_relpaths(parts)
-    implausible = _implausible_entries(parts, rels, skip_bad_images)
+    impossible = _impossible_entries(parts, rels, skip_bad_images)
     idir = _absolute(image_dir, base) if image_dir is not None else None
     if idir is not None and not idir.is_dir():
         raise DataError(f"image directory not found: {idir}")
     root, tried = _choose_root(ddir, idir, base, [r for part in rels for r in part])
     logger.info("image root used: %s", root)
-    left_out = {(s.role, s.index) for s in implausible}
+    left_out = {(s.role, s.index) for s in impossible}
     entries, bad = _build_entries(parts, rels, root, left_out)
     skipped = _handle_missing(bad, root, tried, skip_bad_images, len(all_paths))
     return LegacyDataset(
         ddir,
         root,
         entries,
-        implausible + skipped,
+        impossible + skipped,
         parts[0].standard_info,
         all_paths,
         unusual=unusual_entries(entries),
