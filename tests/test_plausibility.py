@@ -13,12 +13,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from controlnet_ray.config import DataConfig
 from controlnet_ray.data.geometry import FLIP, rotation_from_ypr
+from controlnet_ray.data.layout import ImageRecord, write_legacy_dataset
 from controlnet_ray.data.plausibility import landmark_oddity, landmark_problem
+from controlnet_ray.data.shards import prepare_shards
+from tests.datasets import draw_face
 
 FOCALS = (0.5, 1.0, 2.0, 3.0)  # focal length over image width
 IMAGE_SIZES = ((640, 480), (480, 640), (1280, 720), (256, 256), (96, 96))
@@ -192,3 +198,31 @@ def test_every_face_moved_far_outside_or_collapsed_is_refused(change, reason: st
 def test_eyes_farther_apart_than_the_image_is_large_are_refused() -> None:
     lm = np.array([[-20.0, 50.0], [110.0, 50.0], [45.0, 70.0], [30.0, 90.0], [60.0, 90.0]])
     assert "eyes 130.0 px apart, farther than the 96x96 image" in landmark_problem(lm, (96, 96))
+
+
+def _drawn(root: Path, person: str, rel: str, ypr: tuple[float, float, float], rng) -> ImageRecord:
+    """A picture of ``person``'s template at ``ypr`` (1x focal, 160 px) and its record."""
+    size = (160, 160)
+    lm = project(TEMPLATES[person], ypr, 1.0, size, rng)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(draw_face(size, lm, (200, 170, 150), 0)).save(root / rel, quality=90)
+    return ImageRecord(person, rel, size, [0, 0, 159, 159], lm.astype(np.float32))
+
+
+def test_a_near_profile_set_in_the_original_layout_is_prepared_without_any_flag(tmp_path):
+    """Exact projections of each template near profile with pitch and roll, written as the
+    original wrote them: prepared as they are, the reversed ones listed as unusual."""
+    rng = np.random.default_rng(5)
+    poses = [(-67, 30, -20), (-70, 30, -20), (67, 30, 20), (70, 15, 20), (-30, 10, 5), (30, -9, 0)]
+    fronts = [_drawn(tmp_path, p, f"train/datas/face/{p}.jpg", (0, 0, 0), rng) for p in TEMPLATES]
+    videos = [
+        _drawn(tmp_path, p, f"train/datas/video/{p}/{p}frame_{k:06d}.jpg", ypr, rng)
+        for p in TEMPLATES
+        for k, ypr in enumerate(poses)
+    ]
+    data_dir = write_legacy_dataset(tmp_path / "train/datas/file", fronts, videos, tmp_path)
+    manifest = prepare_shards(DataConfig(data_dir=data_dir), tmp_path / "shards", num_workers=1)
+    assert manifest.skipped_count == 0
+    assert manifest.counts["total"]["images"] == len(fronts) + len(videos)
+    assert len(manifest.unusual) >= 3
+    assert all("order is reversed" in u["reason"] for u in manifest.unusual)
