@@ -64,7 +64,7 @@ def _impossible_entries(
 def _entry_problem(
     part: _Part, i: int, file: str, npy: str, earlier: str | None
 ) -> tuple[str, str | None]:
-    """(where, why) for entry ``i``; why is None when the entry is plausible."""
+    """(where, why) for entry ``i``; why is None when no rule refuses it."""
     size = (int(part.sizes[i, 0]), int(part.sizes[i, 1]))
     problem = landmark_problem(part.landmarks_2d[i], size)
     if problem:
