@@ -216,6 +216,22 @@ def test_skip_bad_images_records_them(fx, tmp_path, capsys):
     assert "skipped 2 bad images" in capsys.readouterr().out
 
 
+def test_unusual_landmarks_are_kept_recorded_and_summarised_in_one_line(fx, tmp_path, capsys):
+    """Reversed eye and mouth order (a real head near profile shows it) needs no flag."""
+    doc = fx.load_json("video")
+    doc["landmarks_2d"][3] = np.asarray(doc["landmarks_2d"][3])[[1, 0, 2, 4, 3]].tolist()
+    fx.save_json("video", doc)
+    manifest = prepare_shards(DataConfig(data_dir=fx.data_dir), tmp_path / "s", num_workers=1)
+    assert manifest.skipped_count == 0 and manifest.counts["total"]["images"] == 25
+    (entry,) = manifest.unusual
+    assert (entry["role"], entry["index"]) == ("video", 3)
+    assert "left/right order is reversed" in entry["reason"]
+    assert load_manifest(tmp_path / "s").unusual == manifest.unusual
+    lines = [x for x in capsys.readouterr().out.splitlines() if "have unusual" in x]
+    assert len(lines) == 1 and lines[0].startswith("1 of 25 entries have unusual landmarks")
+    assert doc["metadata"][3]["image_path"] in lines[0]
+
+
 def _nan_keypoints(fx):
     kp = np.load(fx.data_dir / "front_keypoints.npy")
     kp[1, 0, 0] = np.nan

@@ -386,10 +386,9 @@ def _frontal(size: float = 96.0) -> np.ndarray:
 @pytest.mark.parametrize(
     ("case", "landmarks", "reason"),
     [
-        ("outside", _frontal() + [5e3, -3e3], r"landmark 0 at \(5032\.8, -2955\.7\) is outside"),
+        ("outside", _frontal() + [5e3, -3e3], r"landmark 0 at \(5032\.8, -2955\.7\) is far out"),
         ("collapsed", np.full((5, 2), 40.0), "landmarks collapsed onto one point"),
-        ("mirrored", _frontal()[[1, 0, 2, 4, 3]], "landmarks mirrored"),
-        ("eyes_apart", [[0, 50], [96, 50], [45, 51], [40, 52], [56, 52]], "implausible inter-oc"),
+        ("eyes_apart", [[-5, 50], [101, 50], [48, 60], [30, 80], [66, 80]], "eyes 106.0 px apart"),
     ],
 )  # fmt: skip
 def test_impossible_landmarks_are_a_data_error_or_skipped(fx, case, landmarks, reason):
@@ -403,6 +402,26 @@ def test_impossible_landmarks_are_a_data_error_or_skipped(fx, case, landmarks, r
     (skipped,) = ds.skipped
     assert (skipped.role, skipped.index, skipped.person_name) == ("video", 7, person)
     assert re.search(reason, skipped.reason)
+
+
+@pytest.mark.parametrize(
+    ("landmarks", "reason"),
+    [
+        (_frontal()[[1, 0, 2, 4, 3]], "the eyes' and mouth corners' left/right order is reversed"),
+        ([[30, 50], [66, 50], [48, 53], [40, 56], [56, 56]], r"inter-ocular distance 36\.0 px "),
+    ],
+    ids=["order_reversed", "steep_pitch"],
+)  # fmt: skip
+def test_unusual_landmarks_are_kept_and_recorded(fx, landmarks, reason):
+    """What a real head can show (the eyes' order reverses near profile) is no data error."""
+    assert read_legacy_dataset(fx.data_dir).unusual == []
+    person = _set_landmarks(fx, "video", 7, landmarks)
+    ds = read_legacy_dataset(fx.data_dir)  # no skip_bad_images needed
+    assert len(ds) == 20 and ds.skipped == []
+    assert any(e.role == "video" and e.index == 7 for e in ds.entries)
+    (unusual,) = ds.unusual
+    assert (unusual.role, unusual.index, unusual.person_name) == ("video", 7, person)
+    assert re.search("field 'landmarks_2d': " + reason, unusual.reason)
 
 
 def test_strong_poses_of_the_fixture_and_template_are_plausible():
@@ -425,6 +444,38 @@ def test_huge_keypoints_name_the_npy_entry(fx):
     with pytest.raises(DataError, match=pattern):
         read_legacy_dataset(fx.data_dir)
     assert read_legacy_dataset(fx.data_dir, skip_bad_images=True).skipped[0].index == 2
+
+
+@pytest.mark.parametrize(
+    ("convert", "shown"),
+    [
+        (lambda kp: kp > 0, r"bool \(booleans\)"),
+        (lambda kp: kp + 1j, r"complex128 \(complex numbers\)"),
+        (lambda kp: kp.astype(str), r"<U\d+ \(text\)"),  # numeric strings: would convert
+        (lambda kp: np.full(kp.shape, "abc"), r"<U3 \(text\)"),  # would fail, naming no file
+        (lambda kp: kp.astype("S24"), r"\|S24 \(bytes\)"),
+        (lambda kp: kp.astype(object), r"object \(Python objects\)"),
+    ],
+    ids=["bool", "complex", "numeric_strings", "strings", "bytes", "object"],
+)
+def test_keypoints_that_are_not_real_numbers_are_refused_naming_file_and_dtype(fx, convert, shown):
+    path = fx.data_dir / "video_keypoints.npy"
+    np.save(path, convert(np.load(path)), allow_pickle=True)
+    pattern = re.escape(f"{path}: keypoints must be real numbers (integer or float), got dtype ")
+    with pytest.raises(DataError, match=pattern + shown + "$") as err:
+        read_legacy_dataset(fx.data_dir, skip_bad_images=True)  # not skippable: the whole file
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int16", "uint8", "float16", "float32", ">f8"])
+def test_integer_and_float_keypoints_are_read(fx, dtype):
+    path = fx.data_dir / "front_keypoints.npy"
+    kp = np.load(path)
+    stored = (kp * 100).astype(dtype) if dtype[0] in "iu" else kp.astype(dtype)
+    np.save(path, stored)
+    ds = read_legacy_dataset(fx.data_dir)
+    fronts = [e.keypoints for e in ds.entries if e.role == "front"]
+    np.testing.assert_array_equal(np.stack(fronts), stored.astype(np.float32))
 
 
 def test_the_same_image_listed_twice_is_refused_naming_both_entries(fx):

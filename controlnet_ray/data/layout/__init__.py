@@ -13,11 +13,11 @@ and the synthetic renderer produce byte-for-byte the schema the original wrote.
 
 Modules: ``records`` (file names, entries, the dataset, ``DataError``), ``writer``, ``reader``
 (``read_legacy_dataset``), ``parsing`` (JSON + npy checks), ``image_paths`` (path safety, the
-image root), ``bad_images`` (implausible, repeated and missing images). The names below are
-re-exported so ``controlnet_ray.data.layout.<name>`` keeps working.
+image root), ``bad_images`` (impossible, repeated and missing images; unusual ones, kept). The
+names below are re-exported so ``controlnet_ray.data.layout.<name>`` keeps working.
 """
 
-from controlnet_ray.data.layout.bad_images import describe_bad_images
+from controlnet_ray.data.layout.bad_images import describe_bad_images, describe_unusual
 from controlnet_ray.data.layout.reader import read_legacy_dataset
 from controlnet_ray.data.layout.records import (
     FRONT_METADATA,
@@ -26,6 +26,7 @@ from controlnet_ray.data.layout.records import (
     DataError,
     LegacyDataset,
     SkippedImage,
+    UnusualEntry,
 )
 from controlnet_ray.data.layout.writer import ImageRecord, write_legacy_dataset
 
@@ -37,7 +38,9 @@ __all__ = [
     "ImageRecord",
     "LegacyDataset",
     "SkippedImage",
+    "UnusualEntry",
     "describe_bad_images",
+    "describe_unusual",
     "read_legacy_dataset",
     "write_legacy_dataset",
 ]

@@ -1,5 +1,6 @@
-"""Bad entries before any image is decoded: implausible numbers or repeated images, missing
-images, and the one-line description of bad images used in errors."""
+"""Bad and unusual entries before any image is decoded: impossible numbers or repeated images
+(an error, or skipped), unusual but possible faces (kept, recorded), missing images, and the
+one-line descriptions of both used in errors and reports."""
 
 from __future__ import annotations
 
@@ -7,18 +8,27 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from controlnet_ray.data.layout.records import _FILES, DataError, SkippedImage, _Part, _where
-from controlnet_ray.data.plausibility import keypoint_problem, landmark_problem
+from controlnet_ray.data.layout.records import (
+    _FILES,
+    DataError,
+    EntryNote,
+    LegacyEntry,
+    SkippedImage,
+    UnusualEntry,
+    _Part,
+    _where,
+)
+from controlnet_ray.data.plausibility import keypoint_problem, landmark_oddity, landmark_problem
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 5  # how many offending paths an error message lists
 
 
-def _implausible_entries(
+def _impossible_entries(
     parts: list[_Part], rels: list[list[str]], skip: bool
 ) -> list[SkippedImage]:
-    """Entries whose numbers cannot describe a face, or that repeat an earlier entry's image.
+    """Entries whose numbers cannot describe any face, or that repeat an earlier entry's image.
 
     An error naming file, entry, person and field, unless ``skip`` (then skipped, recorded).
     A person with several different front photos is fine; the same image listed twice would
@@ -47,16 +57,14 @@ def _implausible_entries(
             f"{where}: {first.reason}{more}. Fix the data, or pass --skip_bad_images to skip "
             "such entries (they are recorded in the manifest)."
         )
-    logger.warning(
-        "skipping %d implausible entries; first: %s: %s", len(found), where, first.reason
-    )
+    logger.warning("skipping %d impossible entries; first: %s: %s", len(found), where, first.reason)
     return [s for _, s in found]
 
 
 def _entry_problem(
     part: _Part, i: int, file: str, npy: str, earlier: str | None
 ) -> tuple[str, str | None]:
-    """(where, why) for entry ``i``; why is None when the entry is plausible."""
+    """(where, why) for entry ``i``; why is None when no rule refuses it."""
     size = (int(part.sizes[i, 0]), int(part.sizes[i, 1]))
     problem = landmark_problem(part.landmarks_2d[i], size)
     if problem:
@@ -72,17 +80,41 @@ def _entry_problem(
     return "", None
 
 
-def describe_bad_images(bad: Sequence[SkippedImage], total: int, root: Path) -> str:
-    """'<count> of <total> images are missing/corrupt under <root>; first: ...' for errors."""
-    listed = "; ".join(
-        f"{b.image_path} ({b.role} #{b.index}, person {b.person_name!r}: {b.reason})"
-        for b in bad[:_MAX_LISTED]
+def unusual_entries(entries: Sequence[LegacyEntry]) -> list[UnusualEntry]:
+    """The entries whose landmarks are possible but unusual (see ``landmark_oddity``): they
+    stay in the dataset and are only recorded."""
+    out = []
+    for e in entries:
+        oddity = landmark_oddity(e.landmarks_2d)
+        if oddity:
+            reason = f"field 'landmarks_2d': {oddity}"
+            out.append(UnusualEntry(e.role, e.index, e.person_name, e.image_path, reason))
+    return out
+
+
+def describe_unusual(unusual: Sequence[EntryNote], total: int) -> str:
+    """'<count> of <total> entries have unusual landmarks (kept ...); first: ...' for reports."""
+    return (
+        f"{len(unusual)} of {total} entries have unusual landmarks (kept and trained on, "
+        f"listed under 'unusual' in the manifest); first: {_listed(unusual, 1)}"
     )
-    more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+
+
+def describe_bad_images(bad: Sequence[EntryNote], total: int, root: Path) -> str:
+    """'<count> of <total> images are missing/corrupt under <root>; first: ...' for errors."""
     return (
         f"{len(bad)} of {total} images are missing or unreadable under image root {root}; "
-        f"first: {listed}{more}"
+        f"first: {_listed(bad, _MAX_LISTED)}"
     )
+
+
+def _listed(notes: Sequence[EntryNote], limit: int) -> str:
+    """The first ``limit`` entries with path, role, index, person and reason; '... and N more'."""
+    listed = "; ".join(
+        f"{b.image_path} ({b.role} #{b.index}, person {b.person_name!r}: {b.reason})"
+        for b in notes[:limit]
+    )
+    return listed + (f" and {len(notes) - limit} more" if len(notes) > limit else "")
 
 
 def _handle_missing(

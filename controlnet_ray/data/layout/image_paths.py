@@ -107,7 +107,7 @@ def _build_entries(
 ) -> tuple[list[LegacyEntry], list[SkippedImage]]:
     """Resolve each path under root; symlinks out of the root are refused, missing files noted.
 
-    ``left_out``: (role, index) of entries already skipped as implausible."""
+    ``left_out``: (role, index) of entries already skipped as impossible."""
     entries, missing = [], []
     for part, part_rels in zip(parts, rels, strict=True):
         file = _FILES[part.role][0]

@@ -176,9 +176,17 @@ def _check_lm3d(doc: dict[str, Any], file: str, n: int, persons: Sequence[str]) 
 
 
 def _load_keypoints(path: Path, json_name: str, n: int, persons: Sequence[str]) -> np.ndarray:
-    """[N,5,3] float32 keypoints whose rows must match the metadata one to one."""
+    """[N,5,3] float32 keypoints whose rows must match the metadata one to one; integer or
+    float arrays only (bool, complex or text would convert silently, or fail unnamed)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the original layout's {path.name})")
+    declared = _npy_dtype(path)
+    if declared is not None and declared.kind not in _REAL_KINDS:
+        kind = _OTHER_KINDS.get(declared.kind, "not numbers")
+        raise DataError(
+            f"{path}: keypoints must be real numbers (integer or float), got dtype {declared} "
+            f"({kind})"
+        )
     try:
         kp = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -195,3 +203,30 @@ def _load_keypoints(path: Path, json_name: str, n: int, persons: Sequence[str]) 
     kp = kp.astype(np.float64)
     _check_finite(path.name, "keypoints", kp, persons)
     return kp.astype(np.float32)
+
+
+_REAL_KINDS = "iuf"  # signed and unsigned integers, floats
+_OTHER_KINDS = {
+    "b": "booleans",
+    "c": "complex numbers",
+    "U": "text",
+    "S": "bytes",
+    "O": "Python objects",
+    "V": "structured records",
+    "M": "dates",
+    "m": "time spans",
+}
+
+
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype an ``.npy`` header declares, read before the data so that object arrays (which
+    never load without pickle) are named too; None when the header is unreadable (np.load then
+    says why)."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            major, _ = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            return np.dtype(read(f)[2])
+    except (ValueError, OSError, EOFError, TypeError):
+        return None

@@ -6,7 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from controlnet_ray.data.layout.bad_images import _handle_missing, _implausible_entries
+from controlnet_ray.data.layout.bad_images import (
+    _handle_missing,
+    _impossible_entries,
+    unusual_entries,
+)
 from controlnet_ray.data.layout.image_paths import _build_entries, _choose_root, _safe_relpaths
 from controlnet_ray.data.layout.parsing import _read_part
 from controlnet_ray.data.layout.records import ROLES, DataError, LegacyDataset
@@ -28,7 +32,9 @@ def read_legacy_dataset(
     the paths' first folder, e.g. ``train/``), so the original docs' ``--data_dir
     train/datas/file --image_dir train/datas/file`` works from the repo root. The root used is
     logged and returned. Paths that are absolute, contain ``..`` or resolve outside the root
-    (symlinks) are always an error. Missing images are an error unless ``skip_bad_images``.
+    (symlinks) are always an error. Missing images and landmarks or keypoints no face can have
+    (``data.plausibility``) are an error unless ``skip_bad_images``; unusual but possible faces
+    are kept and listed in the result's ``unusual``.
     Decodability is checked later, by the shard preparer, before anything is published.
     """
     base = Path(cwd).resolve() if cwd is not None else Path.cwd().resolve()
@@ -38,17 +44,23 @@ def read_legacy_dataset(
     parts = [_read_part(ddir, role) for role in ROLES]
     all_paths = [p for part in parts for p in part.image_paths]
     rels = _safe_relpaths(parts)
-    implausible = _implausible_entries(parts, rels, skip_bad_images)
+    impossible = _impossible_entries(parts, rels, skip_bad_images)
     idir = _absolute(image_dir, base) if image_dir is not None else None
     if idir is not None and not idir.is_dir():
         raise DataError(f"image directory not found: {idir}")
     root, tried = _choose_root(ddir, idir, base, [r for part in rels for r in part])
     logger.info("image root used: %s", root)
-    left_out = {(s.role, s.index) for s in implausible}
+    left_out = {(s.role, s.index) for s in impossible}
     entries, bad = _build_entries(parts, rels, root, left_out)
     skipped = _handle_missing(bad, root, tried, skip_bad_images, len(all_paths))
     return LegacyDataset(
-        ddir, root, entries, implausible + skipped, parts[0].standard_info, all_paths
+        ddir,
+        root,
+        entries,
+        impossible + skipped,
+        parts[0].standard_info,
+        all_paths,
+        unusual=unusual_entries(entries),
     )
 
 

@@ -1,6 +1,6 @@
-"""The layout's file names and roles, its records (an entry, a skipped image, the validated
-dataset, one role's parsed arrays) and :class:`DataError`, whose messages name file, entry and
-person (``_where``)."""
+"""The layout's file names and roles, its records (an entry, a skipped or unusual entry, the
+validated dataset, one role's parsed arrays) and :class:`DataError`, whose messages name file,
+entry and person (``_where``)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class LegacyEntry:
 
 
 @dataclass(frozen=True)
-class SkippedImage:
-    """An image left out under ``skip_bad_images`` (recorded in the shard manifest)."""
+class EntryNote:
+    """An entry named with a reason, as the shard manifest records it."""
 
     role: str
     index: int
@@ -60,6 +60,17 @@ class SkippedImage:
         }
 
 
+@dataclass(frozen=True)
+class SkippedImage(EntryNote):
+    """An image left out under ``skip_bad_images`` (the manifest's ``skipped``)."""
+
+
+@dataclass(frozen=True)
+class UnusualEntry(EntryNote):
+    """An entry kept and trained on although its geometry is unusual, e.g. the eyes' order
+    reversed near profile (the manifest's ``unusual``; see ``data.plausibility``)."""
+
+
 @dataclass
 class LegacyDataset:
     """Validated content of a legacy data directory."""
@@ -70,6 +81,7 @@ class LegacyDataset:
     skipped: list[SkippedImage] = field(default_factory=list)
     standard_info: dict[str, Any] = field(default_factory=dict)
     source_image_paths: list[str] = field(default_factory=list)  # every metadata path
+    unusual: list[UnusualEntry] = field(default_factory=list)  # kept, but recorded
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -28,6 +28,7 @@ from controlnet_ray.data.layout import (
     LegacyDataset,
     SkippedImage,
     describe_bad_images,
+    describe_unusual,
     read_legacy_dataset,
 )
 from controlnet_ray.data.pairs import (
@@ -292,8 +293,19 @@ def _write_all(
     manifest.skipped_count = len(manifest.skipped)
     if manifest.skipped_count:
         print(f"skipped {manifest.skipped_count} bad images (recorded in the manifest)")
+    _record_unusual(manifest, ds, kept)
     _write_json(tmp / MANIFEST, manifest.to_dict())
     return manifest
+
+
+def _record_unusual(manifest: Manifest, ds: LegacyDataset, kept: list[int]) -> None:
+    """The written rows of unusual geometry into the manifest, and one line saying so: the
+    run goes on with them (a real head near profile is unusual, not bad)."""
+    written = {(ds.entries[i].role, ds.entries[i].index) for i in kept}
+    unusual = [u for u in ds.unusual if (u.role, u.index) in written]
+    manifest.unusual = [u.to_dict() for u in unusual]
+    if unusual:
+        print(describe_unusual(unusual, len(kept)))
 
 
 def _skipped(entry: Any, reason: str) -> SkippedImage:

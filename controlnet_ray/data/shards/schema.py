@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 from controlnet_ray.data.layout import DataError
 from controlnet_ray.data.pairs import SPLITS
 
-SCHEMA_VERSION = 3  # 2: head-centred framing, landmarks in crop pixels; 3: pair index files
+# 2: head-centred framing, landmarks in crop pixels; 3: pair index files; 4: unusual entries
+# kept and listed (``unusual``), no longer skipped
+SCHEMA_VERSION = 4
 MAX_ROWS_PER_SHARD = 2000
 MANIFEST = "manifest.json"
 PAIR_SCHEMA = pa.schema([("source", pa.int64()), ("target", pa.int64())])
@@ -69,6 +71,7 @@ class Manifest:
     persons_without_video: list[str] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     skipped_count: int = 0
+    unusual: list[dict[str, Any]] = field(default_factory=list)  # kept rows of unusual geometry
     conventions: str = ""
     alignment: str = ALIGNMENTS["head"]
     framing: str = "head"
