@@ -21,12 +21,11 @@ Design choices, each for a reason:
 * Deterministic given the seed: one ``torch.Generator`` drives initialisation, order and
   augmentation.
 * A step cap (``max_steps``, both judges): epochs over the training crops, but at most
-  ``JUDGE_MAX_STEPS`` steps of 32 crops. Judge training runs before the model's and costs
-  the same per step whatever the data's size, so on a small set the epochs decide (the
-  embedded 40-identity set: 540 steps) and on a large one the cap does: at most 2 x 1500
-  steps, about ``JUDGE_STEP_CPU_S`` CPU-seconds a step on 2 cores, minutes where the model
-  trains for hours (README, "Console output"). The cap is in the settings and so in the
-  judges' cache key.
+  ``JUDGE_MAX_STEPS`` steps of 32 crops. Judge training runs before the model's and a step
+  costs the same whatever the data's size, so on a small set the epochs decide (the embedded
+  40-identity set: 540 and 720 steps, under the cap) and on a large one the cap does: a fixed
+  few CPU-minutes (README, "Console output") where the model's epochs grow with the data. The
+  cap is in the settings and so in the judges' cache key.
 """
 
 from __future__ import annotations
