@@ -189,7 +189,9 @@ def test_without_arcface_identity_is_null_and_table_printed(
     doc = _strict_json(out)
     assert doc["num_pairs"] == 3 and doc["summary"]["model"]["identity_cos"] is None
     assert "baseline_mean_target" in text and "PSNR by target yaw" in text
-    assert text.startswith("WARNING: judged on 1 person only")  # the table's first line
+    table = text.splitlines()
+    head = table.index(next(x for x in table if x.startswith("val: 3 pairs of 1 persons")))
+    assert table[head - 1].startswith("WARNING: judged on 1 person only")  # above the table
     assert Path(doc["grid"]) == tmp_path / "r_grid.png" and Path(doc["grid"]).is_file()
 
 
