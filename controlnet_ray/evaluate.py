@@ -28,6 +28,13 @@ predictors (source, mean, pose-bin mean with mirrors, colour-shifted pose-bin me
 headline figures (judged yaw/pitch error over the judge's floor, face PSNR margin over the best
 pose-bin mean, identity top-1, sharpness).  The same module scores the benchmarks.
 
+A split of fewer than 3 persons (``data.pairs.MIN_SPLIT_PERSONS``; with few persons in the
+data, training's split cannot give each held-out split that many) is judged, but the table's
+first line and the judged headline say ``WARNING: judged on N person(s) only`` and the JSON
+carries it (``warning``, ``judged.headline.warning``).  A warning rather than a refusal: the
+figures are still true of those persons, and a user may want exactly them; what they are not
+is a measure of new faces, and the headline says so where it is read.
+
 The scoring lives in ``controlnet_ray.judging.checkpoint_report`` (and ``judging.arcface``);
 this module is the command: its flags, their checks before torch is imported, and the run
 that writes the report and grid and prints the tables.

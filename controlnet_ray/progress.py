@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, SupportsFloat, TextIO
 
 POST_INTERVAL_S = 0.5  # rank 0 posts step state at most this often
 POLL_INTERVAL_S = 0.5  # the driver drains the board this often
+LOG_FIRST_LINE_S = 5.0  # without a terminal: a loop's first progress line (with its ETA) ...
+LOG_LINE_INTERVAL_S = 30.0  # ... then one at most this often
 
 
 def format_epoch_line(m: dict[str, Any]) -> str:
@@ -68,6 +70,88 @@ def format_bar(state: dict[str, Any], width: int = 100) -> str:
     cells = max(10, min(30, width - len(head) - len(tail) - 3))
     filled = round(cells * min(step, total) / total)
     return f"{head} [{'#' * filled}{'-' * (cells - filled)}]{tail}"[:width]
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m05s``, ``1h02m``: a time a person reads at a glance."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def format_steps(
+    label: str, step: int, total: int, elapsed_s: float, eta_s: float, loss: float
+) -> str:
+    """``pose judge [######------] 120/540 steps  loss 0.0123  elapsed 40s  ETA 2m20s``."""
+    total = max(total, 1)
+    filled = round(20 * min(step, total) / total)
+    return (
+        f"{label} [{'#' * filled}{'-' * (20 - filled)}] {step}/{total} steps  loss {loss:.4f}  "
+        f"elapsed {format_duration(elapsed_s)}  ETA {format_duration(eta_s)}"
+    )
+
+
+class StepProgress:
+    """Progress of a long loop the driver runs itself (the judges' training before Ray), called
+    after each step with the steps done and the loss.
+
+    It decides as the in-epoch bar does (:func:`bar_stream`): on a terminal (or with
+    ``--progress bar``) one bar redrawn in place, at most every ``POLL_INTERVAL_S``; anywhere
+    else -- a log file, ``ray job submit``, a Ray task whose output Ray forwards line by line
+    -- plain lines, the first after ``LOG_FIRST_LINE_S`` (so the ETA shows early) and then at
+    most every ``LOG_LINE_INTERVAL_S``: a log gets a line every half minute, never a stream of
+    ``\\r`` frames. The last step always ends with one line on ``lines``. The ETA is the
+    rate since the first step ended (the first one pays for start-up) times the steps left.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        mode: str = "auto",
+        lines: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.label, self.total = label, max(int(total), 1)
+        self._bar = bar_stream(mode)
+        self._lines = lines if lines is not None else sys.stdout
+        self._clock = clock
+        self._start = self._last = clock()
+        self._origin: tuple[int, float] | None = None  # (step, time) the rate is measured from
+        self._shown = 0  # progress lines or bar frames written
+
+    def __call__(self, step: int, loss: SupportsFloat) -> None:
+        now = self._clock()
+        if step >= self.total:
+            self._finish(now - self._start, float(loss))
+        elif self._origin is None:
+            self._origin, self._last = (step, now), now
+        elif now - self._last >= self._interval():
+            self._last, self._shown = now, self._shown + 1
+            first, t0 = self._origin
+            eta = (now - t0) / max(step - first, 1) * (self.total - step)
+            text = format_steps(self.label, step, self.total, now - self._start, eta, float(loss))
+            if self._bar is None:
+                print(text, file=self._lines, flush=True)
+            else:
+                width = shutil.get_terminal_size((100, 24)).columns - 1
+                self._bar.write("\r" + text[:width] + "\x1b[K")
+                self._bar.flush()
+
+    def _interval(self) -> float:
+        if self._bar is not None:
+            return POLL_INTERVAL_S
+        return LOG_FIRST_LINE_S if self._shown == 0 else LOG_LINE_INTERVAL_S
+
+    def _finish(self, elapsed_s: float, loss: float) -> None:
+        if self._bar is not None and self._shown:
+            self._bar.write("\r\x1b[K")
+            self._bar.flush()
+        line = f"{self.label}: {self.total} steps in {format_duration(elapsed_s)}, loss {loss:.4f}"
+        print(line, file=self._lines, flush=True)
 
 
 class ProgressBoard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from controlnet_ray.data import align, shards
 from controlnet_ray.data.align import align_face
 from controlnet_ray.data.geometry import head_to_camera, project, rotation_from_ypr
 from controlnet_ray.data.layout import DataError
-from controlnet_ray.data.pairs import split_persons
+from controlnet_ray.data.pairs import SPLIT_RULE, split_persons
 from controlnet_ray.data.pose import MEAN_FACE_3D
 from controlnet_ray.data.shards import (
     align_workers,
     ensure_shards,
+    fingerprint,
     fingerprint_source,
     load_manifest,
     preparation,
@@ -357,6 +359,34 @@ def test_ensure_shards_prepares_then_reuses(fx, tmp_path, capsys):
 
     cfg.split_ratios = (0.6, 0.2, 0.2)
     assert ensure_shards(cfg).name.split("-")[2] != second.name.split("-")[2]
+
+
+def test_a_cache_split_by_another_rule_is_never_reused(fx, tmp_path, capsys, monkeypatch):
+    """The split rule is in the cache key and the manifest: a folder whose manifest was split
+    by an earlier rule (rule 1 wrote none) is prepared again, not reused."""
+    cfg = DataConfig(data_dir=str(fx.data_dir), cache_dir=str(tmp_path / "cache"), num_workers=1)
+    first = ensure_shards(cfg)
+    assert load_manifest(first).split_rule == SPLIT_RULE
+    doc = json.loads((first / "manifest.json").read_text(encoding="utf-8"))
+    del doc["split_rule"]
+    (first / "manifest.json").write_text(json.dumps(doc), encoding="utf-8")
+    capsys.readouterr()
+    assert ensure_shards(cfg) == first
+    assert "preparing shards at" in capsys.readouterr().out
+    assert load_manifest(first).split_rule == SPLIT_RULE
+    monkeypatch.setattr(fingerprint, "SPLIT_RULE", SPLIT_RULE + 1)
+    assert ensure_shards(cfg).name.split("-")[2] != first.name.split("-")[2]
+
+
+def test_few_held_out_persons_are_warned_about_when_prepared_and_reused(fx, tmp_path, capsys):
+    """5 persons cannot give 3 per split: the run goes on and says so in one line, both when
+    it prepares the shards and when it reuses them."""
+    cfg = DataConfig(data_dir=str(fx.data_dir), cache_dir=str(tmp_path / "cache"), num_workers=1)
+    for _ in range(2):
+        ensure_shards(cfg)
+        lines = [x for x in capsys.readouterr().err.splitlines() if "held-out persons" in x]
+        assert len(lines) == 1 and lines[0].startswith("warning: few held-out persons (")
+        assert "of 5): " in lines[0] and "use at least 9 persons" in lines[0]
 
 
 def test_ensure_shards_rechecks_skipped_images_and_pairs(fx, tmp_path):

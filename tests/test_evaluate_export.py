@@ -91,6 +91,9 @@ def test_report_contents(report, tiny_data):
     doc = report
     assert doc["split"] == "test" and doc["num_pairs"] == len(doc["per_pair"]) > 0
     assert doc["split_ratios"] == [0.7, 0.15, 0.15]  # the checkpoint's: same test persons
+    assert doc["num_persons"] < 3  # 4 identities: one person each in val and test
+    assert doc["warning"].startswith(f"WARNING: judged on {doc['num_persons']} person")
+    assert doc["judged"]["headline"]["warning"] == doc["warning"]
     for method in METHODS:
         s = doc["summary"][method]
         psnr = [p[method]["psnr"] for p in doc["per_pair"]]
@@ -186,6 +189,9 @@ def test_without_arcface_identity_is_null_and_table_printed(
     doc = _strict_json(out)
     assert doc["num_pairs"] == 3 and doc["summary"]["model"]["identity_cos"] is None
     assert "baseline_mean_target" in text and "PSNR by target yaw" in text
+    table = text.splitlines()
+    head = table.index(next(x for x in table if x.startswith("val: 3 pairs of 1 persons")))
+    assert table[head - 1].startswith("WARNING: judged on 1 person only")  # above the table
     assert Path(doc["grid"]) == tmp_path / "r_grid.png" and Path(doc["grid"]).is_file()
 
 

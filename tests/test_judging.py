@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from controlnet_ray.data.pairs import SPLIT_RULE
 from controlnet_ray.judging import (
     IdentityJudge,
     IdentitySettings,
@@ -38,6 +39,7 @@ from controlnet_ray.judging.data import to_model_range
 from controlnet_ray.judging.identity_judge import IdentityJudgeNet
 from controlnet_ray.judging.pose_judge import PoseJudgeNet, mirror
 from controlnet_ray.judging.predictors import fit_pose_bins, shift_face_colour
+from controlnet_ray.judging.report import persons_warning
 from controlnet_ray.metrics import face_mask, laplacian_energy_per_image
 
 SIZE = 32
@@ -155,6 +157,22 @@ def test_judge_is_deterministic_cached_and_reloaded(tmp_path: Path) -> None:
     assert torch.equal(loaded(x), first(x))
     other = judge_cache_path(shards, tmp_path / "cache", JudgeSettings(seed=1))
     assert other != path
+
+
+def test_judge_key_follows_the_split_rule(tmp_path: Path) -> None:
+    """A judge trained on one split rule's train persons is never found for another rule's
+    shards (a manifest without ``split_rule`` was split by rule 1)."""
+    images, poses = head_set(8, seed=4)
+    shards = _write_shards(tmp_path / "shards", images, poses)
+    keys = []
+    for rule in (None, 1, SPLIT_RULE):
+        doc = json.loads((shards / "manifest.json").read_text())
+        doc.pop("split_rule", None)
+        if rule is not None:
+            doc["split_rule"] = rule
+        (shards / "manifest.json").write_text(json.dumps(doc))
+        keys.append(judge_cache_path(shards, tmp_path, JudgeSettings()))
+    assert keys[0] == keys[1] != keys[2]
 
 
 # ----------------------------------------------------------------------------- predictors
@@ -280,8 +298,22 @@ def test_report_margins_ratios_and_text(scorer: Scorer) -> None:
     json.dumps(report, allow_nan=False)  # JSON-able, strict
     text = format_report(report)
     assert "floor" in text and "face PSNR margin" in text
+    assert h["warning"] is None and "WARNING" not in text  # 4 persons
     assert summary_line(report).startswith("judged yaw err")
     assert build_report(scorer, {"pose_bin": per["pose_bin"]})["headline"] is None
+
+
+def test_fewer_than_three_judged_persons_are_a_warning_in_the_headline(scorer: Scorer) -> None:
+    assert persons_warning(3) is None
+    assert persons_warning(1).startswith("WARNING: judged on 1 person only (identity chance 100%)")
+    rows = scorer.ev.gallery  # 4 persons x 6 frames; judge two of them
+    rows = rows.subset(np.isin(rows.person, ["person0", "person1"]))
+    pairs = np.stack([np.flatnonzero(rows.person == p)[:2] for p in ("person0", "person1")])
+    small = Scorer(build_eval_set(rows, pairs), scorer.judge, scorer.mask)
+    report = build_report(small, {"model": small.score(small.ev.target.clone())})
+    assert report["num_persons"] == 2 and report["headline"]["warning"] == persons_warning(2)
+    lines = format_report(report).splitlines()
+    assert lines[-2] == persons_warning(2) and lines[-1].startswith("model: judged")
 
 
 def test_judging_never_imports_ray() -> None:

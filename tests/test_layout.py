@@ -18,7 +18,9 @@ from controlnet_ray.data.align import align_face, alignment_matrix, arcface_temp
 from controlnet_ray.data.layout import DataError, read_legacy_dataset, write_legacy_dataset
 from controlnet_ray.data.legacy import legacy_euler_deg, legacy_fit
 from controlnet_ray.data.pairs import (
+    MIN_SPLIT_PERSONS,
     count_split_pairs,
+    few_persons_warning,
     make_pairs,
     person_unit,
     split_persons,
@@ -317,6 +319,46 @@ def test_three_persons_always_get_a_val_split():
         split = split_persons(names)
         assert set(split.values()) == {"train", "val", "test"}, split
     assert "val" not in split_persons(["x", "y", "z"], (0.8, 0.0, 0.2)).values()
+
+
+@pytest.mark.parametrize("ratios", [(0.7, 0.15, 0.15), (0.8, 0.2, 0.0), (0.5, 0.1, 0.4)])
+def test_small_data_gives_every_split_three_persons_when_it_can(ratios):
+    positive = [s for s, r in zip(("train", "val", "test"), ratios, strict=True) if r > 0]
+    for n in range(3 * len(positive), 31):
+        for prefix in ("p", "person ", "合成_"):
+            names = [f"{prefix}{i}" for i in range(n)]
+            split = split_persons(names, ratios)
+            sizes = {s: sum(v == s for v in split.values()) for s in positive}
+            assert min(sizes.values()) >= MIN_SPLIT_PERSONS, (n, prefix, sizes)
+            assert set(split.values()) == set(positive)
+            assert split_persons(list(reversed(names)), ratios) == split  # the set decides
+            assert few_persons_warning(sizes, ratios) is None
+
+
+def test_small_data_top_up_moves_only_what_it_must():
+    """The 21-person case (hashed 19 / 1 / 1): persons whose hashed split is not short stay
+    where the ratios put them; train gives exactly what val and test lack."""
+    names = [f"p{i}" for i in range(21)]
+    edges = {"train": 0.7, "val": 0.85}
+    hashed = {n: next((s for s, hi in edges.items() if person_unit(n) < hi), "test") for n in names}
+    split = split_persons(names)
+    moved = [n for n in names if split[n] != hashed[n]]
+    lacking = sum(max(0, 3 - list(hashed.values()).count(s)) for s in ("val", "test"))
+    assert lacking > 0 and len(moved) == lacking
+    assert all(hashed[n] == "train" for n in moved)
+
+
+def test_few_persons_warning_says_what_to_do():
+    assert few_persons_warning({"train": 9, "val": 3, "test": 3}, (0.7, 0.15, 0.15)) is None
+    line = few_persons_warning({"train": 6, "val": 1, "test": 1}, (0.7, 0.15, 0.15))
+    assert line is not None and "\n" not in line
+    assert "val 1 and test 1 of 8" in line and "at least 9 persons" in line
+    assert "--split_ratios 0.7 0.3 0" in line
+    tiny = few_persons_warning({"train": 3, "val": 1, "test": 1}, (0.7, 0.15, 0.15))
+    assert tiny is not None and "--split_ratios" not in tiny  # 5 persons: 3 + 3 impossible
+    one = few_persons_warning({"train": 4, "val": 1, "test": 0}, (0.8, 0.2, 0.0))
+    assert one is not None and "val 1 of 5" in one and "at least 6 persons" in one
+    assert few_persons_warning({"train": 5, "val": 1}, (1.0, 0.0, 0.0)) is None
 
 
 def test_split_summary_counts():

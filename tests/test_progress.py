@@ -13,10 +13,13 @@ from controlnet_ray.epoch_lines import EpochLines
 from controlnet_ray.progress import (
     ConsoleProgress,
     ProgressBoard,
+    StepProgress,
     WorkerProgress,
     bar_stream,
     format_bar,
+    format_duration,
     format_epoch_line,
+    format_steps,
 )
 
 EPOCH = {
@@ -169,3 +172,56 @@ def test_epoch_lines_callback_posts_epochs_only(capsys):
     assert board.calls == [("post", "epoch", EPOCH)]
     EpochLines(None).after_report(None, [EPOCH], checkpoint=None)  # Tune: print in place
     assert capsys.readouterr().out == format_epoch_line(EPOCH) + "\n"
+
+
+# ------------------------------------------------------------------ a driver-side step loop
+
+
+class _Clock:
+    """A hand-moved clock: the tests decide when time passes (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_durations_and_step_line_read_at_a_glance():
+    assert [format_duration(s) for s in (4.6, 65, 3725)] == ["5s", "1m05s", "1h02m"]
+    line = format_steps("pose judge", 120, 540, 40.0, 140.0, 0.01234)
+    assert line.startswith("pose judge [####----------------] 120/540 steps  loss 0.0123")
+    assert line.endswith("elapsed 40s  ETA 2m20s")
+
+
+def test_step_progress_in_a_log_prints_a_line_every_half_minute_not_frames(monkeypatch):
+    """Without a terminal (a log file): the first line after a few seconds, then one per
+    LOG_LINE_INTERVAL_S however many steps, and a last line; no carriage returns. The ETA
+    leaves out the first step's start-up (here 20 s)."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    log, clock = io.StringIO(), _Clock()
+    bar = StepProgress("identity judge", 1000, "auto", log, clock)
+    for step in range(1, 1001):
+        clock.now += 20.0 if step == 1 else 0.125  # 144.875 s in all
+        bar(step, 0.5)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and sys.stderr.getvalue() == ""
+    assert len(lines) == 5  # at 5 s after the first step, then 30 s apart, and the end
+    assert lines[0].startswith("identity judge [") and " 41/1000 steps" in lines[0]
+    assert lines[0].endswith("elapsed 25s  ETA 2m00s") and " 281/1000 " in lines[1]
+    assert lines[-1] == "identity judge: 1000 steps in 2m25s, loss 0.5000"
+
+
+def test_step_progress_on_a_terminal_redraws_in_place_and_ends_with_a_line(monkeypatch):
+    tty, log, clock = _Tty(), io.StringIO(), _Clock()
+    monkeypatch.setattr(sys, "stderr", tty)
+    bar = StepProgress("pose judge", 40, "auto", log, clock)
+    for step in range(1, 41):
+        clock.now += 0.25
+        bar(step, 0.1)
+    frames = tty.getvalue().split("\r")[1:]
+    assert len(frames) == 20 and frames[0].startswith("pose judge [") and frames[-1] == "\x1b[K"
+    assert log.getvalue() == "pose judge: 40 steps in 10s, loss 0.1000\n"
+    StepProgress("pose judge", 40, "lines", log, clock)(40, 0.1)  # --progress lines: no bar
+    assert tty.getvalue().count("\r") == 20  # unchanged

@@ -5,12 +5,18 @@ evaluation. The bucket comes from the person's name alone: the first 8 bytes of
 ``sha256(name.encode("utf-8"))`` read as an unsigned integer / 2**64 give ``u`` in [0, 1),
 and ``u`` is bucketed by the cumulative normalised ratios (train first, then val, then test).
 That is identical on every machine and process (no PYTHONHASHSEED, no RNG state), and adding
-persons never moves existing ones -- except in the tiny-dataset guarantee below.
+persons never moves existing ones -- except by the small-data rule below.
 
-Guarantee: with at least 3 persons, every split whose ratio is > 0 gets at least one person.
-When such a split comes out empty, the person nearest to its ``u`` interval is moved into it
-from the split that has the most persons (names break ties), so the result still depends only
-on the set of names.
+Small data: a held-out figure from one or two persons is that person's figure (identity
+chance 100 % with one), so every split with a positive ratio gets at least
+``MIN_SPLIT_PERSONS`` (3) persons whenever the data has that many per such split (9 for the
+default three splits). A split that comes out short is topped up one person at a time from
+the split that has the most persons (the train split, unless the ratios say otherwise), moving
+the person whose ``u`` is nearest to the short split's interval (names break ties); everything
+else follows the ratios. With fewer persons than that, but at least 3, every such split still
+gets at least one person the same way. The result depends only on the set of names.
+``SPLIT_RULE`` numbers this rule; it is part of the shard cache key and of the manifest, so
+shards split by an earlier rule are never reused as if split by this one.
 
 Pairs: the pose distance of two images is the Euclidean norm of their (yaw, pitch, roll)
 difference in degrees, each component wrapped to [-180, 180). ``front_to_video`` is the
@@ -22,6 +28,7 @@ images of a person within the same range (both directions, so the model learns b
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +39,8 @@ from controlnet_ray.data.layout import DataError
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
+MIN_SPLIT_PERSONS = 3  # persons every positive-ratio split gets when the data allows
+SPLIT_RULE = 2  # 1: at least one person per split; 2: at least MIN_SPLIT_PERSONS
 
 
 def normalise_ratios(ratios: Sequence[float]) -> tuple[float, float, float]:
@@ -74,29 +83,60 @@ def split_persons(names: Iterable[str], ratios: Sequence[float] = DEFAULT_RATIOS
     intervals = _intervals(norm)
     units = {n: person_unit(n) for n in sorted(set(names))}
     assignment = {n: _bucket(u, intervals) for n, u in units.items()}
-    if len(units) >= 3:
-        _fill_empty_splits(assignment, units, norm, intervals)
+    positive = [s for s, r in zip(SPLITS, norm, strict=True) if r > 0]
+    if len(units) >= MIN_SPLIT_PERSONS * len(positive):
+        _top_up(assignment, units, positive, intervals, MIN_SPLIT_PERSONS)
+    elif len(units) >= 3:
+        _top_up(assignment, units, positive, intervals, 1)
     return assignment
 
 
-def _fill_empty_splits(
+def _top_up(
     assignment: dict[str, str],
     units: dict[str, float],
-    ratios: tuple[float, float, float],
+    positive: Sequence[str],
     intervals: dict[str, tuple[float, float]],
+    minimum: int,
 ) -> None:
-    """Move the nearest person into each empty split with a positive ratio (val first)."""
-    for split in ("val", "test", "train"):
-        if ratios[SPLITS.index(split)] <= 0 or split in assignment.values():
-            continue
-        sizes = {s: sum(v == s for v in assignment.values()) for s in SPLITS}
-        donor = max(SPLITS, key=lambda s: (sizes[s], -SPLITS.index(s)))
-        if sizes[donor] < 2:
-            continue
-        lo, hi = intervals[split]
-        members = [n for n, s in assignment.items() if s == donor]
-        person = min(members, key=lambda n: (max(lo - units[n], units[n] - hi, 0.0), n))
-        assignment[person] = split
+    """Move persons into each positive split below ``minimum`` (val first, then test, then
+    train), one at a time from the largest split, the person nearest to its interval first.
+    The caller guarantees enough persons, so the largest split always has more than
+    ``minimum``."""
+    for split in sorted(positive, key=("val", "test", "train").index):
+        while (sizes := Counter(assignment.values()))[split] < minimum:
+            donor = max(SPLITS, key=lambda s: (sizes[s], -SPLITS.index(s)))
+            lo, hi = intervals[split]
+            members = [n for n, s in assignment.items() if s == donor]
+            person = min(members, key=lambda n: (max(lo - units[n], units[n] - hi, 0.0), n))
+            assignment[person] = split
+
+
+def few_persons_warning(persons: Mapping[str, int], ratios: Sequence[float]) -> str | None:
+    """One line when a held-out split (val, test) with a positive ratio has fewer than
+    ``MIN_SPLIT_PERSONS`` persons (``persons``: split -> persons in it), saying what to do;
+    None otherwise.
+
+    A warning, not a refusal: training itself is sound on any number of persons -- only the
+    held-out figures lose their meaning (one person's identity top-1 is always 100 %) -- and
+    small sets are what smoke tests, the tests' tiny embedded datasets and a first try on a
+    handful of persons are. So the run goes on, says so where it splits the data, and
+    ``evaluate`` repeats it in its headline.
+    """
+    norm = normalise_ratios(ratios)
+    held = [s for s in ("val", "test") if norm[SPLITS.index(s)] > 0]
+    short = [s for s in held if persons.get(s, 0) < MIN_SPLIT_PERSONS]
+    if not short:
+        return None
+    total = sum(persons.get(s, 0) for s in SPLITS)
+    need = MIN_SPLIT_PERSONS * len(required_splits(norm))
+    counts = " and ".join(f"{s} {persons.get(s, 0)}" for s in short)
+    fix = f"use at least {need} persons ({MIN_SPLIT_PERSONS} per split)"
+    if len(held) == 2 and total >= 2 * MIN_SPLIT_PERSONS:
+        fix += f" or one held-out split (--split_ratios {norm[0]:.2g} {norm[1] + norm[2]:.2g} 0)"
+    return (
+        f"few held-out persons ({counts} of {total}): the held-out figures are those of "
+        f"fewer than {MIN_SPLIT_PERSONS} persons; {fix}"
+    )
 
 
 def split_summary(

@@ -255,8 +255,11 @@ def build_report(
     acc: dict[str, Scores],
     grid_path: Path,
 ) -> dict[str, Any]:
+    from controlnet_ray.judging.report import persons_warning
+
     cfg = split.data_config
     target_yaw = np.array([split.rows["yaw"][int(t)] for t in split.pairs[:, 1]], np.float64)
+    persons = len({split.rows["person_name"][int(s)] for s in split.pairs[:, 0]})
     return {
         "checkpoint": str(loaded.path),
         "data_dir": str(args.data_dir),
@@ -267,7 +270,8 @@ def build_report(
         "pair_mode": cfg.pair_mode,
         "pose_distance_deg": [cfg.min_pose_distance, cfg.max_pose_distance],
         "num_pairs": int(len(split.pairs)),
-        "num_persons": len({split.rows["person_name"][int(s)] for s in split.pairs[:, 0]}),
+        "num_persons": persons,
+        "warning": persons_warning(persons),
         "pose_error_measured_by": "the model's pose head (learned; degrees)",
         "mean_target_images": split.mean_target_count,
         "arcface": str(args.arcface) if args.arcface else None,
@@ -280,7 +284,8 @@ def build_report(
 
 def format_table(report: dict[str, Any]) -> str:
     """The printed summary: one line per method, then PSNR per target-yaw bin."""
-    lines = [
+    lines = [report["warning"]] if report.get("warning") else []
+    lines += [
         f"{report['split']}: {report['num_pairs']} pairs of {report['num_persons']} persons "
         f"({report['pair_mode']}, {report['pose_distance_deg'][0]:g}.."
         f"{report['pose_distance_deg'][1]:g} deg), image size {report['image_size']}",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,12 +34,14 @@ from torch import nn
 
 from controlnet_ray.config import DataConfig
 from controlnet_ray.judging.pose_judge import (
+    JUDGE_MAX_STEPS,
     FrozenJudge,
     _stage,
+    announce,
     augment,
+    fit,
     judge_cache_path,
     load_net,
-    lr_at,
     resize_uint8,
     save_net,
 )
@@ -55,7 +58,7 @@ class IdentitySettings:
     width: int = 16
     dim: int = 64  # embedding size
     epochs: int = 40
-    max_steps: int = 3000  # caps training on large datasets (~150 CPU-s at 64 px)
+    max_steps: int = JUDGE_MAX_STEPS  # caps training on large datasets (see pose_judge)
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -131,9 +134,10 @@ def train_identity_judge(
     persons: np.ndarray,
     settings: IdentitySettings | None = None,
     info: dict | None = None,
-    verbose: bool = False,
+    progress: Callable[[int, torch.Tensor], None] | None = None,
 ) -> IdentityJudge:
-    """Train on real crops (uint8 ``[N, H, W, 3]``) labelled by person (``[N]`` names).
+    """Train on real crops (uint8 ``[N, H, W, 3]``) labelled by person (``[N]`` names);
+    ``progress`` as in ``pose_judge.fit``.
 
     Only real images of training persons belong here (see the module docstring)."""
     s = settings or IdentitySettings()
@@ -145,25 +149,13 @@ def train_identity_judge(
     torch.manual_seed(s.seed)  # initialisation
     net = IdentityJudgeNet(s, len(names))
     x_all = resize_uint8(images, s.input_size)
-    per_epoch = max(1, len(x_all) // s.batch_size)
-    total = min(s.epochs * per_epoch, s.max_steps)
-    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     t0 = time.process_time()
-    net.train()
-    for step in range(total):
-        if step % per_epoch == 0:
-            order = torch.randperm(len(x_all), generator=g)
-        k = step % per_epoch
-        idx = order[k * s.batch_size : (k + 1) * s.batch_size]
-        loss = _step_loss(net, x_all[idx], labels[idx], s, g)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, s.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if verbose and (step + 1) % 500 == 0:
-            print(f"  identity judge step {step + 1}/{total} loss {loss.item():.3f}", flush=True)
-    meta = {"train_images": len(x_all), "train_persons": len(names)}
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return _step_loss(net, x_all[idx], labels[idx], s, g)
+
+    steps = fit(net, len(x_all), s, g, batch_loss, progress)
+    meta = {"train_images": len(x_all), "train_persons": len(names), "train_steps": steps}
     meta["train_cpu_s"] = round(time.process_time() - t0, 1)
     return IdentityJudge(net, s, {**meta, **(info or {})})
 
@@ -195,8 +187,10 @@ def ensure_identity_judge(
     cache_root: str | Path,
     settings: IdentitySettings | None = None,
     verbose: bool = True,
+    progress: str = "auto",
 ) -> IdentityJudge:
-    """The cached identity judge of this shard directory; trained on its train split if absent."""
+    """The cached identity judge of this shard directory; trained on its train split if absent
+    (``verbose`` and ``progress`` as in ``pose_judge.ensure_pose_judge``)."""
     from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows
 
     s = settings or default_identity_settings(shards_dir)
@@ -206,8 +200,7 @@ def ensure_identity_judge(
             print(f"identity judge: reusing {path}", flush=True)
         return IdentityJudge.load(path)
     rows = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
-    if verbose:
-        print(f"identity judge: training on {len(rows)} real train-split crops -> {path}")
-    judge = train_identity_judge(rows.images, rows.person, s, {"shards": str(shards_dir)}, verbose)
+    bar = announce("identity judge", len(rows), s, path, progress) if verbose else None
+    judge = train_identity_judge(rows.images, rows.person, s, {"shards": str(shards_dir)}, bar)
     judge.save(path)
     return judge

@@ -20,6 +20,12 @@ Design choices, each for a reason:
   real ones; the judge should still read their pose).
 * Deterministic given the seed: one ``torch.Generator`` drives initialisation, order and
   augmentation.
+* A step cap (``max_steps``, both judges): epochs over the training crops, but at most
+  ``JUDGE_MAX_STEPS`` steps of 32 crops. Judge training runs before the model's and a step
+  costs the same whatever the data's size, so on a small set the epochs decide (the embedded
+  40-identity set: 540 and 720 steps, under the cap) and on a large one the cap does: a fixed
+  few CPU-minutes (README, "Console output") where the model's epochs grow with the data. The
+  cap is in the settings and so in the judges' cache key.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ from torch import nn
 from controlnet_ray.files import atomic_save
 
 JUDGE_VERSION = 1
+JUDGE_MAX_STEPS = 1000  # steps of either judge at most (see the module docstring)
 POSE_SCALE_DEG = 45.0  # targets are regressed in units of 45 degrees
 _MIRROR = torch.tensor([-1.0, 1.0, -1.0])  # (yaw, pitch, roll) under a horizontal flip
 
@@ -52,6 +60,7 @@ class JudgeSettings:
     input_size: int = 64
     width: int = 16
     epochs: int = 30
+    max_steps: int = JUDGE_MAX_STEPS
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -235,14 +244,53 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def planned_steps(n_images: int, settings: Any) -> int:
+    """Steps a judge trains on ``n_images`` crops: ``settings.epochs`` epochs of whole batches,
+    at most ``settings.max_steps`` (either judge's settings)."""
+    per_epoch = max(1, n_images // settings.batch_size)
+    return max(1, min(settings.epochs * per_epoch, settings.max_steps))
+
+
+def fit(
+    net: nn.Module,
+    n_images: int,
+    settings: Any,
+    g: torch.Generator,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    progress: Callable[[int, torch.Tensor], None] | None = None,
+) -> int:
+    """Both judges' training loop: AdamW with :func:`lr_at`'s schedule over
+    :func:`planned_steps` steps, each epoch a new order of the crops drawn from ``g``;
+    ``batch_loss(indices)`` gives a batch's loss, ``progress(steps done, loss)`` hears of each
+    step. Returns the steps taken."""
+    s, total = settings, planned_steps(n_images, settings)
+    per_epoch = max(1, n_images // s.batch_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    net.train()
+    for step in range(total):
+        if step % per_epoch == 0:
+            order = torch.randperm(n_images, generator=g)
+        k = step % per_epoch
+        loss = batch_loss(order[k * s.batch_size : (k + 1) * s.batch_size])
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, s.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(step + 1, loss.detach())
+    return total
+
+
 def train_pose_judge(
     images: np.ndarray,
     poses: np.ndarray,
     settings: JudgeSettings | None = None,
     info: dict | None = None,
-    verbose: bool = False,
+    progress: Callable[[int, torch.Tensor], None] | None = None,
 ) -> PoseJudge:
-    """Train a judge on real crops (uint8 ``[N, H, W, 3]``) and their poses (``[N, 3]`` deg).
+    """Train a judge on real crops (uint8 ``[N, H, W, 3]``) and their poses (``[N, 3]`` deg);
+    ``progress`` as in :func:`fit`.
 
     Only real images of training persons belong here: a judge that has seen generated images, or
     the held-out persons, would no longer be independent of what it judges.
@@ -255,29 +303,15 @@ def train_pose_judge(
     net = PoseJudgeNet(s.input_size, s.width)
     x_all = resize_uint8(images, s.input_size)
     y_all = torch.as_tensor(np.asarray(poses, np.float32)) / POSE_SCALE_DEG
-    steps_per_epoch = max(1, len(x_all) // s.batch_size)
-    total = s.epochs * steps_per_epoch
-    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    t0, step = time.process_time(), 0
-    net.train()
-    for epoch in range(s.epochs):
-        order = torch.randperm(len(x_all), generator=g)
-        for k in range(steps_per_epoch):
-            idx = order[k * s.batch_size : (k + 1) * s.batch_size]
-            x, y = augment(x_all[idx], y_all[idx], s, g)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, s.lr)
-            loss = F.smooth_l1_loss(net(standardise(x)), y, beta=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        if verbose and (epoch + 1) % 10 == 0:
-            print(
-                f"  pose judge epoch {epoch + 1}/{s.epochs} loss {float(loss.detach()):.4f}",
-                flush=True,
-            )
-    meta = {"train_images": len(x_all), "train_cpu_s": round(time.process_time() - t0, 1)}
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        x, y = augment(x_all[idx], y_all[idx], s, g)
+        return F.smooth_l1_loss(net(standardise(x)), y, beta=0.1)
+
+    t0 = time.process_time()
+    steps = fit(net, len(x_all), s, g, batch_loss, progress)
+    meta = {"train_images": len(x_all), "train_steps": steps}
+    meta["train_cpu_s"] = round(time.process_time() - t0, 1)
     return PoseJudge(net, s, {**meta, **(info or {})})
 
 
@@ -290,15 +324,16 @@ def judge_cache_path(
     """``<cache>/judges/<kind>-<fingerprint[:16]>-<image_size>-<shard settings>-<settings>.pt``.
 
     Keyed by what decides the judge's training data (the source fingerprint, image size, split
-    ratios, alignment/framing and shard schema in ``manifest.json``) and its settings, so a
-    training run and ``evaluate`` on the same data share one frozen judge.
+    ratios and split rule, alignment/framing and shard schema in ``manifest.json``; a manifest
+    without a split rule was split by rule 1) and its settings (its step cap included), so a
+    training run and ``evaluate`` on the same data share one frozen judge, and a judge trained
+    on persons that another split rule holds out is never reused.
     """
     from controlnet_ray.judging.data import manifest_of
 
     m = manifest_of(shards_dir)
-    data = json.dumps(
-        [m.get("schema_version"), m.get("split_ratios"), m.get("alignment")], sort_keys=True
-    )
+    split = [m.get("split_ratios"), m.get("split_rule", 1)]
+    data = json.dumps([m.get("schema_version"), *split, m.get("alignment")], sort_keys=True)
     data_key = hashlib.sha256(data.encode()).hexdigest()[:8]
     name = f"{kind}-{m['fingerprint'][:16]}-{m['image_size']}-{data_key}-{settings.key()}.pt"
     return Path(cache_root) / "judges" / name
@@ -309,8 +344,10 @@ def ensure_pose_judge(
     cache_root: str | Path,
     settings: JudgeSettings | None = None,
     verbose: bool = True,
+    progress: str = "auto",
 ) -> PoseJudge:
-    """The cached judge of this shard directory; trained on its train split and saved if absent."""
+    """The cached judge of this shard directory; trained on its train split and saved if absent
+    (``verbose``: say so, with a progress bar or lines per ``progress``, as ``--progress``)."""
     from controlnet_ray.judging.data import MAX_TRAIN_ROWS, load_rows
 
     s = settings or JudgeSettings()
@@ -320,8 +357,23 @@ def ensure_pose_judge(
             print(f"pose judge: reusing {path}", flush=True)
         return PoseJudge.load(path)
     rows = load_rows(shards_dir, ("train",), max_rows=MAX_TRAIN_ROWS)
-    if verbose:
-        print(f"pose judge: training on {len(rows)} real train-split crops -> {path}", flush=True)
-    judge = train_pose_judge(rows.images, rows.poses, s, {"shards": str(shards_dir)}, verbose)
+    bar = announce("pose judge", len(rows), s, path, progress) if verbose else None
+    judge = train_pose_judge(rows.images, rows.poses, s, {"shards": str(shards_dir)}, bar)
     judge.save(path)
     return judge
+
+
+def announce(
+    label: str, n_images: int, settings: Any, path: Path, mode: str
+) -> Callable[[int, torch.Tensor], None]:
+    """Say what a judge is about to train (crops, steps, the cap when it binds, where it goes)
+    and return its progress (``controlnet_ray.progress.StepProgress``, bar or log lines)."""
+    from controlnet_ray.progress import StepProgress
+
+    steps = planned_steps(n_images, settings)
+    capped = f" (capped at {settings.max_steps})" if steps == settings.max_steps else ""
+    print(
+        f"{label}: training on {n_images} real train-split crops, {steps} steps{capped} -> {path}",
+        flush=True,
+    )
+    return StepProgress(label, steps, mode)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from controlnet_ray.data.pairs import MIN_SPLIT_PERSONS
 from controlnet_ray.judging.data import AXES, EvalSet, to_uint8
 from controlnet_ray.judging.identity_judge import IdentityJudge
 from controlnet_ray.judging.pose_judge import PoseJudge
@@ -203,6 +204,22 @@ def headline(rows: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
     }
 
 
+def persons_warning(num_persons: int) -> str | None:
+    """A line when fewer than ``data.pairs.MIN_SPLIT_PERSONS`` persons are judged, else None.
+
+    A warning, not a refusal: the figures are still the model's on those persons (a user may
+    want exactly that), but they say nothing about new faces in general -- with one person the
+    identity retrieval is always right -- so the headline says so where it is read.
+    """
+    if num_persons >= MIN_SPLIT_PERSONS:
+        return None
+    return (
+        f"WARNING: judged on {num_persons} person{'s' * (num_persons != 1)} only (identity "
+        f"chance {1 / max(num_persons, 1):.0%}): not a measure of new faces; judge a split with "
+        f">= {MIN_SPLIT_PERSONS} persons (more persons, or --split_ratios at training)"
+    )
+
+
 def build_report(
     scorer: Scorer, per_image: Mapping[str, Mapping[str, np.ndarray]], model: str | None = "model"
 ) -> dict[str, Any]:
@@ -211,6 +228,9 @@ def build_report(
     rows = {FLOOR: summarise(scorer.floor), **{k: summarise(v) for k, v in per_image.items()}}
     rows[FLOOR]["psnr"] = rows[FLOOR]["psnr_face"] = None  # a target against itself
     rows[FLOOR]["psnr_median"] = rows[FLOOR]["psnr_face_median"] = None
+    head = headline(rows, model) if model in per_image else None
+    if head is not None:
+        head["warning"] = persons_warning(scorer.num_persons)
     return {
         "num_pairs": len(scorer.ev),
         "num_persons": scorer.num_persons,
@@ -218,7 +238,7 @@ def build_report(
         "face_mask_fraction": float(scorer.mask.float().mean()),
         "judge": dict(scorer.judge.info),
         "rows": rows,
-        "headline": headline(rows, model) if model in per_image else None,
+        "headline": head,
         "per_image": {
             k: {m: np.asarray(v).tolist() for m, v in per.items()}
             for k, per in {FLOOR: scorer.floor, **per_image}.items()
@@ -268,6 +288,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     h = report["headline"]
     if h is not None:
+        if h.get("warning"):
+            lines.append(h["warning"])
         lines.append(
             f"{h['predictor']}: judged median yaw err x{h['yaw_err_ratio']:.2f} of the floor, "
             f"pitch x{h['pitch_err_ratio']:.2f}; face PSNR margin "

@@ -66,12 +66,13 @@ class Judging:
         return build_report(self.scorer, rows, "model")
 
 
-def ensure_judges(shards_dir: str | Path, cache_root: str | Path) -> None:
+def ensure_judges(shards_dir: str | Path, cache_root: str | Path, progress: str = "auto") -> None:
     """Train (or find) both judges of this shard directory: a training run does it once before
     training starts (on the driver, or as a Ray task on a cluster), so its workers only load
-    them."""
-    ensure_pose_judge(shards_dir, cache_root)
-    ensure_identity_judge(shards_dir, cache_root)
+    them. ``progress``: how training shows its steps, as ``--progress`` (``auto``: a bar on
+    a terminal, a line every half minute elsewhere)."""
+    ensure_pose_judge(shards_dir, cache_root, progress=progress)
+    ensure_identity_judge(shards_dir, cache_root, progress=progress)
 
 
 def judges_cached(shards_dir: str | Path, cache_root: str | Path) -> bool:

@@ -93,7 +93,7 @@ def train_judges(cfg: TrainConfig, shards: Path) -> None:
 
     cache = cfg.data.resolved_cache_dir()
     if not ray_cluster_cpus() or judges_cached(shards, cache):
-        ensure_judges(shards, cache)
+        ensure_judges(shards, cache, cfg.output.progress)
         return
     cpus = ray_task_cpus(max(1, cfg.data.num_workers))
     print(f"judges: training as a Ray task ({cpus} CPU) on the cluster", flush=True)
@@ -102,13 +102,14 @@ def train_judges(cfg: TrainConfig, shards: Path) -> None:
 
 
 def _train_judges_here(shards: str, cache: str, threads: int) -> None:
-    """The Ray task of :func:`train_judges`: torch on the CPUs Ray granted it."""
+    """The Ray task of :func:`train_judges`: torch on the CPUs Ray granted it; progress as
+    lines (Ray forwards a task's output line by line, so a bar could not render)."""
     import torch
 
     from controlnet_ray.judging import ensure_judges
 
     torch.set_num_threads(threads)
-    ensure_judges(shards, cache)
+    ensure_judges(shards, cache, "lines")
 
 
 def _replace_data_dir(cfg: TrainConfig, data_dir: str):

@@ -18,8 +18,9 @@ Cache (``ensure_shards``): ``<cache>/shards/<fingerprint>-<image_size>-<settings
 source fingerprint (``fingerprint_source``) hashes the bytes of the two JSON and two npy files
 plus every image's relative path, size and mtime -- a stat, not a read, so it costs ~1 s per
 100k images while still noticing replaced or touched images. The settings hash covers the
-normalised split ratios and the shard schema version (3 since the pair index: older caches
-are rebuilt, never misread).
+normalised split ratios, the split rule (``data.pairs.SPLIT_RULE``), the framing and the shard
+schema version (3 since the pair index): older caches are rebuilt, never misread, and a split
+made by an earlier rule is never reused as this rule's.
 
 Modules: ``schema`` (Parquet schemas, manifest, readers), ``fingerprint`` (cache keys),
 ``align_workers`` (decode + align in processes or Ray tasks), ``publish`` (Parquet writer,

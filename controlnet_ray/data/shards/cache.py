@@ -15,10 +15,14 @@ from controlnet_ray.data.layout import (
     describe_bad_images,
     read_legacy_dataset,
 )
-from controlnet_ray.data.pairs import count_split_pairs, required_splits
+from controlnet_ray.data.pairs import SPLIT_RULE, count_split_pairs, required_splits
 from controlnet_ray.data.shards.fingerprint import _fingerprint, settings_hash
 from controlnet_ray.data.shards.pair_index import PairRule
-from controlnet_ray.data.shards.preparation import _prepare, preparation_workers
+from controlnet_ray.data.shards.preparation import (
+    _prepare,
+    preparation_workers,
+    warn_few_persons,
+)
 from controlnet_ray.data.shards.schema import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -63,6 +67,9 @@ class ShardSource:
         tasks when this process is connected to a multi-node cluster, else locally)."""
         if self.cached:
             print(f"reusing shards at {self.target}")
+            counts = load_manifest(self.target).counts
+            persons = {s: c["persons"] for s, c in counts.items() if s != "total"}
+            warn_few_persons(persons, self.data_cfg.split_ratios)
             return self.target
         cfg = self.data_cfg
         print(f"preparing shards at {self.target}")
@@ -104,6 +111,8 @@ def _reusable(target: Path, fingerprint: str, data_cfg: DataConfig, pairing: Pai
     if manifest.fingerprint != fingerprint or manifest.image_size != data_cfg.image_size:
         return False
     if manifest.schema_version != SCHEMA_VERSION or manifest.framing != data_cfg.framing:
+        return False
+    if manifest.split_rule != SPLIT_RULE:  # the key has it too; a hand-made folder may not
         return False
     if manifest.skipped_count and not data_cfg.skip_bad_images:
         bad = [SkippedImage(**s) for s in manifest.skipped]

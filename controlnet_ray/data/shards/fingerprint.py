@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from controlnet_ray.data.layout import FRONT_METADATA, SOURCE_FILES, VIDEO_METADATA
-from controlnet_ray.data.pairs import normalise_ratios
+from controlnet_ray.data.pairs import SPLIT_RULE, normalise_ratios
 from controlnet_ray.data.shards.schema import SCHEMA_VERSION
 
 
@@ -51,11 +51,13 @@ def _file_digest(path: Path) -> str:
 
 
 def settings_hash(split_ratios: Sequence[float], framing: str) -> str:
-    """8 hex digits of the normalised ratios, framing and schema version (part of the cache key);
-    a schema change therefore rebuilds old caches instead of misreading them."""
+    """8 hex digits of the normalised ratios, the split rule (``pairs.SPLIT_RULE``), framing and
+    schema version (part of the cache key): a schema or split-rule change therefore rebuilds
+    old caches instead of misreading them or reusing another rule's split."""
     doc = {
         "ratios": [round(r, 9) for r in normalise_ratios(split_ratios)],
         "v": SCHEMA_VERSION,
         "framing": framing,
+        "split_rule": SPLIT_RULE,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]

@@ -8,7 +8,8 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ from controlnet_ray.data.layout import (
     read_legacy_dataset,
 )
 from controlnet_ray.data.pairs import (
+    SPLIT_RULE,
     SPLITS,
     count_split_pairs,
+    few_persons_warning,
     normalise_ratios,
     persons_without_video,
     required_splits,
@@ -186,6 +189,7 @@ def _plan(
     assignment = split_persons(names, ratios)
     splits = [assignment[n] for n in names]
     print(split_summary(assignment, names, roles))
+    warn_few_persons(Counter(assignment.values()), ratios)
     pose_workers = max(1, workers) if len(assignment) >= _MIN_PERSONS_FOR_POSE_POOL else 1
     poses, report = estimate_dataset_poses(
         names, roles, ds.landmarks_2d(), ds.image_sizes(), min_images=4, num_workers=pose_workers
@@ -197,6 +201,13 @@ def _plan(
     matrices, errors = _crop_matrices(ds, poses, mean_face, image_size, framing)
     poses = np.asarray(poses, np.float32)
     return _Plan(splits, poses, report.to_dict(), order, ratios, framing, matrices, errors)
+
+
+def warn_few_persons(persons: Mapping[str, int], ratios: Sequence[float]) -> None:
+    """Print :func:`data.pairs.few_persons_warning`'s line, if any, to stderr (a warning, not a
+    refusal: see there why)."""
+    if warning := few_persons_warning(persons, ratios):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _crop_matrices(
@@ -381,5 +392,6 @@ def _manifest(
         conventions=(geometry.__doc__ or "").strip(),
         alignment=ALIGNMENTS[plan.framing],
         framing=plan.framing,
+        split_rule=SPLIT_RULE,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )

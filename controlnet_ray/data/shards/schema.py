@@ -75,6 +75,7 @@ class Manifest:
     conventions: str = ""
     alignment: str = ALIGNMENTS["head"]
     framing: str = "head"
+    split_rule: int = 1  # data.pairs.SPLIT_RULE when prepared; absent (1) before it existed
     created_at: str = ""
 
     def to_dict(self) -> dict[str, Any]:
