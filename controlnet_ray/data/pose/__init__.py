@@ -53,6 +53,7 @@ from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
 from controlnet_ray.data.pose.single_image import (
     estimate_pose_generic,
     estimate_poses_generic,
+    fit_template,
     legacy_epnp_pose,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "estimate_pose_generic",
     "estimate_poses_generic",
     "fit_person",
+    "fit_template",
     "legacy_epnp_pose",
     "mean_face_from_fits",
 ]

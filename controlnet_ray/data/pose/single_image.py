@@ -12,6 +12,7 @@ from controlnet_ray.data.geometry import (
     FLIP,
     LEGACY_TEMPLATE_3D,
     camera_matrix,
+    rotation_from_ypr,
     ypr_from_rotation,
 )
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
@@ -67,6 +68,43 @@ def _generic_rt(
         rvec, tvec = cv2.solvePnPRefineLM(obj, img, k, None, rvec, t.reshape(3, 1).copy())
         rot, t = FLIP @ cv2.Rodrigues(rvec)[0], tvec.ravel()
     return rot, t
+
+
+def fit_template(
+    landmarks_2d: np.ndarray,
+    width: float,
+    height: float,
+    template: np.ndarray,
+    start_ypr: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid pose of a 3D ``template`` [5,3] seen as ``landmarks_2d`` [5,2]: rotation R and
+    translation t (``cam = FLIP R p + t``), for point sets other than InsightFace's five.
+
+    Without ``start_ypr``: :func:`estimate_pose_generic`'s PnP (its global minimum).  With it:
+    Levenberg-Marquardt from that pose, i.e. the local minimum nearest to it -- for templates
+    whose points leave the pose two-valued (four near-collinear eye corners and one nose
+    point: two pitches fit equally well), where the nearest to a prior guess is wanted.
+    """
+    lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=False)
+    w, h = _as_size(width, height)
+    tpl = _as_shape(template, "template")
+    if start_ypr is None:
+        return _generic_rt(lm, w, h, tpl)
+    k = camera_matrix(w, h)
+    rot0 = rotation_from_ypr(*(float(v) for v in start_ypr))
+    spread_3d = np.linalg.norm(tpl - tpl.mean(axis=0), axis=1).mean()
+    spread_2d = np.linalg.norm(lm - lm.mean(axis=0), axis=1).mean()
+    depth = w * spread_3d / max(spread_2d, 1e-9)
+    centre = lm.mean(axis=0) - np.array([w / 2.0, h / 2.0])
+    t0 = np.array([centre[0] * depth / w, centre[1] * depth / w, depth]) - FLIP @ rot0 @ tpl.mean(
+        axis=0
+    )
+    obj = np.ascontiguousarray(tpl)
+    img = np.ascontiguousarray(lm).reshape(5, 1, 2)
+    rvec, tvec = cv2.solvePnPRefineLM(
+        obj, img, k, None, cv2.Rodrigues(FLIP @ rot0)[0], t0.reshape(3, 1).copy()
+    )
+    return FLIP @ cv2.Rodrigues(rvec)[0], tvec.ravel()
 
 
 def estimate_pose_generic(
