@@ -51,6 +51,7 @@ from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.dataset import PoseReport, estimate_dataset_poses, mean_face_from_fits
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
 from controlnet_ray.data.pose.single_image import (
+    PoseFitError,
     estimate_pose_generic,
     estimate_poses_generic,
     fit_template,
@@ -61,6 +62,7 @@ __all__ = [
     "MEAN_FACE_3D",
     "BundleConfig",
     "PersonFit",
+    "PoseFitError",
     "PoseReport",
     "estimate_dataset_poses",
     "estimate_pose_generic",

@@ -56,6 +56,7 @@ class PersonFit:
     rms_px_per_image: np.ndarray = field(default_factory=lambda: np.zeros(0))
     nfev: int = 0
     front_ignored: int = 0  # front photos whose frontal prior was dropped (> 4 sigma off)
+    error: str = ""  # why the fit failed numerically (then converged is False)
 
 
 def _mm_scale(mean_shape: np.ndarray) -> float:

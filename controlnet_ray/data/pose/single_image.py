@@ -20,6 +20,14 @@ from controlnet_ray.data.pose.rotations import _ypr_batch
 from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_size, _as_sizes
 
 
+class PoseFitError(ValueError):
+    """A pose fit failed numerically on one image; ``index`` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"image {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 def _pnp_camera(
     landmarks: np.ndarray, width: float, height: float, template: np.ndarray, flags: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,11 +150,12 @@ def estimate_poses_generic(
     lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=True)
     sz = _as_sizes(sizes, "sizes", lm.shape[0])
     tpl = MEAN_FACE_3D if template is None else _as_shape(template, "template")
-    rot = (
-        np.stack([_generic_rt(lm[i], sz[i, 0], sz[i, 1], tpl)[0] for i in range(lm.shape[0])])
-        if lm.shape[0]
-        else np.zeros((0, 3, 3))
-    )
+    rot = np.zeros((lm.shape[0], 3, 3))
+    for i in range(lm.shape[0]):
+        try:
+            rot[i] = _generic_rt(lm[i], sz[i, 0], sz[i, 1], tpl)[0]
+        except (cv2.error, np.linalg.LinAlgError, RuntimeError) as exc:
+            raise PoseFitError(i, f"no head pose fits these landmarks ({exc})") from exc
     ypr = _ypr_batch(rot)
     if bias_deg is not None:
         ypr = ypr + np.asarray(bias_deg, dtype=np.float64).reshape(1, 3)
