@@ -21,6 +21,7 @@ from controlnet_ray.data.geometry import (  # noqa: E402
 )
 from controlnet_ray.data.pools import pool_workers  # noqa: E402
 from controlnet_ray.data.pose import rotations  # noqa: E402
+from tests.inference_fixtures import needs_dlib  # noqa: E402
 from tests.landmark_sets import pose_errors, synthesize_landmark_set  # noqa: E402
 
 MAX_YAW = 70.0
@@ -244,3 +245,85 @@ def test_mislabelled_front_photo_loses_its_prior():
     fit = P.fit_person(ds.landmarks_2d, ds.sizes, np.ones(25, dtype=bool))
     assert fit.front_ignored == 25
     assert np.all(np.median(pose_errors(fit.poses, ds.poses), axis=0) < 2.0)
+
+
+# ---------------------------------------------------------------- real faces and 2D evidence
+
+
+def test_nose_side_evidence_and_contradiction():
+    from controlnet_ray.data.pose.evidence import nose_offset, yaw_contradicts
+
+    lm = np.stack([_landmarks(P.MEAN_FACE_3D, (y, 0.0, r)) for y, r in ((30, 0), (-30, 25))])
+    off = nose_offset(lm)
+    assert off[0] > 0.12 and off[1] < -0.12  # the nose's side, whatever the roll
+    assert list(yaw_contradicts([30.0, -30.0], lm)) == [False, False]
+    assert list(yaw_contradicts([-30.0, 30.0], lm)) == [True, True]  # mirrored fits
+    assert not yaw_contradicts(-3.0, lm[0])  # too small a yaw to judge
+
+
+@needs_dlib
+@pytest.mark.parametrize("landmarks", [5, 68])
+def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
+    """dlib on scikit-image's astronaut and its mirror image: the fitted yaw has the nose's
+    sign, and the mirror flips it (dlib's 5 points once gave the opposite sign)."""
+    from skimage import data
+
+    from controlnet_ray.data import detect
+    from controlnet_ray.data.pose.evidence import nose_offset
+
+    det = detect.DlibDetector(landmarks=landmarks)
+    photo = np.ascontiguousarray(data.astronaut())
+    yaws = []
+    for image in (photo, np.ascontiguousarray(photo[:, ::-1])):
+        lm = detect.largest_face(det.detect(image)).landmarks
+        yaw = P.estimate_pose_generic(lm, image.shape[1], image.shape[0])[0]
+        assert yaw * nose_offset(lm) > 0, (yaw, nose_offset(lm))
+        yaws.append(yaw)
+    assert yaws[0] > 2.0 and yaws[1] < -2.0 and abs(yaws[0] + yaws[1]) < 4.0, yaws
+
+
+@pytest.mark.parametrize("ypr", [(30, 0, 0), (-30, 0, 0), (20, 15, 10), (-20, -15, -10)])
+def test_dlib5_points_of_a_different_face_recover_the_pose(ypr):
+    """dlib's 5 points (eye corners, nose base) projected from a face unlike the one posed on
+    them (wider eyes, deeper nose base) at a known pose: the converted points' yaw has the right
+    sign and roughly the right size."""
+    from controlnet_ray.data.detect import DLIB5_FACE_3D, dlib5_to_insightface
+
+    face = DLIB5_FACE_3D * np.array([1.08, 1.0, 1.0]) + np.array([0.0, -2.0, -3.0])
+    pts = _landmarks(face, ypr, width=512, height=512, dist=600.0)
+    five = dlib5_to_insightface(pts, 512, 512)
+    got = np.array(P.estimate_pose_generic(five, 512, 512))
+    assert np.sign(got[0]) == np.sign(ypr[0]) and abs(got[0] - ypr[0]) < 8.0, got
+    assert np.all(np.abs(got[1:] - np.array(ypr[1:])) < 10.0), got
+
+
+def test_numeric_failures_name_the_person_and_the_image(monkeypatch):
+    from controlnet_ray.data.pose import dataset, single_image
+
+    ds = synthesize_landmark_set(6, 5, seed=3)
+    names = list(ds.person_names)
+    labels = [f"video/{n}/frame_{i:03d}.jpg" for i, n in enumerate(names)]
+    real_fit = dataset.fit_person
+
+    mine = ds.landmarks_2d[ds.person_index == 2]
+
+    def fit(lm, *args, **kwargs):  # person 2's bundle adjustment hits a singular matrix
+        if lm.shape == mine.shape and np.allclose(lm, mine):
+            raise np.linalg.LinAlgError("Singular matrix")
+        return real_fit(lm, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "fit_person", fit)
+    _, report = P.estimate_dataset_poses(names, ds.roles, ds.landmarks_2d, ds.sizes)
+    bad = names[int(np.flatnonzero(ds.person_index == 2)[0])]
+    assert "Singular matrix" in report.generic_reasons[bad]  # named, then single-image poses
+    target = int(np.flatnonzero(ds.person_index == 2)[3])
+    real_rt = single_image._generic_rt
+
+    def rt(lm, *args):  # and one image's single-image fit fails too
+        if np.allclose(lm, ds.landmarks_2d[target]):
+            raise np.linalg.LinAlgError("Singular matrix")
+        return real_rt(lm, *args)
+
+    monkeypatch.setattr(single_image, "_generic_rt", rt)
+    with pytest.raises(P.PoseFitError, match=rf"person '{bad}', {labels[target]}: .*Singular"):
+        P.estimate_dataset_poses(names, ds.roles, ds.landmarks_2d, ds.sizes, labels=labels)

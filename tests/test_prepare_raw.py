@@ -152,22 +152,26 @@ def test_largest_face_and_dlib_conversion_geometry():
     assert detect.largest_face([small, big]) is big and detect.largest_face([]) is None
     # dlib's 5 points for a frontal face: eye corners (image-right eye first), nose base.
     pts = np.array([[80, 50], [66, 50], [30, 50], [44, 50], [55, 78]], float)
-    five = detect.dlib5_to_insightface(pts)
+    five = detect.dlib5_to_insightface(pts, 112, 112)
     np.testing.assert_allclose(five[:2], [[37, 50], [73, 50]])
     assert five[3, 0] < five[2, 0] < five[4, 0] and five[2, 1] < five[3, 1]  # nose above mouth
-    assert abs((five[4, 0] - five[3, 0]) - 0.82 * 36) < 1.0  # template mouth width
+    assert abs((five[4, 0] - five[3, 0]) - 0.83 * 36) < 3.0  # the mean face's mouth width
 
 
 @needs_dlib
 def test_dlib_detector_on_an_aligned_crop_matches_the_template():
     from controlnet_ray.inference import read_image
 
-    det = detect.DlibDetector()
-    face = detect.largest_face(det.detect(read_image(insightface_image("Tom_Hanks_54745.png"))))
+    image = read_image(insightface_image("Tom_Hanks_54745.png"))
+    face = detect.largest_face(detect.DlibDetector().detect(image))
     assert face is not None
     err = np.linalg.norm(face.landmarks - ARCFACE_TEMPLATE_112, axis=1)
     assert err[:2].max() < 4.0, err  # eye centres: measured
-    assert err.max() < 8.0, err  # nose/mouth: the documented approximation
+    # nose tip and mouth corners: projected from a posed 3D face; the 68-point model measures
+    # them (this face is turned a little: its nose is 9 px off the template's)
+    measured = detect.largest_face(detect.DlibDetector(landmarks=68).detect(image))
+    err = np.linalg.norm(face.landmarks - measured.landmarks, axis=1)
+    assert err.max() < 6.0, err  # (the mouth is the mean face's: 5 px narrower than his)
     assert "face_recognition_models" not in sys.modules  # its pkg_resources import is avoided
 
 

@@ -14,8 +14,8 @@ corner, image-right mouth corner), in pixels of the full input image, so alignme
   offline.  Landmarks come from the 5-point model by default (dlib's own permissively licensed
   data); the 68-point model is exact but trained on iBUG 300-W, whose licence excludes
   commercial use, so it is opt-in (``landmarks=68``).  The 5-point model gives eye corners and
-  the nose base, not InsightFace's points; :func:`dlib5_to_insightface` documents the
-  approximation.
+  the nose base, not InsightFace's points; :func:`dlib5_to_insightface` poses a 3D face on
+  them and projects its nose tip and mouth corners.
 
 Images are RGB ``uint8`` arrays ``[H, W, 3]`` throughout.
 """
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
+
+from controlnet_ray.data.geometry import head_to_camera, project
+from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D, NOSE
 
 DETECTORS = ("auto", "insightface", "dlib")
 DLIB_LANDMARK_MODELS = {
@@ -46,14 +49,21 @@ DEFAULT_DET_SIZE = 640
 DEFAULT_DET_THRESH = 0.5
 DLIB_MAX_SIDE = 1280  # HOG runs on a copy downscaled to this; landmarks use the full image
 
-# dlib 5-point -> InsightFace 5-point, in the face basis (e = right eye - left eye,
-# v = nose base - eye midpoint): point = eye_mid + a * e + b * v.  Vertical ratios measured with
-# dlib's 68-point model (nose tip = point 30, mouth corners = 48/54) on the faces of the
-# images shipped with insightface and scikit-image; the mouth half-width (0.41 inter-ocular
-# distances) is ArcFace's 112x112 template's.
-_NOSE_TIP_COEF = (0.0, 0.72)
-_MOUTH_LEFT_COEF = (-0.41, 1.28)
-_MOUTH_RIGHT_COEF = (0.41, 1.28)
+
+def _dlib5_face() -> np.ndarray:
+    """dlib's 5 points on :data:`MEAN_FACE_3D` (head frame, mm, dlib's order): eye corners
+    12.6 mm either side of the eye centres, outer ones 3.4 mm deeper and inner ones 3.4 mm
+    shallower (a generic 68-point face's proportions); the nose base 12 mm below and 12 mm
+    behind the nose tip (on frontal photos dlib's nose base lies 1.33x as far below the eyes
+    as the 68-point model's nose tip, median of 16 photos)."""
+    left, right = MEAN_FACE_3D[0], MEAN_FACE_3D[1]
+    corners = [(right, 12.6, -3.4), (right, -12.6, 3.4), (left, -12.6, -3.4), (left, 12.6, 3.4)]
+    pts = [eye + np.array([dx, 0.0, dz]) for eye, dx, dz in corners]
+    return np.stack([*pts, np.array([0.0, -12.0, -12.0])])
+
+
+#: dlib's 5-point model's points in the pose package's head frame (see :func:`_dlib5_face`).
+DLIB5_FACE_3D = _dlib5_face()
 
 
 class DetectorError(RuntimeError):
@@ -199,25 +209,37 @@ def face_recognition_models_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
-def dlib5_to_insightface(points: np.ndarray) -> np.ndarray:
-    """dlib's 5 points -> InsightFace's 5 points (approximate; see the module constants).
+def dlib5_to_insightface(points: np.ndarray, width: float, height: float) -> np.ndarray:
+    """dlib's 5 points in a ``width`` x ``height`` image -> InsightFace's 5 points.
 
     dlib's 5-point model gives, in image terms, the image-right eye's outer and inner corners
     (0, 1), the image-left eye's outer and inner corners (2, 3) and the nose base (4).  Eye
     centres are the corner midpoints (exact to a pixel or two).  The nose tip and the mouth
-    corners are not observed: they are placed in the face's own basis (eye vector ``e``,
-    eye-midpoint-to-nose-base vector ``v``), which follows roll, scale and, to first order, yaw
-    and pitch.  Expect a few degrees more pose error than with InsightFace's points, mostly in
-    pitch, and use ``--detector insightface`` (or the 68-point model) for final datasets.
+    corners are not observed: :data:`DLIB5_FACE_3D` is posed on the five points (the pose
+    package's PnP and camera) and the mean face's nose tip and mouth corners are projected, so
+    they move with the head in depth as a real nose and mouth do.  (Placing them in the 2D eye
+    and nose-base basis instead put the mouth further sideways than the nose on turned faces:
+    every fit read such faces as turned the other way.)  The nose tip's side is then the nose
+    base's; pitch is an estimate (about 5 deg off); the 68-point model or InsightFace measure it.
     """
+    from controlnet_ray.data.pose import fit_template
+
     p = np.asarray(points, np.float64).reshape(5, 2)
-    left_eye, right_eye = p[2:4].mean(axis=0), p[0:2].mean(axis=0)
-    mid = 0.5 * (left_eye + right_eye)
-    e, v = right_eye - left_eye, p[4] - mid
-    nose, mouth_l, mouth_r = (
-        mid + a * e + b * v for a, b in (_NOSE_TIP_COEF, _MOUTH_LEFT_COEF, _MOUTH_RIGHT_COEF)
-    )
-    return np.stack([left_eye, right_eye, nose, mouth_l, mouth_r])
+    rot, t = fit_template(p, width, height, DLIB5_FACE_3D, start_ypr=_dlib5_start(p))
+    cam = head_to_camera(MEAN_FACE_3D[NOSE:], rot, t)
+    projected = project(cam, width, height) if np.all(cam[:, 2] > 0) else np.full((3, 2), np.nan)
+    return np.concatenate([p[2:4].mean(axis=0)[None], p[0:2].mean(axis=0)[None], projected])
+
+
+def _dlib5_start(p: np.ndarray) -> tuple[float, float, float]:
+    """A frontal-ish first guess for posing :data:`DLIB5_FACE_3D`: roll from the eye axis, yaw
+    from the nose base's side (its depth in front of the eyes), pitch 0."""
+    eyes = p[0:2].mean(axis=0) - p[2:4].mean(axis=0)
+    iod = float(np.linalg.norm(eyes))
+    side = float(np.dot(p[4] - 0.5 * (p[0:2].mean(axis=0) + p[2:4].mean(axis=0)), eyes)) / iod
+    depth = float(np.mean(DLIB5_FACE_3D[:4, 2]) - DLIB5_FACE_3D[4, 2])  # < 0: base in front
+    yaw = np.degrees(np.arcsin(np.clip(side / iod * 63.0 / -depth, -0.9, 0.9)))
+    return float(yaw), 0.0, float(np.degrees(np.arctan2(-eyes[1], eyes[0])))
 
 
 def dlib68_to_insightface(points: np.ndarray) -> np.ndarray:
@@ -246,7 +268,7 @@ class DlibDetector:
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(model))
-        self._convert = dlib5_to_insightface if landmarks == 5 else dlib68_to_insightface
+        self.landmarks = landmarks
         self.upsample = upsample
         self.name = f"dlib (HOG + {landmarks}-point landmarks)"
 
@@ -261,7 +283,13 @@ class DlibDetector:
             full = self._dlib.rectangle(*(int(round(v)) for v in box))
             shape = self._predictor(img, full)
             pts = np.array([(q.x, q.y) for q in shape.parts()], np.float64)
-            faces.append(DetectedFace(box=box, landmarks=self._convert(pts), score=float(score)))
+            five = (
+                dlib68_to_insightface(pts)
+                if self.landmarks == 68
+                else dlib5_to_insightface(pts, img.shape[1], img.shape[0])
+            )
+            if np.isfinite(five).all():  # else no head pose puts these points before the camera
+                faces.append(DetectedFace(box=box, landmarks=five, score=float(score)))
         return faces
 
 

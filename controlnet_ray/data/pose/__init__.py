@@ -51,8 +51,10 @@ from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.dataset import PoseReport, estimate_dataset_poses, mean_face_from_fits
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
 from controlnet_ray.data.pose.single_image import (
+    PoseFitError,
     estimate_pose_generic,
     estimate_poses_generic,
+    fit_template,
     legacy_epnp_pose,
 )
 
@@ -60,11 +62,13 @@ __all__ = [
     "MEAN_FACE_3D",
     "BundleConfig",
     "PersonFit",
+    "PoseFitError",
     "PoseReport",
     "estimate_dataset_poses",
     "estimate_pose_generic",
     "estimate_poses_generic",
     "fit_person",
+    "fit_template",
     "legacy_epnp_pose",
     "mean_face_from_fits",
 ]

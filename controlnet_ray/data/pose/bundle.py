@@ -26,8 +26,14 @@ from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_si
 class BundleConfig:
     """Noise model and priors of :func:`fit_person` (see the package docstring)."""
 
-    sigma_px: float = 1.0  # landmark noise, pixels
-    robust_scale: float = 3.0  # soft-L1 knee, in sigma_px units (detector outliers)
+    sigma_px: float = 1.0  # landmark noise floor, pixels
+    # landmark noise as a fraction of the image's inter-ocular distance (real detectors: 2-5 %);
+    # with 1 px on a real face the data outweigh the shape priors and the depth collapses
+    sigma_iod: float = 0.04
+    # each point's depth behind the nose tip, as multiples of the mean face's: no flattened or
+    # depth-inverted face (which mirrors yaw when the images barely turn)
+    depth_range: tuple[float, float] = (0.6, 1.6)
+    robust_scale: float = 3.0  # soft-L1 knee, in noise units (detector outliers)
     # yaw, pitch, roll of the front (ID) photos around frontal
     sigma_front_deg: tuple[float, float, float] = (3.0, 3.0, 2.0)
     # shape priors, in mm for a 63 mm inter-ocular distance (scaled with the mean face's)
@@ -50,6 +56,7 @@ class PersonFit:
     rms_px_per_image: np.ndarray = field(default_factory=lambda: np.zeros(0))
     nfev: int = 0
     front_ignored: int = 0  # front photos whose frontal prior was dropped (> 4 sigma off)
+    error: str = ""  # why the fit failed numerically (then converged is False)
 
 
 def _mm_scale(mean_shape: np.ndarray) -> float:
@@ -68,7 +75,7 @@ class _Bundle:
     problem, but the linear algebra is 6x6 blocks plus a [10K, 12] matrix instead of a
     [10K, 6K+12] one.
 
-    Residual order: K*10 landmark residuals (pixels / sigma_px), K*3 front-photo priors (zero
+    Residual order: K*10 landmark residuals (pixels / per-image noise), K*3 front-photo priors (zero
     rows for other images), 15 centred shape-vs-mean-face priors, 6 mirror-symmetry priors.
     """
 
@@ -76,6 +83,11 @@ class _Bundle:
         self.k = k = lm.shape[0]
         self.lm, self.cfg = lm, cfg
         self.f = sizes[:, 0][:, None]
+        iod = np.linalg.norm(lm[:, 1] - lm[:, 0], axis=1)
+        self.sig_px = np.maximum(cfg.sigma_px, cfg.sigma_iod * iod)[:, None]  # [K,1]
+        depth = (mean_shape - mean_shape[NOSE])[list(_FREE_POINTS), 2]  # negative: behind
+        self.lower, self.upper = np.full(12, -np.inf), np.full(12, np.inf)
+        self.lower[2::3], self.upper[2::3] = depth * cfg.depth_range[1], depth * cfg.depth_range[0]
         self.c = sizes[:, None, :] / 2.0
         self.front_w = front_mask.astype(np.float64)[:, None]  # [K,1]
         self.mean_c = mean_shape - mean_shape.mean(axis=0)
@@ -101,7 +113,7 @@ class _Bundle:
         self.inner_iters = 0
 
     def set_knee(self, scale: float) -> None:
-        """Soft-L1 knee in sigma_px units (the cached pose solution depends on it)."""
+        """Soft-L1 knee in noise units (the cached pose solution depends on it)."""
         self.c2 = float(scale) ** 2
         self._key = None
 
@@ -125,10 +137,10 @@ class _Bundle:
         flip = np.diag(FLIP)
         cam = rs * flip + t[:, None, :]
         inv_z = 1.0 / cam[..., 2]
-        fz = self.f * inv_z / self.cfg.sigma_px  # [K,5]
+        fz = self.f * inv_z / self.sig_px  # [K,5]
         uv = (self.f * inv_z)[..., None] * cam[..., :2] + self.c
         e = np.empty((k, 13))
-        e[:, :10] = ((uv - self.lm) / self.cfg.sigma_px).reshape(k, 10)
+        e[:, :10] = ((uv - self.lm) / self.sig_px[:, :, None]).reshape(k, 10)
         e[:, 10:] = self.front_w * r / self.sig_front
         # d(u,v)/d cam = fz * [[1, 0, -x/z], [0, 1, -y/z]]
         duv = np.zeros((k, 5, 2, 3))
@@ -241,9 +253,14 @@ class _Bundle:
 
 
 def _solve(prob: _Bundle, x0: np.ndarray, cfg: BundleConfig, tol: float):
+    z = slice(2, None, 3)  # the bounded coordinates (depths); least_squares needs x0 inside
+    x0 = x0.copy()
+    margin = 1e-6 * (prob.upper[z] - prob.lower[z])
+    x0[z] = np.clip(x0[z], prob.lower[z] + margin, prob.upper[z] - margin)
     return least_squares(
         prob.residuals,
         x0,
+        bounds=(prob.lower, prob.upper),
         jac=prob.jacobian,
         loss=prob.loss,
         method="trf",
@@ -319,16 +336,20 @@ def fit_person(
     if k < max(need, 2):
         return _generic_fit(lm, sz, mean)
 
+    g = _generic_fit(lm, sz, mean)
     if init is not None and init.method == "bundle" and init.poses.shape == (k, 3):
         r0 = _rotvec_from_matrix(_rot_from_ypr_batch(init.poses))
         t0, s0 = np.asarray(init.translations, float), np.asarray(init.shape, float)
     else:
-        g = _generic_fit(lm, sz, mean)
         r0 = _rotvec_from_matrix(_rot_from_ypr_batch(g.poses))
         t0, s0 = g.translations, mean
-    front_ignored = 0
+    # a "front" photo whose own (prior-free) yaw is > 4 sigma off frontal loses its prior
+    # before the fit, where the prior would pull it towards frontal (pitch: checked after the
+    # fit, as the single-image pitch carries the mean face's bias)
+    far = fm & (np.abs(g.poses[:, 0]) > 4.0 * cfg.sigma_front_deg[0])
     if fm.sum() > max(2, k // 2):  # mostly "front": not ID photos, so no frontal prior at all
-        front_ignored, fm = int(fm.sum()), np.zeros(k, dtype=bool)
+        far = fm
+    front_ignored, fm = int(far.sum()), fm & ~far
     prob = _Bundle(lm, sz, fm, mean, cfg, r0, t0)
     x0 = prob.x_from_shape(s0)
     nfev = 0

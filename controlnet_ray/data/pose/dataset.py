@@ -16,9 +16,10 @@ import numpy as np
 
 from controlnet_ray.data.pools import RayTasks, pool_workers, process_pool, ray_cluster_cpus
 from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
+from controlnet_ray.data.pose.evidence import CLEAR_TURN, nose_offset, yaw_contradicts
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D, NOSE
 from controlnet_ray.data.pose.rotations import _rot_from_ypr_batch
-from controlnet_ray.data.pose.single_image import estimate_poses_generic
+from controlnet_ray.data.pose.single_image import PoseFitError, estimate_poses_generic
 from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_sizes
 
 
@@ -67,6 +68,8 @@ class PoseReport:
     n_not_converged: int = 0
     n_front_photos_ignored: int = 0  # "front" photos > 4 sigma off frontal (prior dropped)
     not_converged_persons: list[str] = field(default_factory=list)
+    # persons with images whose final yaw contradicts the nose's side (data.pose.evidence)
+    yaw_contradicted: dict[str, str] = field(default_factory=dict)
     median_rms_px: float = float("nan")  # over bundle-adjusted persons
     p90_rms_px: float = float("nan")
     min_images: int = 4
@@ -90,8 +93,20 @@ def _fit_chunk(args) -> list[PersonFit]:
     items, mean, cfg = args
     out = []
     for lm, sz, fm, init in items:
-        out.append(fit_person(lm, sz, fm, mean_shape=mean, config=cfg, init=init, min_images=2))
+        try:
+            fit = fit_person(lm, sz, fm, mean_shape=mean, config=cfg, init=init, min_images=2)
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
+            # a numeric failure: the person falls back to the single-image estimate, named
+            nan = np.full((lm.shape[0], 3), np.nan)
+            fit = PersonFit(nan, mean, nan, float("nan"), "bundle", False, error=str(exc))
+        out.append(fit)
     return out
+
+
+def _contradicted(poses: np.ndarray, lm: np.ndarray) -> tuple[int, int]:
+    """(images whose yaw contradicts their nose's side, clearly turned images) of a person."""
+    clear = np.abs(nose_offset(lm)) >= CLEAR_TURN
+    return int(yaw_contradicts(poses[:, 0], lm).sum()), int(clear.sum())
 
 
 def _run_fits(items, mean, cfg, pool: ProcessPoolExecutor | RayTasks | None, workers: int):
@@ -138,6 +153,7 @@ def estimate_dataset_poses(
     min_persons_for_mean: int = 5,
     mean_face_max_persons: int = 150,
     mean_shape: np.ndarray | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, PoseReport]:
     """(yaw, pitch, roll) for every image of a legacy dataset -> (poses [N,3] float32, report).
 
@@ -155,6 +171,13 @@ def estimate_dataset_poses(
     usable CPUs, never more than those: :func:`controlnet_ray.data.pools.pool_workers`; used
     when there are at least two persons per worker). Connected to a multi-node Ray cluster,
     the persons are fitted as Ray tasks on its nodes instead, whatever ``num_workers``.
+
+    Every person's fitted yaws are checked against the 2D evidence
+    (:mod:`controlnet_ray.data.pose.evidence`): a bundle fit whose yaw contradicts the nose's
+    side in more than half of the clearly turned images is replaced by the single-image
+    estimates, and persons with any contradicted image are named in
+    ``report.yaw_contradicted``.  A numeric failure raises :class:`PoseFitError` naming the
+    person and the image (``labels[i]``, e.g. its file, else its index).
     """
     t_start = time.perf_counter()
     cfg = config or BundleConfig()
@@ -211,20 +234,27 @@ def estimate_dataset_poses(
 
     not_conv = []
     for p, fit in zip(bundle_names, fits, strict=True):
-        if fit.converged:
+        bad, clear = _contradicted(fit.poses, lm[groups[p]]) if fit.converged else (0, 0)
+        if fit.converged and 2 * bad <= clear:
             poses[groups[p]] = fit.poses
+        elif fit.converged:  # the 2D evidence says the fit is mirrored: single-image estimates
+            generic_names.append(p)
+            reasons[p] = (
+                f"bundle adjustment's yaw contradicted the nose's side in {bad} of {clear} "
+                "clearly turned images"
+            )
         else:  # keep it in the generic group, with the reason
             not_conv.append(p)
             generic_names.append(p)
-            reasons[p] = "bundle adjustment did not converge"
+            why = f" ({fit.error})" if fit.error else ""
+            reasons[p] = f"bundle adjustment did not converge{why}"
 
     bias = np.zeros(3)
-    if sum(f.converged for f in fits) >= min_persons_for_mean:
+    kept = [p for p in bundle_names if p not in reasons]
+    if len(kept) >= min_persons_for_mean:
         # calibrate the generic estimator against the bundle-adjusted persons (always, so the
         # report shows it; cheap: at most 4000 single-image PnPs); too few persons: no bias
-        idx = np.concatenate(
-            [groups[p] for p, f in zip(bundle_names, fits, strict=True) if f.converged]
-        )
+        idx = np.concatenate([groups[p] for p in kept])
         if idx.size > 4000:
             idx = np.random.default_rng(0).choice(idx, 4000, replace=False)
         gen = estimate_poses_generic(lm[idx], sz[idx], template=mean)
@@ -232,22 +262,32 @@ def estimate_dataset_poses(
         diff[:, 0] = (diff[:, 0] + 180.0) % 360.0 - 180.0
         diff[:, 2] = (diff[:, 2] + 180.0) % 360.0 - 180.0
         bias = np.median(diff, axis=0)
+    contradicted = {}
     for p in generic_names:
         idx = groups[p]
-        poses[idx] = estimate_poses_generic(lm[idx], sz[idx], template=mean, bias_deg=bias)
+        try:
+            poses[idx] = estimate_poses_generic(lm[idx], sz[idx], template=mean, bias_deg=bias)
+        except PoseFitError as exc:
+            where = labels[idx[exc.index]] if labels is not None else f"image {idx[exc.index]}"
+            raise PoseFitError(idx[exc.index], f"person {p!r}, {where}: {exc.reason}") from exc
+    for p, idx in groups.items():
+        bad, clear = _contradicted(poses[idx], lm[idx])
+        if bad:
+            contradicted[p] = f"{bad} of {clear} clearly turned images"
 
     rms = np.array([f.rms_px for f in fits if f.converged])
     elapsed = time.perf_counter() - t_start
     report = PoseReport(
         n_images=n,
         n_persons=len(groups),
-        n_bundle_persons=len(bundle_names) - len(not_conv),
+        n_bundle_persons=len(kept),
         n_generic_persons=len(generic_names),
         generic_persons=sorted(generic_names),
         generic_reasons=reasons,
         n_not_converged=len(not_conv),
         n_front_photos_ignored=int(sum(f.front_ignored for f in fits)),
         not_converged_persons=not_conv,
+        yaw_contradicted=contradicted,
         median_rms_px=float(np.median(rms)) if rms.size else float("nan"),
         p90_rms_px=float(np.percentile(rms, 90)) if rms.size else float("nan"),
         min_images=int(min_images),

@@ -12,11 +12,20 @@ from controlnet_ray.data.geometry import (
     FLIP,
     LEGACY_TEMPLATE_3D,
     camera_matrix,
+    rotation_from_ypr,
     ypr_from_rotation,
 )
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
 from controlnet_ray.data.pose.rotations import _ypr_batch
 from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_size, _as_sizes
+
+
+class PoseFitError(ValueError):
+    """A pose fit failed numerically on one image; ``index`` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"image {index}: {reason}")
+        self.index, self.reason = index, reason
 
 
 def _pnp_camera(
@@ -69,6 +78,43 @@ def _generic_rt(
     return rot, t
 
 
+def fit_template(
+    landmarks_2d: np.ndarray,
+    width: float,
+    height: float,
+    template: np.ndarray,
+    start_ypr: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid pose of a 3D ``template`` [5,3] seen as ``landmarks_2d`` [5,2]: rotation R and
+    translation t (``cam = FLIP R p + t``), for point sets other than InsightFace's five.
+
+    Without ``start_ypr``: :func:`estimate_pose_generic`'s PnP (its global minimum).  With it:
+    Levenberg-Marquardt from that pose, i.e. the local minimum nearest to it -- for templates
+    whose points leave the pose two-valued (four near-collinear eye corners and one nose
+    point: two pitches fit equally well), where the nearest to a prior guess is wanted.
+    """
+    lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=False)
+    w, h = _as_size(width, height)
+    tpl = _as_shape(template, "template")
+    if start_ypr is None:
+        return _generic_rt(lm, w, h, tpl)
+    k = camera_matrix(w, h)
+    rot0 = rotation_from_ypr(*(float(v) for v in start_ypr))
+    spread_3d = np.linalg.norm(tpl - tpl.mean(axis=0), axis=1).mean()
+    spread_2d = np.linalg.norm(lm - lm.mean(axis=0), axis=1).mean()
+    depth = w * spread_3d / max(spread_2d, 1e-9)
+    centre = lm.mean(axis=0) - np.array([w / 2.0, h / 2.0])
+    t0 = np.array([centre[0] * depth / w, centre[1] * depth / w, depth]) - FLIP @ rot0 @ tpl.mean(
+        axis=0
+    )
+    obj = np.ascontiguousarray(tpl)
+    img = np.ascontiguousarray(lm).reshape(5, 1, 2)
+    rvec, tvec = cv2.solvePnPRefineLM(
+        obj, img, k, None, cv2.Rodrigues(FLIP @ rot0)[0], t0.reshape(3, 1).copy()
+    )
+    return FLIP @ cv2.Rodrigues(rvec)[0], tvec.ravel()
+
+
 def estimate_pose_generic(
     landmarks_2d: np.ndarray,
     width: float,
@@ -104,11 +150,12 @@ def estimate_poses_generic(
     lm = _as_landmarks(landmarks_2d, "landmarks_2d", batched=True)
     sz = _as_sizes(sizes, "sizes", lm.shape[0])
     tpl = MEAN_FACE_3D if template is None else _as_shape(template, "template")
-    rot = (
-        np.stack([_generic_rt(lm[i], sz[i, 0], sz[i, 1], tpl)[0] for i in range(lm.shape[0])])
-        if lm.shape[0]
-        else np.zeros((0, 3, 3))
-    )
+    rot = np.zeros((lm.shape[0], 3, 3))
+    for i in range(lm.shape[0]):
+        try:
+            rot[i] = _generic_rt(lm[i], sz[i, 0], sz[i, 1], tpl)[0]
+        except (cv2.error, np.linalg.LinAlgError, RuntimeError) as exc:
+            raise PoseFitError(i, f"no head pose fits these landmarks ({exc})") from exc
     ypr = _ypr_batch(rot)
     if bias_deg is not None:
         ypr = ypr + np.asarray(bias_deg, dtype=np.float64).reshape(1, 3)

@@ -182,7 +182,7 @@ def _plan(
     framing: str,
 ) -> _Plan:
     """Split by person, estimate poses, frame every crop, check every split has pairs."""
-    from controlnet_ray.data.pose import estimate_dataset_poses
+    from controlnet_ray.data.pose import PoseFitError, estimate_dataset_poses
 
     ratios = normalise_ratios(split_ratios)
     names, roles = ds.person_names(), ds.roles()
@@ -191,9 +191,19 @@ def _plan(
     print(split_summary(assignment, names, roles))
     warn_few_persons(Counter(assignment.values()), ratios)
     pose_workers = max(1, workers) if len(assignment) >= _MIN_PERSONS_FOR_POSE_POOL else 1
-    poses, report = estimate_dataset_poses(
-        names, roles, ds.landmarks_2d(), ds.image_sizes(), min_images=4, num_workers=pose_workers
-    )
+    try:
+        poses, report = estimate_dataset_poses(
+            names,
+            roles,
+            ds.landmarks_2d(),
+            ds.image_sizes(),
+            min_images=4,
+            num_workers=pose_workers,
+            labels=[e.image_path for e in ds.entries],
+        )
+    except PoseFitError as exc:
+        raise DataError(f"{ds.data_dir}: pose estimation failed: {exc}") from exc
+    _print_pose_checks(report)
     _check_poses(ds, poses)
     _check_pairs(names, roles, poses, splits, ratios, pairing)
     order = [i for s in SPLITS for i, si in enumerate(splits) if si == s]
@@ -208,6 +218,15 @@ def warn_few_persons(persons: Mapping[str, int], ratios: Sequence[float]) -> Non
     refusal: see there why)."""
     if warning := few_persons_warning(persons, ratios):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _print_pose_checks(report: Any) -> None:
+    """Name the persons whose poses the 2D evidence questions (the manifest keeps the rest)."""
+    for person, why in report.generic_reasons.items():
+        if "contradicted" in why or "did not converge" in why:
+            print(f"pose: {person}: single-image estimates ({why})")
+    for person, what in report.yaw_contradicted.items():
+        print(f"warning: pose: {person}: yaw opposite to the nose's side in {what}")
 
 
 def _crop_matrices(
