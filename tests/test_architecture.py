@@ -1,6 +1,6 @@
 """The package's shape, read from the source (no imports run): the layer boundaries the README
-states, ``ray.train``'s context in one module, no module over 400 lines, and the README's
-layout section naming every module.
+states, ``ray.train``'s context in one module, and the README's layout section naming every
+module. (No line cap: a module is as long as the one concept it holds.)
 
 Static on purpose: a function-level ``import ray`` inside the engine would pass an import-time
 check (``test_engine_import_does_not_load_ray``) and still tie the engine to Ray.
@@ -14,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "controlnet_ray"
-MAX_LINES = 400
 
 #: layer -> packages it must never import (anywhere in its modules, at any depth)
 BOUNDARIES = {
@@ -94,15 +93,6 @@ def test_only_the_worker_touches_ray_trains_context() -> None:
         name for name, path in _modules() if TRAIN_CONTEXT.search(path.read_text(encoding="utf-8"))
     ]
     assert users == ["controlnet_ray.worker"]
-
-
-def test_no_module_is_over_400_lines() -> None:
-    long = {
-        name: n
-        for name, path in _modules()
-        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
-    }
-    assert long == {}, "split these by what their parts hold"
 
 
 def test_the_readme_layout_names_every_module_and_package() -> None:
