@@ -38,7 +38,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.description = (
         "Ray Tune sweep of ImageControlNet training runs (ASHA on val PSNR by default). "
         "Takes every training flag of python -m controlnet_ray.train; --epochs is the "
-        "longest a trial may run. Re-running the same command resumes the sweep."
+        "longest a trial may run. Re-running the same command resumes the sweep; with other "
+        "settings under the same --sweep_name it is a new sweep (the old one moved aside)."
     )
     d = SweepOptions()
     g = p.add_argument_group("sweep")
