@@ -171,6 +171,17 @@ def test_unregistered_checkpoint_folders_are_pruned_after_a_run_not_before(
     assert left == ["checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"]
 
 
+def test_nothing_is_pruned_without_a_record_naming_checkpoints(tmp_path: Path) -> None:
+    """A missing record, or one that names no checkpoint (a Ray that records runs otherwise),
+    says nothing about which folders are stale: every checkpoint folder stays."""
+    run_dir = _ray_run(_cfg(tmp_path))
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text(json.dumps({"renamed": []}))
+    assert launcher.prune_unregistered_checkpoints(run_dir) == []
+    (run_dir / launcher.RAY_SNAPSHOT_FILE).unlink()
+    assert launcher.prune_unregistered_checkpoints(run_dir) == []
+    assert [d.name for d in run_dir.glob("checkpoint_*")] == ["checkpoint_2026-01-01_00-00-03"]
+
+
 def test_nothing_is_pruned_on_an_unreadable_record(tmp_path: Path) -> None:
     run_dir = _ray_run(_cfg(tmp_path))
     (run_dir / launcher.RAY_SNAPSHOT_FILE).write_text("{truncated")

@@ -81,7 +81,9 @@ def prune_unregistered_checkpoints(run_dir: Path) -> list[Path]:
     except (OSError, ValueError):
         return []  # unreadable record: check_rerun reports it; delete nothing on a guess
     results = [*(doc.get("checkpoint_results") or []), doc.get("latest_checkpoint_result")]
-    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)}
+    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)} - {None}
+    if not registered:  # no record (or one Ray no longer writes this way): delete nothing
+        return []
     stale = [d for d in run_dir.glob("checkpoint_*") if d.is_dir() and d.name not in registered]
     for d in stale:
         shutil.rmtree(d, ignore_errors=True)
