@@ -8,11 +8,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controlnet_ray.data.geometry import POSE_LIMITS_DEG
 from controlnet_ray.inference.errors import InferenceError
 
 AXES = ("yaw", "pitch", "roll")
-# The training range: what the synthetic and real video data cover, and the pose head's scale.
-POSE_LIMITS_DEG = {"yaw": 90.0, "pitch": 60.0, "roll": 60.0}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 POSE_CONVENTION = (
     "(yaw, pitch, roll) in degrees; R = Rz(roll) @ Rx(-pitch) @ Ry(yaw); 0 = facing the camera; "
