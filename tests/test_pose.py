@@ -349,3 +349,26 @@ def test_numeric_failures_name_the_person_and_the_image(monkeypatch):
     monkeypatch.setattr(single_image, "_generic_rt", rt)
     with pytest.raises(P.PoseFitError, match=rf"person '{bad}', {labels[target]}: .*Singular"):
         P.estimate_dataset_poses(names, ds.roles, ds.landmarks_2d, ds.sizes, labels=labels)
+
+
+def test_photo_pose_model_round_trips_and_names_a_bad_field():
+    """What checkpoints carry: a manifest's pose report in, plain lists out and back; missing
+    fields are the defaults; a malformed one is named."""
+    report = {
+        "mean_face": (P.MEAN_FACE_3D * 1.1).tolist(),
+        "generic_bias_deg": [1.0, -2.0, 0.5],
+        "summary": {"ranges": {"train": {"yaw": [-60, 61], "pitch": [-20, 25], "roll": [-9, 8]}}},
+    }
+    model = P.PhotoPoseModel.from_pose_report(report)
+    again = P.PhotoPoseModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.bias_deg == (1.0, -2.0, 0.5) and again.trained_range_deg["yaw"] == (-60.0, 61.0)
+    np.testing.assert_allclose(again.mean_face, P.MEAN_FACE_3D * 1.1, atol=1e-3)
+    lm = _landmarks(P.MEAN_FACE_3D * 1.1, (20.0, 5.0, 0.0))
+    want = P.estimate_pose_generic(lm, 224, 224, template=again.mean_face, bias_deg=(1, -2, 0.5))
+    np.testing.assert_allclose(again.estimate(lm, 224, 224), want)
+    default = P.PhotoPoseModel.from_dict(None)
+    assert default.trained_range_deg is None and default.bias_deg == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="pose_estimate.bias_deg"):
+        P.PhotoPoseModel.from_dict({"bias_deg": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="trained_range_deg.pitch"):
+        P.PhotoPoseModel.from_dict({"trained_range_deg": {"yaw": [0, 1], "roll": [0, 1]}})
