@@ -38,6 +38,7 @@ from controlnet_ray.inference import (
     META_FRAMING,
     META_IMAGE_SIZE,
     META_INPUT_RANGE,
+    META_POSE_ESTIMATE,
     META_POSE_LIMITS,
     META_SIGNATURE,
     META_SOURCE,
@@ -150,6 +151,7 @@ def add_metadata(path: Path, loaded: LoadedModel) -> None:
         META_POSE_LIMITS: json.dumps(POSE_LIMITS_DEG),
         META_SIGNATURE: json.dumps(loaded.signature, sort_keys=True),
         META_SOURCE: loaded.path.name,
+        META_POSE_ESTIMATE: json.dumps(loaded.pose_estimate),
     }
     onnx.helper.set_model_props(model, props)
     model.doc_string = "ImageControlNet generator: face image + source/target pose -> face"

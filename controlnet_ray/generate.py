@@ -14,9 +14,12 @@ frontal crop).  Any other image is a photo: the largest face is detected (``--de
 ``--landmarks`` are given, then it is aligned like the training data and its source pose is
 estimated from the landmarks (``--source_*`` still override single axes).
 
-Angles outside the training range (yaw +-90, pitch +-60, roll +-60 degrees) are refused, not
-clamped.  Outputs never create folders: ``--out``'s folder (batch mode: ``--out`` itself)
-must exist.  Exit status: 0 ok, 1 some images of a batch failed (listed), 2 bad input.
+Angles beyond yaw +-90, pitch +-60, roll +-60 degrees are refused, not clamped; requested
+poses beyond those the model was trained on (its checkpoint's training data, else the embedded
+set's yaw +-72, pitch +-30, roll +-20) get a warning.  A photo's pose is estimated as the
+training data's single-image estimates were (the checkpoint's mean face and bias).  Outputs
+never create folders: ``--out``'s folder (batch mode: ``--out`` itself) must exist.  Exit
+status: 0 ok, 1 some images of a batch failed (listed), 2 bad input.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from controlnet_ray.inference import (
     PreparedFace,
     Runner,
     Sweep,
+    beyond_training,
     check_output_path,
     check_pose,
     format_pose,
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a face at a target head pose (yaw, pitch, roll in degrees).",
         epilog="Pose convention: controlnet_ray.data.geometry (yaw > 0 turns the nose to the "
         "image's right, pitch > 0 lifts it, roll > 0 tilts the head counter-clockwise). "
-        "Training range: yaw +-90, pitch +-60, roll +-60; other angles are refused.",
+        "Angles beyond yaw +-90, pitch +-60, roll +-60 are refused; poses beyond those the model "
+        "was trained on (its checkpoint's training data, else yaw +-72, pitch +-30, roll +-20) "
+        "are warned about.",
     )
     p.add_argument("--checkpoint", required=True, help="training .pth or exported .onnx")
     p.add_argument("--image", required=True, help="an image file, or a folder (batch mode)")
@@ -211,6 +217,7 @@ def process_image(
         source_pose=[getattr(args, f"source_{a}") for a in AXES],
         detector=detector,
         framing=runner.framing,
+        pose_model=runner.pose_model,
     )
     _warn_source_range(path, face)
     fixed = [getattr(args, a) for a in AXES]
@@ -230,7 +237,7 @@ def _warn_source_range(path: Path, face: PreparedFace) -> None:
     ]
     if outside:
         print(
-            f"warning: {path}: estimated source pose outside the training range "
+            f"warning: {path}: estimated source pose outside the range a model accepts "
             f"({', '.join(outside)}); results will be poor",
             file=sys.stderr,
         )
@@ -279,6 +286,12 @@ def run(args: argparse.Namespace, sweeps: list[Sweep]) -> int:
 
     runner = open_runner(args.checkpoint, args.device)
     print(f"model: {runner.description}, image size {runner.image_size}")
+    fixed = [getattr(args, a) for a in AXES]
+    warning = beyond_training(
+        sweep_targets(sweeps, fixed) if sweeps else [fixed], runner.pose_model.trained_range_deg
+    )
+    if warning:
+        print(warning, file=sys.stderr)
     detector = _detector_factory(args)
     image = Path(args.image)
     if not image.is_dir():

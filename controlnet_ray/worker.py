@@ -119,6 +119,7 @@ def worker_setup(loop_config: dict[str, Any]) -> WorkerSetup:
         num_train_pairs=int(loop_config["num_train_pairs"]),
         torch_threads=int(loop_config.get("torch_threads", 1)),
         shards_dir=loop_config.get("shards_dir"),
+        pose_estimate=loop_config.get("pose_estimate"),
         progress_board=loop_config.get("progress_board"),
     )
 

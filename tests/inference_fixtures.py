@@ -87,18 +87,21 @@ def _train_batch(shards_dir: Path, cfg) -> dict:  # noqa: ANN001
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``best_model.pth`` of a tiny cnn ImageControlNet after a few optimiser steps."""
+    """``best_model.pth`` of a tiny cnn ImageControlNet after a few optimiser steps, with its
+    data's single-image pose estimate (``pose_estimate``) as a training run stores it."""
     import torch
 
     from controlnet_ray.checkpoint import build_checkpoint
     from controlnet_ray.data.shards import ensure_shards
     from controlnet_ray.engine import TrainEngine, build_optimizer, resolve_amp
     from controlnet_ray.files import atomic_save
+    from controlnet_ray.launcher.trainer import pose_estimate
     from controlnet_ray.model import build_model, model_signature
 
     torch.manual_seed(0)
     cfg = tiny_config(tiny_data)
-    batch = _train_batch(ensure_shards(cfg.data, num_workers=1), cfg)
+    shards = ensure_shards(cfg.data, num_workers=1)
+    batch = _train_batch(shards, cfg)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     device = torch.device("cpu")
@@ -117,6 +120,7 @@ def tiny_checkpoint(tiny_data: TinyData, tmp_path_factory: pytest.TempPathFactor
         train_history=[{"loss": float(losses[-1])}],
         val_history=[],
         engine_state=engine.state_dict(),
+        pose_estimate=pose_estimate(shards),
     )
     return atomic_save(state, tmp_path_factory.mktemp("ckpt") / "best_model.pth")
 

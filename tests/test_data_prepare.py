@@ -15,7 +15,7 @@ from PIL import Image
 
 from controlnet_ray import prepare
 from controlnet_ray.config import DataConfig
-from controlnet_ray.data import align, shards
+from controlnet_ray.data import align, preview, shards
 from controlnet_ray.data.align import align_face
 from controlnet_ray.data.geometry import head_to_camera, project, rotation_from_ypr
 from controlnet_ray.data.layout import DataError
@@ -27,6 +27,7 @@ from controlnet_ray.data.shards import (
     fingerprint,
     fingerprint_source,
     load_manifest,
+    pose_summary,
     preparation,
     prepare_shards,
     publish,
@@ -106,6 +107,50 @@ def test_prepare_writes_aligned_rows_with_poses(fx, tmp_path, monkeypatch):
             r["keypoints"], kp["front"][by_path[r["image_path"]]].ravel(), 1e-6
         )
     assert len(read_shard_table(out, split="val")) == manifest.counts["val"]["images"]
+    _assert_pose_report(manifest.pose_report["summary"], table, out)
+
+
+def _assert_pose_report(summary, table, out):
+    """The manifest's pose summary: ranges of the written rows per split, extremes named by
+    file, and a contact sheet of them beside the shards."""
+    cols = table.select(["split", "yaw", "pitch", "roll", "image_path"]).to_pydict()
+    for split in ("train", "val", "all"):
+        sel = [i for i, s in enumerate(cols["split"]) if split in ("all", s)]
+        for axis in ("yaw", "pitch", "roll"):
+            values = [cols[axis][i] for i in sel]
+            assert summary["ranges"][split][axis] == pytest.approx(
+                [min(values), max(values)], abs=0.051
+            )
+    highest_yaw = cols["image_path"][int(np.argmax(cols["yaw"]))]
+    assert any(e["file"] == highest_yaw and "highest yaw" in e["why"] for e in summary["extremes"])
+    sheet = cv2.imread(str(out / summary["contact_sheet"]))
+    assert sheet.shape[0] == 112 + preview.LABEL_PX  # one row: the extremes (no outliers)
+    assert summary["n_outliers"] == 0 and summary["outliers"] == []
+
+
+def test_pose_report_names_outliers_by_file():
+    """Pitch beyond 45, yaw beyond the model's 90 and a yaw against the nose's side are named
+    with their files, the worst first, in a few console lines."""
+    nose_right = np.array([[40.0, 50], [70, 50], [62, 70], [44, 90], [68, 90]])  # turned right
+    frames = pose_summary.PoseFrames(
+        poses=np.array([[10.0, 5, 0], [20, -50, 3], [-95, 0, 0], [-30, 2, 1], [0, 0, 0]]),
+        landmarks=np.stack([nose_right] * 5),
+        files=[f"video/p/frame_{i}.jpg" for i in range(5)],
+        persons=["p"] * 5,
+        splits=["train", "train", "val", "val", "test"],
+    )
+    summary = pose_summary.summarise_poses(frames)
+    assert [(e["file"], e["why"]) for e in summary["outliers"]] == [
+        ("video/p/frame_1.jpg", "|pitch| > 45"),  # 50 / 45 beyond the limit: the worst
+        ("video/p/frame_2.jpg", "|yaw| > 90; yaw opposite to the nose's side"),
+        ("video/p/frame_3.jpg", "yaw opposite to the nose's side"),
+    ]
+    assert summary["ranges"]["val"]["yaw"] == [-95.0, -30.0]
+    assert json.loads(json.dumps(summary)) == summary  # what the manifest holds
+    lines = pose_summary.summary_lines(summary, Path("shards/pose_extremes.png"))
+    assert len(lines) == 3 and lines[0].startswith("poses: yaw -95..+20 pitch -50..+5")
+    assert "3 frames: video/p/frame_1.jpg (|pitch| > 45), video/p/frame_2.jpg" in lines[1]
+    assert lines[2] == "pose extremes: contact sheet shards/pose_extremes.png"
 
 
 def test_arcface_framing_keeps_the_5_point_alignment(fx, tmp_path):

@@ -112,6 +112,73 @@ def test_photo_with_landmarks_is_aligned_and_pose_estimated(tiny_checkpoint, tmp
     assert read_image(out).shape == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
 
 
+def test_a_photo_is_estimated_as_its_training_data_were(tiny_checkpoint, tmp_path, capsys):
+    """The checkpoint carries its data's single-image estimate (mean face, bias, train-split
+    pose range; from the shard manifest); generate estimates a photo's pose with it -- the
+    function preparation's single-image estimates call -- and a checkpoint without it with the
+    defaults."""
+    from controlnet_ray.data.pose import PhotoPoseModel
+
+    stored = PhotoPoseModel.from_dict(load_model(tiny_checkpoint).pose_estimate)
+    assert stored.trained_range_deg is not None and stored.trained_range_deg["yaw"][1] > 20
+    dataset = PhotoPoseModel(stored.mean_face * [1.0, 0.9, 1.2], (2.0, -3.0, 1.0))
+    lm = np.array([[203.2, 101.5], [246.5, 104.2], [225.0, 127.0], [201.0, 139.0], [246.0, 141.0]])
+    photo = write_rgb(tmp_path / "photo.png", np.full((512, 512, 3), 128, np.uint8))
+    flat = ",".join(f"{v:.1f}" for v in lm.ravel())
+    printed = []
+    for fields, model in ((dataset.to_dict(), dataset), (None, PhotoPoseModel.default())):
+        path = _checkpoint_with(tiny_checkpoint, tmp_path, fields)
+        code, text, err = _run(
+            capsys, checkpoint=path, image=photo, landmarks=flat, out=tmp_path / "o.png"
+        )
+        assert code == 0, err
+        yaw, pitch, roll = model.estimate(lm, 512, 512)
+        printed.append(f"source pose yaw {yaw:+.1f}, pitch {pitch:+.1f}, roll {roll:+.1f}")
+        assert printed[-1] in text
+    assert printed[0] != printed[1]
+
+
+def _checkpoint_with(checkpoint: Path, tmp_path: Path, pose_estimate: dict | None) -> Path:
+    """A copy of ``checkpoint`` with another ``pose_estimate`` (None: none, as older runs
+    wrote them)."""
+    from controlnet_ray.checkpoint import load_checkpoint
+    from controlnet_ray.checkpoint.contents import content_digest
+    from controlnet_ray.checkpoint.format import CONTENT_DIGEST_KEY, POSE_ESTIMATE_KEY
+    from controlnet_ray.files import atomic_save
+
+    state = load_checkpoint(checkpoint)
+    del state[POSE_ESTIMATE_KEY], state[CONTENT_DIGEST_KEY]
+    if pose_estimate is not None:
+        state[POSE_ESTIMATE_KEY] = pose_estimate
+    state[CONTENT_DIGEST_KEY] = content_digest(state)
+    return atomic_save(state, tmp_path / ("old.pth" if pose_estimate is None else "new.pth"))
+
+
+def test_poses_beyond_the_trained_range_are_warned_about(tiny_checkpoint, crop, tmp_path, capsys):
+    """Beyond the checkpoint's own training poses (its train split), or, for a checkpoint that
+    does not know them, beyond the documented range: a warning naming the axis; within: none."""
+    from controlnet_ray.inference import DOCUMENTED_TRAINED_RANGE_DEG
+
+    trained = _trained_ranges(tiny_checkpoint)
+    out = tmp_path / "o.png"
+    beyond = trained["yaw"][1] + 5.0
+    code, _, err = _run(capsys, checkpoint=tiny_checkpoint, image=crop, out=out, yaw=beyond)
+    assert code == 0 and "warning: requested poses beyond those the model was trained on" in err
+    assert f"yaw {beyond:+g} (trained" in err and "checkpoint's training data" in err
+    code, _, err = _run(capsys, checkpoint=tiny_checkpoint, image=crop, out=out, yaw=0)
+    assert code == 0 and "warning" not in err
+    old = _checkpoint_with(tiny_checkpoint, tmp_path, None)
+    roll = DOCUMENTED_TRAINED_RANGE_DEG["roll"][1] + 10.0
+    code, _, err = _run(capsys, checkpoint=old, image=crop, out=out, sweep=[f"roll=0,{roll:g}"])
+    assert code == 0 and f"roll {roll:+g} (trained -20..+20)" in err and "documented" in err
+
+
+def _trained_ranges(checkpoint: Path) -> dict:
+    from controlnet_ray.data.pose import PhotoPoseModel
+
+    return PhotoPoseModel.from_dict(load_model(checkpoint).pose_estimate).trained_range_deg
+
+
 def test_aligned_flag_resizes_a_larger_crop(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "out.png"
     code, text, _ = _run(
@@ -231,7 +298,7 @@ def test_foreign_onnx_is_refused(tiny_onnx, crop, tmp_path, capsys):
 def test_out_of_range_angles_are_refused(option, tiny_checkpoint, crop, tmp_path, capsys):
     out = tmp_path / "o.png"
     code, _, err = _run(capsys, checkpoint=tiny_checkpoint, image=crop, out=out, **option)
-    assert code == 2 and "outside the training range" in err and "not clamped" in err
+    assert code == 2 and "outside the range a model accepts" in err and "not clamped" in err
     assert not out.exists()
 
 

@@ -27,6 +27,8 @@ from controlnet_ray.storage import LOG_DIR, SAVE_DIR
 from tests.inference_fixtures import TinyData, _train_batch, tiny_config
 
 EPOCHS, SAVE_INTERVAL = 4, 2
+#: the data's single-image pose estimate as the driver passes it (data.pose.PhotoPoseModel)
+POSE_ESTIMATE = {"mean_face": None, "bias_deg": [1.0, -2.0, 0.5], "trained_range_deg": None}
 
 
 class WorkerDied(RuntimeError):
@@ -103,7 +105,9 @@ def _setup(tiny_data: TinyData, root: Path, epochs: int = EPOCHS) -> loop.Worker
         ),
         ray=dataclasses.replace(base.ray, storage_path=str(root / "storage")),
     ).validate()
-    return loop.WorkerSetup(cfg, num_train_pairs=8, scratch_root=root / "scratch")
+    return loop.WorkerSetup(
+        cfg, num_train_pairs=8, pose_estimate=POSE_ESTIMATE, scratch_root=root / "scratch"
+    )
 
 
 def _stored(setup: loop.WorkerSetup, folder: str) -> Path:
@@ -135,6 +139,7 @@ def test_the_loop_trains_saves_and_resumes_without_ray(
     assert best["best_val_psnr"] == max(psnrs[: best["epoch"]])
     final = ckpt.load_checkpoint(save / run_files.FINAL_MODEL)
     assert final["epoch"] == EPOCHS
+    assert final[ckpt.POSE_ESTIMATE_KEY] == POSE_ESTIMATE  # for generate's photo poses
     assert ckpt.load_checkpoint(save / run_files.epoch_checkpoint(2))["epoch"] == 2
     events = EventAccumulator(str(_stored(whole, LOG_DIR)))
     events.Reload()

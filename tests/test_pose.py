@@ -265,7 +265,8 @@ def test_nose_side_evidence_and_contradiction():
 @pytest.mark.parametrize("landmarks", [5, 68])
 def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
     """dlib on scikit-image's astronaut and its mirror image: the fitted yaw has the nose's
-    sign, and the mirror flips it (dlib's 5 points once gave the opposite sign)."""
+    sign, and the mirror flips it (dlib's 5 points once gave the opposite sign); the smiling
+    near-frontal portrait gets a near-frontal pitch (dlib's 68 points once gave -51 deg)."""
     from skimage import data
 
     from controlnet_ray.data import detect
@@ -276,10 +277,31 @@ def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
     yaws = []
     for image in (photo, np.ascontiguousarray(photo[:, ::-1])):
         lm = detect.largest_face(det.detect(image)).landmarks
-        yaw = P.estimate_pose_generic(lm, image.shape[1], image.shape[0])[0]
+        yaw, pitch, _ = P.estimate_pose_generic(lm, image.shape[1], image.shape[0])
         assert yaw * nose_offset(lm) > 0, (yaw, nose_offset(lm))
+        assert abs(pitch) < 15.0, pitch
         yaws.append(yaw)
     assert yaws[0] > 2.0 and yaws[1] < -2.0 and abs(yaws[0] + yaws[1]) < 4.0, yaws
+
+
+def test_single_image_estimate_prefers_frontal_only_when_the_fits_are_about_equal():
+    """A smile (mouth corners 18 mm higher and 6 mm further out) on a frontal mean face: the
+    best fit reads the shortened mouth as a steep pitch and fits badly; the pitch-0 fit is
+    about as good, so it is taken. A really pitched face, and the same smile on it,
+    fit the pitched pose far better than any frontal one and keep their pitch."""
+    from controlnet_ray.data.pose.single_image import _generic_rt
+
+    smile = P.MEAN_FACE_3D.copy()
+    smile[3:, 1] += 18.0
+    smile[3:, 0] += np.array([-6.0, 6.0])
+    lm = _landmarks(smile, (8.0, 0.0, 0.0), 512, 512, dist=700.0)
+    rot, _ = _generic_rt(lm, 512, 512, P.MEAN_FACE_3D)
+    assert abs(ypr_from_rotation(rot)[1]) > 25.0  # the global minimum: a steep pitch
+    got = P.estimate_pose_generic(lm, 512, 512)
+    assert abs(got[1]) < 1e-6 and abs(got[0] - 8.0) < 4.0, got
+    for face in (P.MEAN_FACE_3D, smile):
+        lm = _landmarks(face, (8.0, -30.0, 0.0), 512, 512, dist=700.0)
+        assert P.estimate_pose_generic(lm, 512, 512)[1] < -20.0
 
 
 @pytest.mark.parametrize("ypr", [(30, 0, 0), (-30, 0, 0), (20, 15, 10), (-20, -15, -10)])
@@ -327,3 +349,26 @@ def test_numeric_failures_name_the_person_and_the_image(monkeypatch):
     monkeypatch.setattr(single_image, "_generic_rt", rt)
     with pytest.raises(P.PoseFitError, match=rf"person '{bad}', {labels[target]}: .*Singular"):
         P.estimate_dataset_poses(names, ds.roles, ds.landmarks_2d, ds.sizes, labels=labels)
+
+
+def test_photo_pose_model_round_trips_and_names_a_bad_field():
+    """What checkpoints carry: a manifest's pose report in, plain lists out and back; missing
+    fields are the defaults; a malformed one is named."""
+    report = {
+        "mean_face": (P.MEAN_FACE_3D * 1.1).tolist(),
+        "generic_bias_deg": [1.0, -2.0, 0.5],
+        "summary": {"ranges": {"train": {"yaw": [-60, 61], "pitch": [-20, 25], "roll": [-9, 8]}}},
+    }
+    model = P.PhotoPoseModel.from_pose_report(report)
+    again = P.PhotoPoseModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.bias_deg == (1.0, -2.0, 0.5) and again.trained_range_deg["yaw"] == (-60.0, 61.0)
+    np.testing.assert_allclose(again.mean_face, P.MEAN_FACE_3D * 1.1, atol=1e-3)
+    lm = _landmarks(P.MEAN_FACE_3D * 1.1, (20.0, 5.0, 0.0))
+    want = P.estimate_pose_generic(lm, 224, 224, template=again.mean_face, bias_deg=(1, -2, 0.5))
+    np.testing.assert_allclose(again.estimate(lm, 224, 224), want)
+    default = P.PhotoPoseModel.from_dict(None)
+    assert default.trained_range_deg is None and default.bias_deg == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="pose_estimate.bias_deg"):
+        P.PhotoPoseModel.from_dict({"bias_deg": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="trained_range_deg.pitch"):
+        P.PhotoPoseModel.from_dict({"trained_range_deg": {"yaw": [0, 1], "roll": [0, 1]}})

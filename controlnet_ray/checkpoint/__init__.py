@@ -34,6 +34,7 @@ from controlnet_ray.checkpoint.format import (
     FRESH_START_EPOCH,
     LEGACY_FORMAT_VERSION,
     LEGACY_KEYS,
+    POSE_ESTIMATE_KEY,
     CheckpointError,
 )
 from controlnet_ray.checkpoint.loading import load_checkpoint
@@ -57,6 +58,7 @@ from controlnet_ray.checkpoint.rng import (
 __all__ = [
     "CONTENT_DIGEST_KEY",
     "DISC_KEY",
+    "POSE_ESTIMATE_KEY",
     "DISC_OPTIMIZER_KEY",
     "FORMAT_VERSION",
     "FRESH_START_EPOCH",

@@ -19,6 +19,7 @@ from controlnet_ray.checkpoint.format import (
     DISC_KEY,
     DISC_OPTIMIZER_KEY,
     FORMAT_VERSION,
+    POSE_ESTIMATE_KEY,
     CheckpointError,
     _listed,
 )
@@ -119,12 +120,14 @@ def build_checkpoint(
     trainable: Sequence[str] | None = None,
     discriminator: nn.Module | None = None,
     discriminator_optimizer: torch.optim.Optimizer | None = None,
+    pose_estimate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the dict saved as a ``.pth``; RNG and the trainable set are read now unless given.
 
     Pass ``trainable`` when ``model``'s ``requires_grad`` flags no longer say what the optimiser
     holds (e.g. names taken before wrapping).  ``discriminator`` (and its optimiser) add the
     ``DISC_KEY`` / ``DISC_OPTIMIZER_KEY`` entries; without them the file has neither.
+    ``pose_estimate`` (plain lists and numbers) is stored under ``POSE_ESTIMATE_KEY``.
 
     Histories and scalars are converted to plain Python so the file stays weights_only-safe
     even when a caller hands in numpy or 0-d tensor values.
@@ -152,6 +155,8 @@ def build_checkpoint(
         out[DISC_KEY] = unwrap_model(discriminator).state_dict()
         if discriminator_optimizer is not None:
             out[DISC_OPTIMIZER_KEY] = discriminator_optimizer.state_dict()
+    if pose_estimate is not None:
+        out[POSE_ESTIMATE_KEY] = _to_plain(dict(pose_estimate))
     bad = _nonfinite_weights(out)
     if bad:
         raise CheckpointError(

@@ -30,6 +30,9 @@ CONTENT_DIGEST_KEY = "content_sha256"
 # from files of runs without it; the generator's keys never hold it (inference loads those alone).
 DISC_KEY = "discriminator_state_dict"
 DISC_OPTIMIZER_KEY = "discriminator_optimizer_state_dict"
+# How the training data's single-image poses were estimated (data.pose.PhotoPoseModel.to_dict:
+# the dataset's mean face, bias, the train split's pose ranges): optional, absent from older files.
+POSE_ESTIMATE_KEY = "pose_estimate"
 _MAX_LISTED = 5  # mismatches named per category in error messages
 
 

@@ -18,6 +18,10 @@ import numpy as np
 
 FLIP = np.diag([1.0, -1.0, -1.0])
 
+#: The poses a model accepts at all (the pose head's scale): inference refuses others, and
+#: preparation reports frames beyond them.
+POSE_LIMITS_DEG = {"yaw": 90.0, "pitch": 60.0, "roll": 60.0}
+
 # The original script's 5-point 3D template (head frame, y up, millimetre-like units):
 # left eye, right eye, nose tip, left mouth corner, right mouth corner.
 # "left"/"right" are image-left/image-right for a frontal face, matching InsightFace's order.

@@ -40,8 +40,9 @@ LABEL_PX = 14
 LANDMARK_COLORS = [(255, 0, 0), (0, 160, 255), (0, 220, 0), (255, 0, 255), (255, 220, 0)]
 
 
-def _tile(rgb: np.ndarray, text: str, landmarks: np.ndarray | None) -> np.ndarray:
-    """Image plus a label strip underneath (small cv2 text, readable at 1:1)."""
+def tile(rgb: np.ndarray, text: str, landmarks: np.ndarray | None = None) -> np.ndarray:
+    """Image plus a label strip underneath (small cv2 text, readable at 1:1); the one tile of
+    every contact sheet (this preview, preparation's pose extremes)."""
     img = rgb.copy()
     if landmarks is not None:
         for (x, y), color in zip(landmarks, LANDMARK_COLORS, strict=True):
@@ -65,10 +66,21 @@ def _row(index: int, args: argparse.Namespace) -> np.ndarray:
     for view, rgb, lm, _ in [front, *frames]:
         tag = "ID " if view.role == "front" else ""
         text = f"{tag}y{view.yaw:+.0f} p{view.pitch:+.0f} r{view.roll:+.0f}"
-        tiles.append(_tile(rgb, text, lm if args.landmarks else None))
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
-    row = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
-    return row
+        tiles.append(tile(rgb, text, lm if args.landmarks else None))
+    return join(tiles, axis=1)
+
+
+def join(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """Tiles side by side (``axis`` 1, 4 px white gaps) or rows stacked (``axis`` 0, 6 px gaps;
+    a narrower row is padded white on the right)."""
+    if axis == 0:
+        width = max(p.shape[1] for p in parts)
+        pad = [((0, 0), (0, width - p.shape[1]), (0, 0)) for p in parts]
+        parts = [np.pad(p, w, constant_values=255) for p, w in zip(parts, pad, strict=True)]
+    shape = list(parts[0].shape)
+    shape[axis] = 4 if axis == 1 else 6
+    gap = np.full(shape, 255, dtype=np.uint8)
+    return np.concatenate([q for part in parts for q in (part, gap)][:-1], axis=axis)
 
 
 def convention_row(args: argparse.Namespace) -> np.ndarray:
@@ -77,17 +89,14 @@ def convention_row(args: argparse.Namespace) -> np.ndarray:
     tiles = []
     for yaw, pitch, roll in CONVENTION_POSES:
         rgb, lm, _ = render_face(ident, yaw, pitch, roll, image_px=args.image_px)
-        tiles.append(_tile(rgb, f"yaw{yaw:+d} pitch{pitch:+d} roll{roll:+d}", lm))
-    gap = np.full((tiles[0].shape[0], 4, 3), 255, dtype=np.uint8)
-    return np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
+        tiles.append(tile(rgb, f"yaw{yaw:+d} pitch{pitch:+d} roll{roll:+d}", lm))
+    return join(tiles, axis=1)
 
 
 def build_sheet(args: argparse.Namespace) -> np.ndarray:
     if args.convention:
         return convention_row(args)
-    rows = [_row(i, args) for i in range(args.identities)]
-    gap = np.full((6, rows[0].shape[1], 3), 255, dtype=np.uint8)
-    return np.concatenate([r for row in rows for r in (row, gap)][:-1], axis=0)
+    return join([_row(i, args) for i in range(args.identities)], axis=0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

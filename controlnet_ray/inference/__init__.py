@@ -6,16 +6,19 @@
 * Faces: an image is either an aligned crop (already ``image_size`` square, or ``--aligned``) or
   a photo, which is detected (``data.detect``) or given 5 landmarks, then aligned exactly as the
   training data were (``data.align``).  A photo's source pose is estimated from its landmarks
-  with ``data.pose.estimate_pose_generic`` in the training data's convention.
+  as the training data's single-image estimates were (``data.pose.PhotoPoseModel``: the mean
+  face and bias the checkpoint carries; older checkpoints: the default mean face).
 * Poses are (yaw, pitch, roll) in degrees, :mod:`controlnet_ray.data.geometry`'s convention.
-  Targets outside the training range (:data:`POSE_LIMITS_DEG`) are refused, not clamped: the
-  model has never seen them, and a silently clamped angle would look like a model error.
+  Targets outside :data:`POSE_LIMITS_DEG` are refused, not clamped: no model has seen them,
+  and a silently clamped angle would look like a model error.  Targets beyond the poses the
+  model was trained on (the checkpoint's, else :data:`DOCUMENTED_TRAINED_RANGE_DEG`) are
+  warned about (:func:`beyond_training`).
 
 
-Modules: ``poses`` (training range, ``--sweep``), ``images`` (files, model range, captioned
-grids), ``faces`` (crop and source pose of an image), ``loading`` (``.pth`` -> model),
-``onnx_format`` (the export's names and metadata), ``runners`` (PyTorch / ONNX behind one
-interface), ``errors`` and ``cli_frame`` (how the commands fail). The names below are what the
+Modules: ``poses`` (accepted and trained ranges, ``--sweep``), ``images`` (files, model range,
+captioned grids), ``faces`` (crop and source pose of an image), ``loading`` (``.pth`` ->
+model), ``onnx_format`` (the export's names and metadata), ``runners`` (PyTorch / ONNX behind
+one interface), ``errors`` and ``cli_frame`` (how the commands fail). The names below are what the
 commands and tests import.
 
 torch is imported inside functions only, so CLIs can validate their arguments first.
@@ -43,6 +46,7 @@ from controlnet_ray.inference.onnx_format import (
     META_FRAMING,
     META_IMAGE_SIZE,
     META_INPUT_RANGE,
+    META_POSE_ESTIMATE,
     META_POSE_LIMITS,
     META_SIGNATURE,
     META_SOURCE,
@@ -52,9 +56,11 @@ from controlnet_ray.inference.onnx_format import (
 )
 from controlnet_ray.inference.poses import (
     AXES,
+    DOCUMENTED_TRAINED_RANGE_DEG,
     POSE_CONVENTION,
     POSE_LIMITS_DEG,
     Sweep,
+    beyond_training,
     check_pose,
     format_pose,
     parse_sweep,
@@ -63,6 +69,7 @@ from controlnet_ray.inference.runners import Runner, open_runner, run_batched
 
 __all__ = [
     "AXES",
+    "DOCUMENTED_TRAINED_RANGE_DEG",
     "IMAGE_EXTENSIONS",
     "INPUT_RANGE",
     "META_CONVENTION",
@@ -72,6 +79,7 @@ __all__ = [
     "META_INPUT_RANGE",
     "META_POSE_LIMITS",
     "META_SIGNATURE",
+    "META_POSE_ESTIMATE",
     "META_SOURCE",
     "ONNX_FORMAT",
     "ONNX_INPUTS",
@@ -83,6 +91,7 @@ __all__ = [
     "PreparedFace",
     "Runner",
     "Sweep",
+    "beyond_training",
     "check_output_path",
     "check_pose",
     "format_pose",

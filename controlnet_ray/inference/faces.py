@@ -15,6 +15,7 @@ from controlnet_ray.inference.errors import InferenceError
 
 if TYPE_CHECKING:
     from controlnet_ray.data.detect import FaceDetector
+    from controlnet_ray.data.pose import PhotoPoseModel
 
 
 def parse_landmarks(text: str) -> np.ndarray:
@@ -51,11 +52,14 @@ def prepare_face(
     source_pose: Sequence[float | None] = (None, None, None),
     detector: Callable[[], FaceDetector] | None = None,
     framing: str,
+    pose_model: PhotoPoseModel | None = None,
 ) -> PreparedFace:
     """Aligned crop + source pose of one image (see the package docstring for the rules).
 
     ``source_pose`` entries that are not None override the estimate (or the 0 default of
     aligned crops) axis by axis.  ``detector`` is a factory so detectors load only when needed.
+    ``pose_model`` estimates a photo's pose and frames its head as the model's training data
+    were (the runner's; None: :meth:`PhotoPoseModel.default`).
     """
     h, w = image.shape[:2]
     if landmarks is None and (aligned or (h, w) == (image_size, image_size)):
@@ -68,7 +72,10 @@ def prepare_face(
         how = "detected landmarks"
     else:
         how = "--landmarks"
-    return _align_photo(image, image_size, landmarks, source_pose, how, framing)
+    face = _align_photo(image, image_size, landmarks, source_pose, how, framing, pose_model)
+    if face is None:
+        raise InferenceError(f"{name}: no head pose fits the {how}")
+    return face
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -102,19 +109,27 @@ def _align_photo(
     source_pose: Sequence[float | None],
     how: str,
     framing: str,
-) -> PreparedFace:
+    pose_model: PhotoPoseModel | None,
+) -> PreparedFace | None:
+    """The photo aligned and its pose estimated; None when no head pose fits the landmarks."""
     from controlnet_ray.data.align import align_face, crop, head_crop_matrix
-    from controlnet_ray.data.pose import MEAN_FACE_3D, estimate_pose_generic
+    from controlnet_ray.data.pose import PhotoPoseModel, PoseFitError
 
     h, w = image.shape[:2]
-    estimate = estimate_pose_generic(landmarks, w, h)
-    pose = tuple(e if v is None else float(v) for e, v in zip(estimate, source_pose, strict=True))
+    model = pose_model or PhotoPoseModel.default()
+    try:
+        estimate = model.estimate(landmarks, w, h)
+    except PoseFitError:
+        return None
+    pose = tuple(
+        float(e) if v is None else float(v) for e, v in zip(estimate, source_pose, strict=True)
+    )
     overridden = any(v is not None for v in source_pose)
-    origin = f"estimated from {how} (data.pose generic PnP)" + (
+    origin = f"estimated from {how} (data.pose single-image estimate)" + (
         ", partly overridden by --source_*" if overridden else ""
     )
     if framing == "head":  # framed like the training data: on the head, from the pose
-        matrix = head_crop_matrix(landmarks, np.asarray(estimate), w, h, MEAN_FACE_3D, image_size)
+        matrix = head_crop_matrix(landmarks, estimate, w, h, model.mean_face, image_size)
         face = crop(image, matrix, image_size)
     else:
         face = align_face(image, landmarks, image_size)

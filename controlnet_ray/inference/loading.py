@@ -35,6 +35,7 @@ class LoadedModel:
     config: TrainConfig
     path: Path
     signature: dict[str, Any]
+    pose_estimate: dict[str, Any] | None = None  # the checkpoint's POSE_ESTIMATE_KEY, if any
 
     @property
     def image_size(self) -> int:
@@ -51,6 +52,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     import torch
 
     from controlnet_ray.checkpoint import CheckpointError, check_model_compat, load_checkpoint
+    from controlnet_ray.checkpoint.format import POSE_ESTIMATE_KEY
     from controlnet_ray.model import build_model, model_signature
 
     state = load_checkpoint(path)
@@ -66,7 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     except RuntimeError as exc:  # check_model_compat should have caught it; name the file
         raise CheckpointError(f"{path}: weights do not load: {exc}") from exc
     model.to(torch.device(device)).eval()
-    return LoadedModel(model, cfg, Path(path), signature)
+    return LoadedModel(model, cfg, Path(path), signature, state.get(POSE_ESTIMATE_KEY))
 
 
 _BACKBONE = "encoder.backbone."

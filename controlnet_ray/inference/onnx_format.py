@@ -12,6 +12,7 @@ META_POSE_LIMITS = "controlnet_ray.pose_limits_deg"
 META_FRAMING = "controlnet_ray.framing"  # absent in exports made before head framing: arcface
 META_SIGNATURE = "controlnet_ray.model_signature"
 META_SOURCE = "controlnet_ray.source_checkpoint"
+META_POSE_ESTIMATE = "controlnet_ray.pose_estimate"  # JSON; absent: the default (data.pose.photo)
 INPUT_RANGE = (
     "RGB, NCHW float32 in [-1, 1] (pixel / 127.5 - 1), a crop framed as "
     f"metadata {META_FRAMING} says (head: the head-centred crop of data.align)"

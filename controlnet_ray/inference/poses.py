@@ -1,18 +1,21 @@
-"""Poses the inference commands accept: the training range (refused, never clamped), the
-convention written into exports, and ``--sweep`` values."""
+"""Poses the inference commands accept: the range a model accepts (refused beyond, never
+clamped), the range it was trained on (warned beyond), the convention written into exports,
+and ``--sweep`` values."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from controlnet_ray.data.geometry import POSE_LIMITS_DEG
 from controlnet_ray.inference.errors import InferenceError
 
 AXES = ("yaw", "pitch", "roll")
-# The training range: what the synthetic and real video data cover, and the pose head's scale.
-POSE_LIMITS_DEG = {"yaw": 90.0, "pitch": 60.0, "roll": 60.0}
+#: The poses a model was trained on when its checkpoint does not say (older files, the original
+#: script's): the embedded dataset's video range (``data.synthetic.views``).
+DOCUMENTED_TRAINED_RANGE_DEG = {"yaw": (-72.0, 72.0), "pitch": (-30.0, 30.0), "roll": (-20.0, 20.0)}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 POSE_CONVENTION = (
     "(yaw, pitch, roll) in degrees; R = Rz(roll) @ Rx(-pitch) @ Ry(yaw); 0 = facing the camera; "
@@ -22,17 +25,40 @@ POSE_CONVENTION = (
 
 
 def check_pose(pose: Sequence[float], what: str) -> tuple[float, float, float]:
-    """``pose`` as floats, or InferenceError naming ``what`` when outside the training range."""
+    """``pose`` as floats, or InferenceError naming ``what`` when outside the range a model
+    accepts (:data:`POSE_LIMITS_DEG`)."""
     values = tuple(float(v) for v in pose)
     for axis, value in zip(AXES, values, strict=True):
         limit = POSE_LIMITS_DEG[axis]
         if not math.isfinite(value) or abs(value) > limit:
             raise InferenceError(
-                f"{what} {axis} = {value:g} deg is outside the training range "
+                f"{what} {axis} = {value:g} deg is outside the range a model accepts "
                 f"(yaw +-{POSE_LIMITS_DEG['yaw']:g}, pitch +-{POSE_LIMITS_DEG['pitch']:g}, "
                 f"roll +-{POSE_LIMITS_DEG['roll']:g}); angles are refused, not clamped"
             )
     return values  # type: ignore[return-value]
+
+
+def beyond_training(
+    poses: Sequence[Sequence[float]], trained: Mapping[str, tuple[float, float]] | None
+) -> str | None:
+    """A warning when any of ``poses`` lies beyond the poses the model was trained on
+    (``trained``: its checkpoint's, else :data:`DOCUMENTED_TRAINED_RANGE_DEG`); None if none."""
+    ranges = dict(trained or DOCUMENTED_TRAINED_RANGE_DEG)
+    beyond = []
+    for k, axis in enumerate(AXES):
+        lo, hi = ranges[axis]
+        values = sorted({float(p[k]) for p in poses if not lo <= float(p[k]) <= hi})
+        if values:
+            shown = ", ".join(f"{v:+g}" for v in values[:4]) + (" ..." if len(values) > 4 else "")
+            beyond.append(f"{axis} {shown} (trained {lo:+.0f}..{hi:+.0f})")
+    if not beyond:
+        return None
+    source = "the checkpoint's training data" if trained else "the documented range"
+    return (
+        f"warning: requested poses beyond those the model was trained on ({source}): "
+        f"{'; '.join(beyond)}; expect worse faces there"
+    )
 
 
 def format_pose(pose: Sequence[float]) -> str:

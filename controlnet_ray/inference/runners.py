@@ -3,6 +3,7 @@ CLIs do not care which they were given; batched runs with bounded memory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,6 +15,7 @@ from controlnet_ray.inference.onnx_format import (
     META_FORMAT,
     META_FRAMING,
     META_IMAGE_SIZE,
+    META_POSE_ESTIMATE,
     ONNX_FORMAT,
     ONNX_INPUTS,
     ONNX_OUTPUT,
@@ -21,6 +23,8 @@ from controlnet_ray.inference.onnx_format import (
 
 if TYPE_CHECKING:
     import torch
+
+    from controlnet_ray.data.pose import PhotoPoseModel
 
 RUN_BATCH = 16  # images per forward pass in the CLIs
 
@@ -31,6 +35,7 @@ class Runner(Protocol):
     image_size: int
     framing: str  # how the model's training crops were framed (data.align)
     description: str
+    pose_model: PhotoPoseModel  # a photo's pose, as the training data's were estimated
 
     def generate(
         self, images: np.ndarray, source_pose: np.ndarray, target_pose: np.ndarray
@@ -45,6 +50,7 @@ class TorchRunner:
         self.image_size = loaded.image_size
         self.framing = loaded.config.data.framing
         self.description = f"{loaded.path} (PyTorch on {device})"
+        self.pose_model = _pose_model(loaded.pose_estimate, loaded.path)
 
     def generate(
         self, images: np.ndarray, source_pose: np.ndarray, target_pose: np.ndarray
@@ -90,6 +96,7 @@ class OnnxRunner:
         self.image_size = int(meta[META_IMAGE_SIZE])
         self.framing = meta.get(META_FRAMING, "arcface")
         self.metadata = dict(meta)
+        self.pose_model = _pose_model(json.loads(meta.get(META_POSE_ESTIMATE, "null")), self.path)
         provider = self.session.get_providers()[0]
         self.description = f"{self.path} (onnxruntime, {provider})"
 
@@ -101,6 +108,17 @@ class OnnxRunner:
             for name, a in zip(ONNX_INPUTS, (images, source_pose, target_pose), strict=True)
         }
         return self.session.run([ONNX_OUTPUT], feed)[0]
+
+
+def _pose_model(fields: dict | None, path: Path) -> PhotoPoseModel:
+    """The model's :class:`PhotoPoseModel` (the default when it has none); InferenceError
+    naming the file when the stored one is malformed."""
+    from controlnet_ray.data.pose import PhotoPoseModel
+
+    try:
+        return PhotoPoseModel.from_dict(fields)
+    except (ValueError, TypeError) as exc:
+        raise InferenceError(f"{path}: {exc}") from exc
 
 
 def open_runner(path: str | Path, device: str = "auto") -> Runner:

@@ -54,6 +54,7 @@ def build_trainer(
     loop_config = {
         "config": cfg.to_dict(),
         "shards_dir": str(pairs.shards_dir),
+        "pose_estimate": pose_estimate(pairs.shards_dir),
         "num_train_pairs": pairs.num_train_pairs,
         "torch_threads": plan.torch_threads,
         "progress_board": progress_board,
@@ -66,6 +67,17 @@ def build_trainer(
         run_config=run_config,
         datasets={"train": pairs.train, "val": pairs.val},
     )
+
+
+def pose_estimate(shards_dir: Any) -> dict[str, Any] | None:
+    """How the run's data estimated a single image's pose, from its manifest (for the
+    checkpoints, so ``generate`` estimates a photo's pose the same way); None without shards."""
+    if not shards_dir:
+        return None
+    from controlnet_ray.data.pose import PhotoPoseModel
+    from controlnet_ray.data.shards import load_manifest
+
+    return PhotoPoseModel.from_pose_report(load_manifest(shards_dir).pose_report).to_dict()
 
 
 def resume_state_ref(cfg: TrainConfig) -> Any:

@@ -43,8 +43,10 @@ class TrainingLoop:
         outputs: RankZeroOutputs | None,
         judging: Any,
         progress: WorkerProgress,
+        pose_estimate: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.host, self.t = cfg, host, trainee
+        self.pose_estimate = pose_estimate  # saved in every checkpoint, for generate
         self.rank, self.world = host.rank, host.world
         self.engine, self.model = trainee.engine, trainee.model
         self.run_state = trainee.run
@@ -226,6 +228,7 @@ class TrainingLoop:
             trainable=t.trainable,
             discriminator=t.adversary and t.adversary.discriminator,
             discriminator_optimizer=t.adversary and t.adversary.optimizer,
+            pose_estimate=self.pose_estimate,
         )
 
     def _report_finished_run(self) -> None:

@@ -73,5 +73,6 @@ class WorkerSetup:
     num_train_pairs: int
     torch_threads: int = 1
     shards_dir: str | None = None  # the judges' data; None: no judging
+    pose_estimate: dict[str, Any] | None = None  # the data's single-image pose (checkpoints)
     progress_board: Any = None  # the driver's console actor; None prints lines here
     scratch_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / SCRATCH_ROOT)

@@ -51,7 +51,7 @@ def run_worker(setup: WorkerSetup, host: WorkerHost) -> None:
         f"{batches_per_epoch} batches/epoch; {amp.description}"
     )
     judging = build_judging(cfg, host.rank, setup.shards_dir)
-    TrainingLoop(cfg, host, trainee, outputs, judging, progress).run()
+    TrainingLoop(cfg, host, trainee, outputs, judging, progress, setup.pose_estimate).run()
 
 
 def batches_per_rank(num_train_pairs: int, batch_size: int, world: int) -> int:

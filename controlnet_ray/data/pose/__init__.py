@@ -43,13 +43,16 @@ about 20-35 ms of CPU per person of 25 images, both passes included.
 
 Modules: ``mean_face`` (landmark indices, :data:`MEAN_FACE_3D`), ``validation`` (input checks),
 ``rotations`` (vectorised rotations and projection), ``single_image`` (EPnP, generic PnP),
-``bundle`` (:func:`fit_person`), ``dataset`` (:func:`estimate_dataset_poses`). The synthetic
+``bundle`` (:func:`fit_person`), ``dataset`` (:func:`estimate_dataset_poses`), ``photo``
+(:class:`PhotoPoseModel`: a photo's pose as the dataset's single-image estimates, which
+checkpoints carry for ``generate``), ``evidence`` (the nose's side). The synthetic
 5-point test set lives in ``tests/landmark_sets.py`` (tests and ``benchmarks/pose_accuracy.py``).
 """
 
 from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.dataset import PoseReport, estimate_dataset_poses, mean_face_from_fits
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D
+from controlnet_ray.data.pose.photo import PhotoPoseModel
 from controlnet_ray.data.pose.single_image import (
     PoseFitError,
     estimate_pose_generic,
@@ -62,6 +65,7 @@ __all__ = [
     "MEAN_FACE_3D",
     "BundleConfig",
     "PersonFit",
+    "PhotoPoseModel",
     "PoseFitError",
     "PoseReport",
     "estimate_dataset_poses",

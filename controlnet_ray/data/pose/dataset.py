@@ -18,6 +18,7 @@ from controlnet_ray.data.pools import RayTasks, pool_workers, process_pool, ray_
 from controlnet_ray.data.pose.bundle import BundleConfig, PersonFit, fit_person
 from controlnet_ray.data.pose.evidence import CLEAR_TURN, nose_offset, yaw_contradicts
 from controlnet_ray.data.pose.mean_face import MEAN_FACE_3D, NOSE
+from controlnet_ray.data.pose.photo import PhotoPoseModel
 from controlnet_ray.data.pose.rotations import _rot_from_ypr_batch
 from controlnet_ray.data.pose.single_image import PoseFitError, estimate_poses_generic
 from controlnet_ray.data.pose.validation import _as_landmarks, _as_shape, _as_sizes
@@ -263,10 +264,11 @@ def estimate_dataset_poses(
         diff[:, 2] = (diff[:, 2] + 180.0) % 360.0 - 180.0
         bias = np.median(diff, axis=0)
     contradicted = {}
+    single = PhotoPoseModel(mean, (float(bias[0]), float(bias[1]), float(bias[2])))
     for p in generic_names:
         idx = groups[p]
-        try:
-            poses[idx] = estimate_poses_generic(lm[idx], sz[idx], template=mean, bias_deg=bias)
+        try:  # the single-image estimate generate gives a photo (checkpoints carry `single`)
+            poses[idx] = single.estimate_many(lm[idx], sz[idx])
         except PoseFitError as exc:
             where = labels[idx[exc.index]] if labels is not None else f"image {idx[exc.index]}"
             raise PoseFitError(idx[exc.index], f"person {p!r}, {where}: {exc.reason}") from exc

@@ -47,6 +47,12 @@ from controlnet_ray.data.pools import pool_workers
 from controlnet_ray.data.shards.align_workers import _run_alignment
 from controlnet_ray.data.shards.fingerprint import _fingerprint
 from controlnet_ray.data.shards.pair_index import PairRule, _write_pair_indexes
+from controlnet_ray.data.shards.pose_summary import (
+    PoseFrames,
+    print_pose_checks,
+    print_pose_summary,
+    report_poses,
+)
 from controlnet_ray.data.shards.publish import (
     _publish,
     _refuse_foreign_dir,
@@ -81,6 +87,7 @@ class _Plan:
     framing: str
     matrices: np.ndarray  # [N,2,3] source image -> crop
     framing_errors: dict[int, str]  # entries that cannot be cropped -> reason
+    frames: PoseFrames  # what the pose report reads
 
 
 def _row(ds: LegacyDataset, i: int, plan: _Plan, png: bytes) -> dict[str, Any]:
@@ -170,6 +177,7 @@ def _prepare(
         raise
     n_files = sum(len(f) for f in manifest.shards.values())
     print(f"wrote {manifest.counts['total']['images']} rows in {n_files} shards to {out}")
+    print_pose_summary(manifest.pose_report["summary"], out)
     return manifest
 
 
@@ -203,14 +211,15 @@ def _plan(
         )
     except PoseFitError as exc:
         raise DataError(f"{ds.data_dir}: pose estimation failed: {exc}") from exc
-    _print_pose_checks(report)
+    print_pose_checks(report)
     _check_poses(ds, poses)
     _check_pairs(names, roles, poses, splits, ratios, pairing)
     order = [i for s in SPLITS for i, si in enumerate(splits) if si == s]
     mean_face = np.asarray(report.mean_face, np.float64)
     matrices, errors = _crop_matrices(ds, poses, mean_face, image_size, framing)
     poses = np.asarray(poses, np.float32)
-    return _Plan(splits, poses, report.to_dict(), order, ratios, framing, matrices, errors)
+    frames = PoseFrames(poses, ds.landmarks_2d(), [e.image_path for e in ds.entries], names, splits)
+    return _Plan(splits, poses, report.to_dict(), order, ratios, framing, matrices, errors, frames)
 
 
 def warn_few_persons(persons: Mapping[str, int], ratios: Sequence[float]) -> None:
@@ -218,15 +227,6 @@ def warn_few_persons(persons: Mapping[str, int], ratios: Sequence[float]) -> Non
     refusal: see there why)."""
     if warning := few_persons_warning(persons, ratios):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-
-
-def _print_pose_checks(report: Any) -> None:
-    """Name the persons whose poses the 2D evidence questions (the manifest keeps the rest)."""
-    for person, why in report.generic_reasons.items():
-        if "contradicted" in why or "did not converge" in why:
-            print(f"pose: {person}: single-image estimates ({why})")
-    for person, what in report.yaw_contradicted.items():
-        print(f"warning: pose: {person}: yaw opposite to the nose's side in {what}")
 
 
 def _crop_matrices(
@@ -304,6 +304,7 @@ def _write_all(
     tasks = _tasks(ds, plan, image_size)
     bad = [_skipped(ds.entries[i], err) for i, err in sorted(plan.framing_errors.items())]
     kept: list[int] = []
+    sheet, pngs = plan.frames.sheet_candidates(), {}  # the pose contact sheet's crops
     t0 = time.perf_counter()
     for i, png, err in _run_alignment(tasks, num_workers, len(plan.order)):
         if png is None:
@@ -311,6 +312,8 @@ def _write_all(
             continue
         writers[plan.splits[i]].add(_row(ds, i, plan, png))
         kept.append(i)
+        if i in sheet:
+            pngs[plan.frames.files[i]] = png
     elapsed = time.perf_counter() - t0
     print(f"aligned {len(kept)} images in {elapsed:.1f} s ({len(kept) / max(elapsed, 1e-9):.0f}/s)")
     _handle_bad(ds, bad, skip_bad_images)
@@ -319,6 +322,7 @@ def _write_all(
     pair_counts = _recheck_pairs(ds, plan, kept, pairing)
     _write_pair_indexes(tmp, writers, pairing)
     manifest = _manifest(ds, plan, kept, writers, image_size, pair_counts, pairing, fingerprint)
+    manifest.pose_report["summary"] = report_poses(tmp, plan.frames.subset(kept), pngs)
     manifest.skipped = [s.to_dict() for s in ds.skipped + bad]
     manifest.skipped_count = len(manifest.skipped)
     if manifest.skipped_count:
