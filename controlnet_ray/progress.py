@@ -46,15 +46,23 @@ def _face(m: dict[str, Any]) -> str:
 
 def format_judged(m: dict[str, Any]) -> str:
     """The independent judges' figures of an epoch (``controlnet_ray.judging``), with the
-    floor (the judge on real targets) and the best trivial predictor to read them against."""
+    floor (the judge on real targets), the best trivial predictor, copying the source (for
+    identity) and how many held-out persons and pairs they rest on."""
     margin = m.get("face_margin_db")
     margin_s = "n/a" if margin is None else f"{margin:+.2f} dB"
+    source = m.get("id_top1_source")
+    beside = f"copying the source {source:.0%}, " if source is not None else ""
+    counted = (
+        f"; on {m['judged_persons']:.0f} persons, {m['judged_pairs']:.0f} pairs"
+        if "judged_persons" in m and "judged_pairs" in m
+        else ""
+    )
     return (
         f"yaw err {m['judged_yaw_err_deg']:.1f} deg (floor {m['judge_floor_yaw_deg']:.1f}), "
         f"pitch {m['judged_pitch_err_deg']:.1f} (floor {m['judge_floor_pitch_deg']:.1f}); "
         f"face PSNR {margin_s} over the best trivial predictor; "
-        f"identity top-1 {m['id_top1']:.0%} (chance {m['id_chance']:.0%}); "
-        f"sharpness {m['sharpness']:.2f}"
+        f"identity top-1 {m['id_top1']:.0%} ({beside}chance {m['id_chance']:.0%}); "
+        f"sharpness {m['sharpness']:.2f}{counted}"
     )
 
 

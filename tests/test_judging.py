@@ -300,6 +300,11 @@ def test_report_margins_ratios_and_text(scorer: Scorer) -> None:
     assert "floor" in text and "face PSNR margin" in text
     assert h["warning"] is None and "WARNING" not in text  # 4 persons
     assert summary_line(report).startswith("judged yaw err")
+    assert h["id_top1_source"] is None and "copying the source" not in text  # not scored
+    with_source = build_report(scorer, {**per, "source": scorer.score(ev.source.clone())})
+    src = with_source["rows"]["source"]["id_top1"]
+    assert with_source["headline"]["id_top1_source"] == src
+    assert f"(copying the source {src:.0%})" in summary_line(with_source)
     assert build_report(scorer, {"pose_bin": per["pose_bin"]})["headline"] is None
 
 

@@ -225,3 +225,16 @@ def test_step_progress_on_a_terminal_redraws_in_place_and_ends_with_a_line(monke
     assert log.getvalue() == "pose judge: 40 steps in 10s, loss 0.1000\n"
     StepProgress("pose judge", 40, "lines", log, clock)(40, 0.1)  # --progress lines: no bar
     assert tty.getvalue().count("\r") == 20  # unchanged
+
+
+def test_judged_figures_read_identity_beside_copying_the_source_and_name_their_counts():
+    m = {
+        "judged_yaw_err_deg": 6.0, "judge_floor_yaw_deg": 3.0, "judged_pitch_err_deg": 4.0,
+        "judge_floor_pitch_deg": 2.0, "face_margin_db": 1.5, "id_top1": 0.81,
+        "id_chance": 1 / 6, "sharpness": 0.7,
+    }  # fmt: skip
+    assert "identity top-1 81% (chance 17%)" in progress.format_judged(m)
+    line = progress.format_judged({**m, "id_top1_source": 0.76, "judged_persons": 3.0,
+                                   "judged_pairs": 48.0})  # fmt: skip
+    assert "identity top-1 81% (copying the source 76%, chance 17%)" in line
+    assert line.endswith("; on 3 persons, 48 pairs")

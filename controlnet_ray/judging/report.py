@@ -183,7 +183,9 @@ def headline(rows: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
     """The figures the product is judged by, for row ``name`` (the model):
 
     judged median yaw and pitch error over the floor's (ratio), face-region PSNR margin over the
-    best of the pose-bin means (with mirrors, or colour-shifted), identity top-1, sharpness.
+    best of the pose-bin means (with mirrors, or colour-shifted), identity top-1 beside that of
+    copying the source (the strongest trivial identity: a model must beat it, not only chance),
+    sharpness.
     """
     row, floor = rows[name], rows[FLOOR]
     best = max(
@@ -200,6 +202,7 @@ def headline(rows: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
         "best_trivial": best,
         "face_psnr_margin_db": None if best is None else row["psnr_face"] - rows[best]["psnr_face"],
         "id_top1": row["id_top1"],
+        "id_top1_source": rows["source"]["id_top1"] if "source" in rows else None,
         "sharpness": row["sharpness_median"],
     }
 
@@ -294,9 +297,15 @@ def format_report(report: dict[str, Any]) -> str:
             f"{h['predictor']}: judged median yaw err x{h['yaw_err_ratio']:.2f} of the floor, "
             f"pitch x{h['pitch_err_ratio']:.2f}; face PSNR margin "
             f"{_fmt(h['face_psnr_margin_db'], '+.2f')} dB over {h['best_trivial']}; "
-            f"id top-1 {h['id_top1']:.0%}; sharpness {h['sharpness']:.2f}"
+            f"id top-1 {h['id_top1']:.0%}{_beside_source(h)}; sharpness {h['sharpness']:.2f}"
         )
     return "\n".join(lines)
+
+
+def _beside_source(headline: Mapping[str, Any]) -> str:
+    """`` (copying the source 76%)`` when that row was scored, else nothing."""
+    src = headline.get("id_top1_source")
+    return "" if src is None else f" (copying the source {src:.0%})"
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -312,5 +321,5 @@ def summary_line(report: dict[str, Any]) -> str:
         f"{row['pose_err_median_deg']['pitch']:.1f} "
         f"(floor {floor['pose_err_median_deg']['pitch']:.1f}) deg, face "
         f"{_fmt(h['face_psnr_margin_db'], '+.2f')} dB vs {h['best_trivial']}, "
-        f"id top-1 {h['id_top1']:.0%}, sharpness {h['sharpness']:.2f}"
+        f"id top-1 {h['id_top1']:.0%}{_beside_source(h)}, sharpness {h['sharpness']:.2f}"
     )

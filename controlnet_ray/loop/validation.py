@@ -25,8 +25,11 @@ JUDGED_KEYS = (
     "judge_floor_pitch_deg",
     "face_margin_db",
     "id_top1",
+    "id_top1_source",
     "id_chance",
     "sharpness",
+    "judged_persons",
+    "judged_pairs",
 )
 
 
@@ -56,8 +59,11 @@ def judged_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "judge_floor_pitch_deg": floor["pose_err_median_deg"]["pitch"],
         "face_margin_db": head["face_psnr_margin_db"],
         "id_top1": head["id_top1"],
+        "id_top1_source": head.get("id_top1_source"),
         "id_chance": report["chance_id_top1"],
         "sharpness": head["sharpness"],
+        "judged_persons": report["num_persons"],
+        "judged_pairs": report["num_pairs"],
     }
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
