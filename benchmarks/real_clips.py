@@ -27,7 +27,7 @@ Steps:
    (``data.pose.estimate_dataset_poses`` on the stored landmarks) and compared, per person and
    overall, with two references that share nothing with them: dlib's 68 points in each stored
    face box with PnP on the 3D mean face of ``--face_model`` (``face68``), and the 68-point
-   nose tip's side of the eyes' midpoint (``data.pose.evidence.nose_offset``, no 3D model at all).
+   nose tip's side of the face's vertical axis (``data.pose.evidence.nose_offset``, no 3D model).
 
 Prints the table of ``label_agreement``.  Exit status 0 whether or not the targets are met
 (the verdict line says so), 2 on bad input, or ``prepare_raw``'s own status when it fails.
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = person_rows(ds.person_names(), labels, pnp, nose, CLEAR_YAW_DEG, CLEAR_TURN)
     print(
         f"sign: labelled with the reference's sign / clearly turned frames "
-        f"(|68-PnP yaw| >= {CLEAR_YAW_DEG:g} deg, |nose offset| >= {CLEAR_TURN:g} IOD)"
+        f"(|68-PnP yaw| >= {CLEAR_YAW_DEG:g} deg, |nose offset| >= {CLEAR_TURN:g} eye-to-mouth)"
     )
     print(format_table(rows))
     if args.json:

@@ -261,6 +261,27 @@ def test_nose_side_evidence_and_contradiction():
     assert not yaw_contradicts(-3.0, lm[0])  # too small a yaw to judge
 
 
+def test_the_nose_side_never_contradicts_a_true_yaw_but_in_rare_extreme_views():
+    """Calibration: exact projections of the plausibility tests' face templates (several
+    proportions, focal lengths 0.5x-3x) over yaw +-90, pitch and roll +-45: the true yaw
+    contradicts the nose's side in under 0.2 % of views (along the eye axis alone it was 18 %:
+    the eyes' order reverses near profile)."""
+    from controlnet_ray.data.pose.evidence import yaw_contradicts
+    from tests.test_plausibility import grid, views
+
+    poses = grid(range(-90, 91, 10), range(-45, 46, 15), range(-45, 46, 15))
+    faces = [v for v in views(poses, seed=1, noise=0.0) if v.inside()]
+    ypr = np.array([v.ypr for v in faces])
+    lm = np.stack([v.landmarks for v in faces])
+    assert len(faces) > 15000
+    assert yaw_contradicts(ypr[:, 0], lm).mean() < 0.002
+    # A mirrored fit of a clearly turned face (30-60 deg, pitch and roll within 30) is caught
+    # in most views, so a mirrored person (refitted when most of their views disagree) is.
+    turned = (np.abs(ypr[:, 0]) >= 30) & (np.abs(ypr[:, 0]) <= 60)
+    turned &= np.all(np.abs(ypr[:, 1:]) <= 30, axis=1)
+    assert yaw_contradicts(-ypr[:, 0], lm)[turned].mean() > 0.75
+
+
 @needs_dlib
 @pytest.mark.parametrize("landmarks", [5, 68])
 def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
@@ -270,7 +291,7 @@ def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
     from skimage import data
 
     from controlnet_ray.data import detect
-    from controlnet_ray.data.pose.evidence import nose_offset
+    from controlnet_ray.data.pose.evidence import nose_offset, yaw_contradicts
 
     det = detect.DlibDetector(landmarks=landmarks)
     photo = np.ascontiguousarray(data.astronaut())
@@ -278,7 +299,7 @@ def test_real_photo_yaw_follows_the_nose_and_flips_with_the_mirror(landmarks):
     for image in (photo, np.ascontiguousarray(photo[:, ::-1])):
         lm = detect.largest_face(det.detect(image)).landmarks
         yaw, pitch, _ = P.estimate_pose_generic(lm, image.shape[1], image.shape[0])
-        assert yaw * nose_offset(lm) > 0, (yaw, nose_offset(lm))
+        assert not yaw_contradicts(yaw, lm), (yaw, nose_offset(lm))
         assert abs(pitch) < 15.0, pitch
         yaws.append(yaw)
     assert yaws[0] > 2.0 and yaws[1] < -2.0 and abs(yaws[0] + yaws[1]) < 4.0, yaws
