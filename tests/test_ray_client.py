@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from controlnet_ray import run_files
+from controlnet_ray import launcher, run_files
 from controlnet_ray.config import TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -207,9 +207,10 @@ def test_client_needs_auth_mode_token_and_env_address_wins(head: Head):
 
 def test_training_job_writes_outputs_in_the_shared_storage_under_a_stable_run_name(head: Head):
     """A job's outputs and its Ray run land in the shared storage, the run named from
-    ``--save_dir`` as a local run's is: a second submission of the same command computes the
-    same name and so continues the run (the continuation itself is tested locally, in
-    test_resume_faults.py's re-runs, and for a job by the sweep test below)."""
+    ``--save_dir`` and the settings as a local run's is: a second submission of the same
+    command computes the same name and so continues the run (the continuation itself is
+    tested locally, in test_resume_faults.py's re-runs, and for a job by the sweep test
+    below)."""
     logs = head.run("train", "train-1", [*TINY, "--epochs", "1"])
     assert "epoch 1/1" in logs
     save = head.shared / "runs" / "train"
@@ -217,8 +218,10 @@ def test_training_job_writes_outputs_in_the_shared_storage_under_a_stable_run_na
         assert (save / name).is_file(), name
     (run,) = (head.shared / "ray_results").glob("controlnet_train_*")
     assert list(run.glob("checkpoint_*/state.pth")), run
-    again = TrainConfig()
-    again.output.save_dir = str(save)  # the resubmitted command's --save_dir
+    # The resubmitted command (the config the driver recorded in --save_dir, name unset) gets
+    # the same name: from its --save_dir and the settings that define the training.
+    again = TrainConfig.from_dict(launcher.read_run_record(save)["config"])
+    again.ray.run_name = None
     assert run.name == again.run_name()
     history = json.loads((save / run_files.HISTORY).read_text())
     assert [h["epoch"] for h in history["val"]] == [1]
