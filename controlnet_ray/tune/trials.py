@@ -16,7 +16,7 @@ from controlnet_ray.files import dumps_strict, unused_path
 from controlnet_ray.storage import RunStorage, join_uri
 from controlnet_ray.tune.asha import asha_state_file, make_scheduler
 from controlnet_ray.tune.resources import SweepPlan
-from controlnet_ray.tune.search_space import METRIC, MODE, SweepOptions, param_space
+from controlnet_ray.tune.search_space import SweepOptions, param_space, sweep_metric
 
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
 
@@ -110,12 +110,13 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
     state_file = asha_state_file(cfg, opts)
     state_file.unlink(missing_ok=True)  # a new sweep starts with empty rungs
     scheduler = make_scheduler(opts, cfg.optim.epochs, state_file)
+    metric, mode = sweep_metric(cfg)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(opts),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
+            metric=metric,
+            mode=mode,
             scheduler=scheduler,
             max_concurrent_trials=plan.concurrency,
             trial_name_creator=_trial_id,
