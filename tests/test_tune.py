@@ -40,6 +40,7 @@ from controlnet_ray.tune import (
 )
 from controlnet_ray.tune.search_space import sweep_metric
 from controlnet_ray.tune.summary import checkpoint_exists, kept_checkpoints
+from controlnet_ray.tune.trials import trial_data_seed
 from tests.cli_helpers import run_module
 from tests.datasets import make_legacy_fixture
 
@@ -238,6 +239,16 @@ def test_trial_config_has_own_dirs_stable_run_name_and_seed():
     s3, _ = parse("--storage_path", "s3://bucket/rr")
     assert trial_config(s3, params, "sw", "x").storage_path() == "s3://bucket/rr/sw/train_runs"
     assert sweep_dir("s3://bucket/rr/", "sw") == "s3://bucket/rr/sw"
+
+
+def test_every_trial_draws_its_own_data_order_and_keeps_it():
+    cfg, _ = parse("--seed", "7")
+    grid = [{"loss_type": lt, "pose_loss_weight": w, "repeat": r}
+            for lt in ("mse", "l1") for w in (0.1, 0.5) for r in (0, 1)]  # fmt: skip
+    seeds = [trial_data_seed(trial_config(cfg, p, "sw", f"t{i}"), p) for i, p in enumerate(grid)]
+    assert len(set(seeds)) == len(grid) and all(0 <= s < 2**31 for s in seeds)
+    again = [trial_data_seed(trial_config(cfg, p, "sw", "other_id"), p) for p in grid]
+    assert again == seeds  # from the trial's values and seed, not its id: kept on restore
 
 
 def test_fresh_refuses_remote_storage():

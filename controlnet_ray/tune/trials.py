@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def trial_config(
     return dataclasses.replace(base, optim=optim, output=output, ray=ray_opts)
 
 
+def trial_data_seed(cfg: TrainConfig, params: dict[str, Any]) -> int:
+    """The seed of a trial's data order: from its seed (``--seed`` + repeat) and its swept
+    values, so no two trials of a sweep see the same order of pairs (the datasets are built
+    once, on the driver) and a restored trial draws its orders from the same seed."""
+    text = json.dumps({"seed": cfg.ray.seed, **params}, sort_keys=True, default=str)
+    return zlib.crc32(text.encode("utf-8")) & 0x7FFFFFFF
+
+
 def run_trial(
     params: dict[str, Any], *, base: dict, pairs: Any, plan: dict, sweep_name: str
 ) -> None:
@@ -66,10 +75,11 @@ def run_trial(
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
+    data_seed = trial_data_seed(cfg, params)
     print(
         f"trial {trial_id}: loss_type={cfg.optim.loss_type} pose_loss_weight="
-        f"{cfg.optim.pose_loss_weight:g} lr={cfg.optim.lr:g} seed={cfg.ray.seed} -> "
-        f"{cfg.output.save_dir}",
+        f"{cfg.optim.pose_loss_weight:g} lr={cfg.optim.lr:g} seed={cfg.ray.seed} "
+        f"data order seed={data_seed} -> {cfg.output.save_dir}",
         flush=True,
     )
     resources = ResourcePlan(
@@ -77,7 +87,10 @@ def run_trial(
         cpus_per_worker=plan["cpus_per_worker"],
         torch_threads=plan["torch_threads"],
     )
-    fit_with_outputs(cfg, build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]))
+    trainer = build_trainer(
+        cfg, resources, pairs.reseeded(data_seed), callbacks=[TuneReportCallback()]
+    )
+    fit_with_outputs(cfg, trainer)
 
 
 def _trial_id(trial: Any) -> str:
