@@ -116,6 +116,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
         check_cluster_paths,
         check_data,
         check_outputs,
+        check_train_v2,
         joins_cluster,
         prepare_data,
     )
@@ -124,6 +125,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
+    check_train_v2()
     check_outputs(cfg)
     data = check_data(cfg, defer_preparation=joins_cluster(cfg))
     if cfg.ray.fresh:
