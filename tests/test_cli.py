@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import (
@@ -180,16 +181,19 @@ def test_every_ray_process_of_a_run_gets_train_v2_and_a_quiet_console(monkeypatc
     from controlnet_ray.progress import quiet_ray_notices
 
     monkeypatch.delenv("RAY_TRAIN_V2_ENABLED", raising=False)
-    env = run_runtime_env()
+    env = run_runtime_env(local=True)
     assert env["env_vars"] == {"RAY_TRAIN_V2_ENABLED": "1"}
     assert os.environ["RAY_TRAIN_V2_ENABLED"] == "1"
-    assert "env_vars" not in run_runtime_env()  # set now: not given twice
+    assert run_runtime_env(local=False) == {}  # set now: not given twice; the job's hook
     hook = env["worker_process_setup_hook"]
     assert hook == f"{quiet_ray_notices.__module__}.{quiet_ray_notices.__name__}"
     notices = logging.getLogger("ray.data._internal.progress")
     monkeypatch.setattr(notices, "level", notices.level)  # restored after the test
     quiet_ray_notices()
     assert not notices.isEnabledFor(logging.WARNING)
+    for name in ("runtime_env.yaml", "runtime_env.pip.yaml"):  # working_dir jobs (no image)
+        job = yaml.safe_load((Path(__file__).parents[1] / "jobs" / name).read_text())
+        assert job["worker_process_setup_hook"] == hook, name
 
 
 def test_help_lists_every_original_flag():

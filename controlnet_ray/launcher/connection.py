@@ -31,18 +31,22 @@ def check_train_v2() -> None:
         )
 
 
-def run_runtime_env() -> dict:
+def run_runtime_env(local: bool) -> dict:
     """What every Ray process of the run is started with (``ray.init``'s ``runtime_env``).
 
     Train v2 is pinned: without ``RAY_TRAIN_V2_ENABLED`` in this environment it is set here
     (a local Ray inherits it) and given to the cluster's job, so nodes whose own environment
     says 0 still run v2. Set in this environment (a submitted job's runtime env, which Ray
     would refuse to see set twice) it is left to that environment (:func:`check_train_v2`).
-    The setup hook drops Ray Data's notice that its progress bars are off."""
+
+    ``local``: the Ray this run starts, whose workers get the setup hook that drops Ray Data's
+    notice that its progress bars are off. A joined cluster's job brings its own runtime env
+    (``jobs/runtime_env.yaml`` sets the hook), which may be an image's: Ray allows nothing
+    but env_vars beside an image, so the hook is not added to it here."""
     check_train_v2()
     env_vars = {} if TRAIN_V2 in os.environ else {TRAIN_V2: "1"}
     os.environ.setdefault(TRAIN_V2, "1")
-    runtime_env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    runtime_env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if local else {}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return runtime_env
@@ -64,12 +68,11 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     if ray.is_initialized():
         check_train_v2()
         return False
-    runtime_env = run_runtime_env()
     if joins_cluster(cfg):
         ray.init(
             address=cfg.ray.address or os.environ["RAY_ADDRESS"],
             log_to_driver=True,
-            runtime_env=runtime_env,
+            runtime_env=run_runtime_env(local=False) or None,
         )
         return False
     else:
@@ -86,6 +89,7 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
         # address="local": always a new Ray of this run's size. Without it ray.init() joins
         # whatever cluster /tmp/ray/ray_current_cluster names (a `ray start` left running on
         # the machine), and then fails on num_cpus.
+        runtime_env = run_runtime_env(local=True)
         ray.init(address="local", num_cpus=plan_cpus, log_to_driver=True, runtime_env=runtime_env)
         return True
 
