@@ -24,6 +24,17 @@ LOG_FIRST_LINE_S = 5.0  # without a terminal: a loop's first progress line (with
 LOG_LINE_INTERVAL_S = 30.0  # ... then one at most this often
 
 
+def quiet_ray_notices() -> None:
+    """Ray's ``worker_process_setup_hook`` for the run (``launcher.connection``): the process
+    that runs a dataset (Ray Data's split coordinator, one per dataset) logs a WARNING that
+    progress bars are off, which the run turns off on purpose (``data.pipeline``); Ray Data
+    offers no setting that keeps them off without that notice. Its logger's other records
+    are progress lines, which are off too."""
+    import logging
+
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def format_epoch_line(m: dict[str, Any]) -> str:
     """The per-epoch line: losses, validation quality, throughput, elapsed and ETA."""
     epoch, total = int(m["epoch"]), int(m["epochs"])

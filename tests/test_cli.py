@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from controlnet_ray.cli import parse_train_args
 from controlnet_ray.config import (
@@ -152,6 +154,46 @@ def test_invalid_value_fails_fast_in_a_subprocess_before_ray():
     assert "--loss_type" in proc.stderr and "mse, l1, combined" in proc.stderr
     assert "ray" not in proc.stdout.lower()
     assert elapsed < 10  # generous bound for a loaded CI box; typically ~0.2 s
+
+
+@pytest.mark.parametrize("module", ["train", "tune"])
+def test_ray_train_v1_in_the_environment_is_refused_in_one_line_before_any_work(
+    module: str, tmp_path: Path
+):
+    """RAY_TRAIN_V2_ENABLED=0 would fail later at ``from ray.train import UserCallback``."""
+    out = ["--save_dir", str(tmp_path / "ck"), "--log_dir", str(tmp_path / "lg")]
+    proc = run_module(module, *out, env={"RAY_TRAIN_V2_ENABLED": "0"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: RAY_TRAIN_V2_ENABLED=0 in the environment selects Ray Train v1; this project "
+        "needs Train v2: unset RAY_TRAIN_V2_ENABLED or set it to 1"
+    ]
+    assert not (tmp_path / "ck").exists()  # nothing prepared, no Ray started
+
+
+def test_every_ray_process_of_a_run_gets_train_v2_and_a_quiet_console(monkeypatch):
+    """Unset here: pinned for this process and given to the cluster's job (whose nodes may
+    say 0). Set here (a submitted job's runtime env): left to it, as Ray refuses a variable
+    that both the job and ray.init set."""
+    import logging
+
+    from controlnet_ray.launcher.connection import run_runtime_env
+    from controlnet_ray.progress import quiet_ray_notices
+
+    monkeypatch.delenv("RAY_TRAIN_V2_ENABLED", raising=False)
+    env = run_runtime_env(local=True)
+    assert env["env_vars"] == {"RAY_TRAIN_V2_ENABLED": "1"}
+    assert os.environ["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert run_runtime_env(local=False) == {}  # set now: not given twice; the job's hook
+    hook = env["worker_process_setup_hook"]
+    assert hook == f"{quiet_ray_notices.__module__}.{quiet_ray_notices.__name__}"
+    notices = logging.getLogger("ray.data._internal.progress")
+    monkeypatch.setattr(notices, "level", notices.level)  # restored after the test
+    quiet_ray_notices()
+    assert not notices.isEnabledFor(logging.WARNING)
+    for name in ("runtime_env.yaml", "runtime_env.pip.yaml"):  # working_dir jobs (no image)
+        job = yaml.safe_load((Path(__file__).parents[1] / "jobs" / name).read_text())
+        assert job["worker_process_setup_hook"] == hook, name
 
 
 def test_help_lists_every_original_flag():

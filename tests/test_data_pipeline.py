@@ -173,12 +173,16 @@ RAY_SCRIPT = textwrap.dedent(
         return build_pair_datasets(shards_dir, cfg, seed=seed)
 
     pairs = build()
+    # as a sweep hands them to its trials: in the object store before any epoch ran
+    stored = [ray.put(pairs) for _ in range(2)]
     result = {
         "n_train": pairs.num_train_pairs,
         "index": load_pair_index(shards_dir, "train", "any", 0.0, 360.0).tolist(),
         "val_index": load_pair_index(shards_dir, "val", "any", 0.0, 360.0).tolist(),
         "epochs": [epoch(pairs.train) for _ in range(2)],
         "again": epoch(build().train),
+        "reseeded": epoch(ray.get(stored[0]).reseeded(seed + 1).train),
+        "reseeded_same": epoch(ray.get(stored[1]).reseeded(seed).train),
         "val": [epoch(pairs.val) for _ in range(2)],
         "val_materialized": type(pairs.val).__name__,
     }
@@ -222,6 +226,15 @@ def test_every_epoch_is_a_new_permutation_of_all_pairs(ray_epochs):
     # Deterministic per seed: a fresh build with the same seed replays the first epoch.
     again = ray_epochs["again"]
     assert list(zip(again["source"], again["target"], strict=True)) == orders[0]
+
+
+def test_reseeded_datasets_draw_another_order_of_the_same_pairs(ray_epochs):
+    """A sweep builds the datasets once; each trial reseeds them with its own seed."""
+    first = list(zip(*(ray_epochs["epochs"][0][k] for k in ("source", "target")), strict=True))
+    other = list(zip(*(ray_epochs["reseeded"][k] for k in ("source", "target")), strict=True))
+    same = list(zip(*(ray_epochs["reseeded_same"][k] for k in ("source", "target")), strict=True))
+    assert sorted(other) == sorted(first) and other != first
+    assert same == first  # the build's own seed replays its order
 
 
 def test_batches_mix_many_identities(ray_epochs):

@@ -171,6 +171,7 @@ def test_runtime_env_is_valid_for_ray(name: str):
     RuntimeEnv(**data)  # Ray's own validation (field names, types, allowed combinations)
     env = data["env_vars"]
     assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env), "token must not be in jobs"
+    assert env["RAY_TRAIN_V2_ENABLED"] == "1"  # Train v2 pinned for the job's processes
     if "working_dir" in data:
         excludes = set(data["excludes"])
         for pattern in (".git", ".venv", "/data", "/runs", "ray_results", "/checkpoints*"):
@@ -304,7 +305,7 @@ def test_rayjob_uses_shared_storage_and_the_submitter_has_the_token():
     assert "--use_gpu" in argv
     workers = sum(g["minReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
     assert int(flags.get("--num_ray_workers", "1")) <= workers
-    yaml.safe_load(spec["runtimeEnvYAML"])
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"
     [submitter] = spec["submitterPodTemplate"]["spec"]["containers"]
     assert env_of(submitter)["RAY_AUTH_MODE"]["value"] == "token"
     assert "RAY_AUTH_TOKEN" in env_of(submitter)
@@ -337,6 +338,7 @@ def test_dockerfile_pins_the_versions_of_pyproject():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"ray[train,tune,default]=={RAY_VERSION}"' in pyproject
     assert f'"torch=={TORCH_VERSION}"' in pyproject
+    assert re.search(r"^ENV RAY_TRAIN_V2_ENABLED=1$", text, re.M)  # Train v2 in the image
 
 
 # --- cluster/: Ray cluster launcher ----------------------------------------------------------

@@ -257,7 +257,7 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
 
     logs = head.run("tune", "sweep-2", flags, timeout=400)
     assert "resuming sweep sw" in logs and "ASHA: restored" in logs, logs[-6000:]
-    assert "ranked by best val PSNR" in logs
+    assert "ranked by best val_psnr_face" in logs
     assert "Found multiple active Ray instances" not in logs
     doc = json.loads((sweep_out / "sweep_results.json").read_text())
     trials = {t["lr"]: t for t in doc["trials"]}
@@ -266,7 +266,7 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
 
     def rung1(trial: dict) -> float:
         history = json.loads((Path(trial["save_dir"]) / run_files.HISTORY).read_text())
-        return history["val"][0]["psnr"]
+        return history["val"][0]["psnr_face"]  # --best_metric
 
     assert (first["status"], first["epochs_run"], first["stopped_early"]) == ("finished", 2, False)
     if rung1(second) < rung1(first):
@@ -277,7 +277,7 @@ def test_sweep_job_is_stopped_resumed_and_ranked(head: Head):
         rung1(first),
         rung1(second),
     )
-    best = max(trials.values(), key=lambda t: t["best_val_psnr"])
+    best = max(trials.values(), key=lambda t: t["best_score"])
     assert doc["best"]["trial_id"] == best["trial_id"] and doc["best_config"]["lr"] == best["lr"]
     assert Path(best["checkpoint"], run_files.RAY_STATE_FILE).is_file()
     assert (Path(best["save_dir"]) / run_files.BEST_MODEL).is_file()

@@ -38,6 +38,9 @@ from controlnet_ray.tune import (
     trial_config,
     write_results,
 )
+from controlnet_ray.tune.search_space import sweep_metric
+from controlnet_ray.tune.summary import checkpoint_exists, kept_checkpoints
+from controlnet_ray.tune.trials import trial_data_seed
 from tests.cli_helpers import run_module
 from tests.datasets import make_legacy_fixture
 
@@ -55,7 +58,7 @@ def test_defaults_and_training_flags_pass_through():
     cfg, opts = parse("--lr", "3e-4", "--num_ray_workers", "2")
     assert opts.loss_types == ("mse", "l1", "combined")
     assert opts.pose_loss_weights == (0.01, 0.1, 0.5)
-    assert opts.lrs is None and opts.scheduler == "asha" and opts.grace_period == 1
+    assert opts.lrs is None and opts.scheduler == "asha" and opts.grace_period is None
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.ray.num_ray_workers) == (3, 3e-4, 2)
     assert opts.grid_size() == 9
 
@@ -82,6 +85,7 @@ def test_search_space_flags_and_dashless_form():
         (["--max_concurrent_trials", "0"], "--max_concurrent_trials"),
         (["--sweep_name", "a/b"], "--sweep_name"),
         (["--epochs", "0"], "--epochs"),
+        (["--best_metric", "val_loss"], "--best_metric val_loss"),  # over 3 losses x 3 weights
     ],
 )
 def test_invalid_values_exit_2_naming_the_flag(argv, flag, capsys):
@@ -237,6 +241,16 @@ def test_trial_config_has_own_dirs_stable_run_name_and_seed():
     assert sweep_dir("s3://bucket/rr/", "sw") == "s3://bucket/rr/sw"
 
 
+def test_every_trial_draws_its_own_data_order_and_keeps_it():
+    cfg, _ = parse("--seed", "7")
+    grid = [{"loss_type": lt, "pose_loss_weight": w, "repeat": r}
+            for lt in ("mse", "l1") for w in (0.1, 0.5) for r in (0, 1)]  # fmt: skip
+    seeds = [trial_data_seed(trial_config(cfg, p, "sw", f"t{i}"), p) for i, p in enumerate(grid)]
+    assert len(set(seeds)) == len(grid) and all(0 <= s < 2**31 for s in seeds)
+    again = [trial_data_seed(trial_config(cfg, p, "sw", "other_id"), p) for p in grid]
+    assert again == seeds  # from the trial's values and seed, not its id: kept on restore
+
+
 def test_fresh_refuses_remote_storage():
     cfg, opts = parse("--storage_path", "s3://bucket/rr")
     with pytest.raises(ConfigError, match="--fresh"):
@@ -313,30 +327,96 @@ def test_no_scheduler_with_none():
 # --- the table -------------------------------------------------------------------------------
 
 
-def _hist(*psnrs: float, ckpt: bool = True) -> list[dict]:
+def _hist(*faces: float, whole: tuple[float, ...] = ()) -> list[dict]:
+    """Validation rows as Tune reports them: face PSNR per epoch (whole PSNR 5 dB lower unless
+    given), each with the checkpoint Tune's callback names for every epoch."""
+    whole = whole or tuple(f - 5 for f in faces)
     return [
-        {"epoch": i, "val_psnr": p, **({"checkpoint_path": f"/ck/e{i}"} if ckpt else {})}
-        for i, p in enumerate(psnrs, 1)
-    ]
+        {"epoch": i, "val_psnr_face": f, "val_psnr": w, "val_loss": 1 / f,
+         "checkpoint_path": f"/tune/e{i}"}
+        for i, (f, w) in enumerate(zip(faces, whole, strict=True), 1)
+    ]  # fmt: skip
+
+
+def _kept(*epochs: int) -> dict[int, str]:
+    """The checkpoints Train still keeps, as :func:`kept_checkpoints` returns them."""
+    return {e: f"/ck/e{e}" for e in epochs}
 
 
 def test_summaries_rank_and_flag_early_stops_and_errors():
     cfg, _ = parse()  # --epochs 3
     p = {"loss_type": "mse", "pose_loss_weight": 0.1}
-    full = summarize_trial(cfg, "sw", "t0", p, _hist(10, 12, 11), None)
-    early = summarize_trial(cfg, "sw", "t1", {**p, "loss_type": "l1"}, _hist(14), None)
+    full = summarize_trial(cfg, "sw", "t0", p, _hist(10, 12, 11), None, _kept(2, 3))
+    early = summarize_trial(cfg, "sw", "t1", {**p, "loss_type": "l1"}, _hist(14), None, _kept(1))
     failed = summarize_trial(cfg, "sw", "t2", p, [], "RuntimeError: boom")
-    assert (full.best_val_psnr, full.best_epoch, full.epochs_run) == (12, 2, 3)
+    assert (full.best_score, full.best_epoch, full.epochs_run) == (12, 2, 3)
     assert full.checkpoint == "/ck/e2" and not full.stopped_early and full.status == "finished"
     assert early.stopped_early and early.status == "stopped early" and early.epochs_run == 1
-    assert failed.status == "error" and not failed.stopped_early and failed.best_val_psnr is None
-    ranked = rank([failed, full, early])
+    assert failed.status == "error" and not failed.stopped_early and failed.best_score is None
+    ranked = rank([failed, full, early], "max")
     assert [r.trial_id for r in ranked] == ["t1", "t0", "t2"]
-    table = format_table(ranked)
+    table = format_table(ranked, "val_psnr_face")
     lines = table.splitlines()
-    assert "best PSNR" in lines[0] and "stopped early?" in lines[0] and "checkpoint" in lines[0]
+    assert "best val_psnr_face" in lines[0] and "stopped early?" in lines[0]
+    assert "checkpoint" in lines[0]
     assert lines[1].split()[:3] == ["1", "t1", "l1"] and "yes" in lines[1]
     assert "error" in lines[3]
+
+
+def test_a_sweep_is_ranked_by_face_psnr_not_whole_psnr():
+    """Trial a has the better whole-image PSNR, b the better face PSNR (the default
+    --best_metric, by which Train keeps checkpoints): b wins, at its best face epoch, with
+    the checkpoint Train kept for that epoch. With --best_metric val_psnr, a wins."""
+    p = {"loss_type": "mse", "pose_loss_weight": 0.1}
+    histories = {"a": _hist(20, 21, whole=(19, 18)), "b": _hist(23, 22, whole=(14, 16))}
+
+    def ranked(*flags: str) -> list:
+        cfg, _ = parse(*flags)
+        rows = [
+            summarize_trial(cfg, "sw", t, p, h, None, _kept(1, 2)) for t, h in histories.items()
+        ]
+        return rank(rows, sweep_metric(cfg)[1])
+
+    best, second = ranked()
+    assert (best.trial_id, best.best_score, best.best_epoch, best.checkpoint) == (
+        "b",
+        23,
+        1,
+        "/ck/e1",
+    )
+    assert (second.trial_id, second.best_score, second.best_epoch) == ("a", 21, 2)
+    assert [r.trial_id for r in ranked("--best_metric", "val_psnr")] == ["a", "b"]
+    by_loss = ranked(
+        "--best_metric", "val_loss", "--loss_types", "l1", "--pose_loss_weights", "0.1"
+    )
+    assert [(r.trial_id, r.best_epoch) for r in by_loss] == [("b", 1), ("a", 2)]  # lowest first
+
+
+def test_the_table_prints_only_checkpoints_train_still_keeps(tmp_path: Path):
+    """Tune's rows name a checkpoint for every epoch; Train keeps --num_to_keep of them. The
+    best epoch's checkpoint comes from Train's record, and only while its folder exists."""
+    from ray.train import Checkpoint
+
+    cfg, _ = parse()
+    p = {"loss_type": "mse", "pose_loss_weight": 0.1}
+    gone = summarize_trial(cfg, "sw", "t", p, _hist(15, 12, 11), None, _kept(2, 3))
+    assert gone.best_epoch == 1 and gone.checkpoint is None  # not /tune/e1
+    (tmp_path / "checkpoint_1").mkdir()
+    kept = Checkpoint(str(tmp_path / "checkpoint_1"))
+    deleted = Checkpoint(str(tmp_path / "checkpoint_0"))
+    assert checkpoint_exists(kept) and not checkpoint_exists(deleted)
+    train_rows = [{"epoch": 1, "checkpoint_path": kept.path}, {"epoch": 2}]
+    assert kept_checkpoints(train_rows) == {1: kept.path}
+
+
+def test_an_unset_grace_period_is_a_quarter_of_the_epochs(tmp_path: Path):
+    _, opts = parse("--epochs", "12")
+    assert opts.grace_period is None and opts.grace_epochs(12) == 3
+    assert opts.grace_epochs(3) == 1
+    _, given = parse("--epochs", "12", "--grace_period", "5")
+    assert given.grace_epochs(12) == 5
+    sched = make_scheduler(opts, max_t=12, state_file=tmp_path / "r.json")
+    assert sched._brackets[0]._rungs[-1][0] == 3  # the first milestone: the grace period
 
 
 def test_a_trial_is_named_by_its_id_even_when_tune_suffixed_its_folder():
@@ -348,16 +428,17 @@ def test_a_trial_is_named_by_its_id_even_when_tune_suffixed_its_folder():
 
 def test_history_merges_tune_rows_with_the_full_run_history():
     """After a resume Tune holds only the later epochs; the run's own history fills the rest."""
-    tune_rows = [{"epoch": 2, "val_psnr": 11.0, "checkpoint_path": "/ck/e2"}]
-    train_rows = [{"epoch": 1, "val_psnr": 13.0, "checkpoint_path": "/ck/e1"}]
-    file_rows = [{"epoch": 1, "val_psnr": 13.0}, {"epoch": 2, "val_psnr": 11.0}]
+    tune_rows = [{"epoch": 2, "val_psnr_face": 11.0, "checkpoint_path": "/ck/e2"}]
+    train_rows = [{"epoch": 1, "val_psnr_face": 13.0, "checkpoint_path": "/ck/e1"}]
+    file_rows = [{"epoch": 1, "val_psnr_face": 13.0}, {"epoch": 2, "val_psnr_face": 11.0}]
     merged = merge_history(tune_rows, train_rows, file_rows)
     assert [(r["epoch"], r["checkpoint_path"]) for r in merged] == [(1, "/ck/e1"), (2, "/ck/e2")]
     cfg, _ = parse("--epochs", "2")
     best = summarize_trial(
-        cfg, "sw", "t", {"loss_type": "mse", "pose_loss_weight": 0.1}, merged, None
-    )
-    assert (best.best_val_psnr, best.checkpoint, best.epochs_run) == (13.0, "/ck/e1", 2)
+        cfg, "sw", "t", {"loss_type": "mse", "pose_loss_weight": 0.1}, merged, None,
+        kept_checkpoints(train_rows),
+    )  # fmt: skip
+    assert (best.best_score, best.checkpoint, best.epochs_run) == (13.0, "/ck/e1", 2)
 
 
 def test_history_merge_lets_a_later_source_fill_a_missing_value():
@@ -376,11 +457,15 @@ def test_results_are_written_as_json_and_csv_with_the_best_config(tmp_path: Path
         [
             summarize_trial(cfg, "sw", "t0", p, _hist(15, 16, 17), None),
             summarize_trial(cfg, "sw", "t1", {**p, "loss_type": "mse"}, _hist(9), None),
-        ]
+        ],
+        "max",
     )
     json_path, csv_path = write_results(rows, cfg, opts, tmp_path)
     doc = json.loads(json_path.read_text())
-    assert doc["best"]["trial_id"] == "t0" and doc["metric"] == "val_psnr"
+    assert doc["best"]["trial_id"] == "t0" and (doc["metric"], doc["mode"]) == (
+        "val_psnr_face",
+        "max",
+    )
     assert doc["best_config"] == {
         "loss_type": "combined",
         "pose_loss_weight": 0.5,

@@ -20,7 +20,8 @@ Design (issue 13, "the data pipeline does not scale"), and why:
   each epoch and reseeds with the execution index, so every epoch is a fresh permutation of
   all pairs (batches mix identities from the whole split) and the sequence of permutations
   is fixed by ``--seed``. Shuffling 40-byte rows costs what shuffling image rows would cost
-  divided by the image size.
+  divided by the image size. :meth:`PairDatasets.reseeded` draws the order from another seed
+  without building anything again (a sweep builds the datasets once; each trial reseeds).
 * **uint8 to the workers.** Decode yields uint8 ``[B, H, W, 3]`` RGB; the worker normalises
   (and mirrors) on its device with :func:`controlnet_ray.data.batch.to_model_batch`, so 4x
   fewer bytes cross the object store and the network than float32 did.
@@ -33,6 +34,7 @@ The per-epoch order of blocks arriving at the workers still depends on task comp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,28 @@ def decode_pair_rows(batch: dict[str, np.ndarray], store: ImageStore) -> dict[st
 
 
 @dataclass
+class TrainSource:
+    """The training dataset before its shuffle: what a new data-order seed starts from."""
+
+    index: object  # ray.data.Dataset of the train split's index rows, in order
+    index_blocks: int
+    store: object  # the train split's ImageStore
+    decode: dict[str, Any]  # map_batches' options of the decode step
+
+    def shuffled(self, num_pairs: int, seed: int) -> object:
+        """Reshuffled every epoch (a sequence of permutations fixed by ``seed``), then
+        decoded; lazy: nothing runs here."""
+        import ray.data
+
+        reseeded = ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True)
+        train = self.index.random_shuffle(seed=reseeded, num_cpus=DECODE_CPUS)
+        blocks = shuffled_blocks(num_pairs, self.index_blocks, _cluster_cpus())
+        if blocks > self.index_blocks:  # cut finer after the shuffle: its cost grows with blocks^2
+            train = train.repartition(blocks)
+        return train.map_batches(decode_pair_rows, fn_kwargs={"store": self.store}, **self.decode)
+
+
+@dataclass
 class PairDatasets:
     """What the launcher hands to the TorchTrainer, with counts for planning and printing."""
 
@@ -170,6 +194,14 @@ class PairDatasets:
     num_train_pairs: int
     num_val_pairs: int
     shards_dir: str = ""  # where they come from (rank 0's judges read the held-out rows there)
+    train_source: TrainSource | None = None  # for reseeded()
+
+    def reseeded(self, seed: int) -> PairDatasets:
+        """The same pairs with the training order drawn from ``seed`` (validation unchanged)."""
+        if self.train_source is None:
+            raise ValueError("these pair datasets were built without their train source")
+        train = self.train_source.shuffled(self.num_train_pairs, seed)
+        return dataclasses.replace(self, train=train)
 
 
 def quiet_ray_data() -> None:
@@ -235,7 +267,6 @@ def _index_dataset(table: pa.Table):
 def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, seed: int = 0) -> PairDatasets:
     """Train (reshuffled every epoch, seeded) and val (in order) datasets of decoded uint8
     pairs; nothing is decoded or materialised here (see the module docstring)."""
-    import ray.data
 
     quiet_ray_data()
     train_index = index_table(shards_dir, "train", cfg)
@@ -252,19 +283,17 @@ def build_pair_datasets(shards_dir: str | Path, cfg: DataConfig, seed: int = 0) 
         "batch_format": "numpy",
         "num_cpus": DECODE_CPUS,
     }
-    reseeded = ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True)
-    index_blocks = len(_blocks(train_index))
-    train = _index_dataset(train_index).random_shuffle(seed=reseeded, num_cpus=DECODE_CPUS)
-    blocks = shuffled_blocks(n_train, index_blocks, _cluster_cpus())
-    if blocks > index_blocks:  # cut finer after the shuffle: its cost grows with blocks squared
-        train = train.repartition(blocks)
-    train = train.map_batches(
-        decode_pair_rows, fn_kwargs={"store": load_image_store(shards_dir, "train")}, **decode
+    source = TrainSource(
+        _index_dataset(train_index),
+        len(_blocks(train_index)),
+        load_image_store(shards_dir, "train"),
+        decode,
     )
     val = _index_dataset(val_index).map_batches(
         decode_pair_rows, fn_kwargs={"store": load_image_store(shards_dir, "val")}, **decode
     )
-    return PairDatasets(train, val, n_train, n_val, str(shards_dir))
+    train = source.shuffled(n_train, seed)
+    return PairDatasets(train, val, n_train, n_val, str(shards_dir), source)
 
 
 def encoded_pairs(shards_dir: str | Path, split: str, cfg: DataConfig) -> dict[str, np.ndarray]:

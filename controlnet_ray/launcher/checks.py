@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from controlnet_ray.config import ConfigError, TrainConfig
+from controlnet_ray.launcher.connection import check_train_v2
 from controlnet_ray.launcher.data import RunData, locate_data, prepare_data, unprepared
 from controlnet_ray.launcher.rerun import check_rerun
 
@@ -105,8 +106,10 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> None:
 
 
 def check_before_ray(cfg: TrainConfig, *, defer_preparation: bool = False) -> RunData:
-    """Everything that can be known before Ray starts: output folders writable, --resume
-    fits, a re-run agrees with its Ray run, and the data (:func:`check_data`)."""
+    """Everything that can be known before Ray starts: Ray Train v2 not switched off, output
+    folders writable, --resume fits, a re-run agrees with its Ray run, and the data
+    (:func:`check_data`)."""
+    check_train_v2()
     check_outputs(cfg)
     check_rerun(cfg)
     return check_data(cfg, defer_preparation=defer_preparation)

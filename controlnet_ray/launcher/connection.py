@@ -1,6 +1,7 @@
 """Connecting to Ray and what the driver learns from the cluster: the local Ray started (and
-stopped) for a run, or the cluster joined; whether it has several nodes; whether every node
-sees a folder the driver writes (checked before training, not after an epoch).
+stopped) for a run, or the cluster joined, with what every Ray process of the run needs (Ray
+Train v2, a quiet console); whether it has several nodes; whether every node sees a folder the
+driver writes (checked before training, not after an epoch).
 """
 
 from __future__ import annotations
@@ -13,6 +14,42 @@ from pathlib import Path
 from controlnet_ray.config import ConfigError, TrainConfig
 
 PROBE_TIMEOUT_S = 120.0  # for every node to answer whether it sees a path
+TRAIN_V2 = "RAY_TRAIN_V2_ENABLED"  # Ray reads it when ray.train is imported; "1"/"true": v2
+# Runs in every Ray worker process of the run (Ray's worker_process_setup_hook).
+WORKER_SETUP_HOOK = "controlnet_ray.progress.quiet_ray_notices"
+
+
+def check_train_v2() -> None:
+    """Refuse, before any work, an environment that selects Ray Train v1: this project is
+    written against Train v2 (``ray.train.UserCallback``, a trainer inside a Tune function),
+    and v1 fails later with an ImportError that does not say why."""
+    value = os.environ.get(TRAIN_V2)
+    if value is not None and value.strip().lower() not in ("1", "true"):
+        raise ConfigError(
+            f"{TRAIN_V2}={value} in the environment selects Ray Train v1; this project "
+            f"needs Train v2: unset {TRAIN_V2} or set it to 1"
+        )
+
+
+def run_runtime_env(local: bool) -> dict:
+    """What every Ray process of the run is started with (``ray.init``'s ``runtime_env``).
+
+    Train v2 is pinned: without ``RAY_TRAIN_V2_ENABLED`` in this environment it is set here
+    (a local Ray inherits it) and given to the cluster's job, so nodes whose own environment
+    says 0 still run v2. Set in this environment (a submitted job's runtime env, which Ray
+    would refuse to see set twice) it is left to that environment (:func:`check_train_v2`).
+
+    ``local``: the Ray this run starts, whose workers get the setup hook that drops Ray Data's
+    notice that its progress bars are off. A joined cluster's job brings its own runtime env
+    (``jobs/runtime_env.yaml`` sets the hook), which may be an image's: Ray allows nothing
+    but env_vars beside an image, so the hook is not added to it here."""
+    check_train_v2()
+    env_vars = {} if TRAIN_V2 in os.environ else {TRAIN_V2: "1"}
+    os.environ.setdefault(TRAIN_V2, "1")
+    runtime_env: dict = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if local else {}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return runtime_env
 
 
 def joins_cluster(cfg: TrainConfig) -> bool:
@@ -29,9 +66,14 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
     # A local Ray's processes inherit these: Ray Data's actors then log warnings only.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
+        check_train_v2()
         return False
     if joins_cluster(cfg):
-        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(
+            address=cfg.ray.address or os.environ["RAY_ADDRESS"],
+            log_to_driver=True,
+            runtime_env=run_runtime_env(local=False) or None,
+        )
         return False
     else:
         # A local Ray shares the machine with the training workers: without Prometheus metrics
@@ -47,7 +89,8 @@ def init_ray(cfg: TrainConfig, plan_cpus: int | None) -> bool:
         # address="local": always a new Ray of this run's size. Without it ray.init() joins
         # whatever cluster /tmp/ray/ray_current_cluster names (a `ray start` left running on
         # the machine), and then fails on num_cpus.
-        ray.init(address="local", num_cpus=plan_cpus, log_to_driver=True)
+        runtime_env = run_runtime_env(local=True)
+        ray.init(address="local", num_cpus=plan_cpus, log_to_driver=True, runtime_env=runtime_env)
         return True
 
 
@@ -134,10 +177,8 @@ def shutdown_local_ray() -> None:
     logs for diagnosis."""
     import ray
 
-    try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path())
-    except AttributeError:  # Ray's private layout changed: leave the folder alone
-        session = None
+    context = ray.get_runtime_context()
+    session = Path(context.get_temp_dir()) / context.get_session_name()
     ray.shutdown()
-    if session is not None and session.name.startswith("session_"):
+    if session.name.startswith("session_") and session.is_dir():
         shutil.rmtree(session, ignore_errors=True)

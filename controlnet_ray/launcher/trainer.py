@@ -28,7 +28,14 @@ def build_trainer(
     ``progress_board``: the driver's console actor (see :mod:`controlnet_ray.progress`); without
     one the lines are printed where they arise. ``callbacks``: extra Train callbacks (Tune's).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from controlnet_ray.epoch_lines import EpochLines
@@ -66,6 +73,22 @@ def build_trainer(
         scaling_config=scaling,
         run_config=run_config,
         datasets={"train": pairs.train, "val": pairs.val},
+        dataset_config=DataConfig(execution_options=ingest_options()),
+    )
+
+
+def ingest_options() -> Any:
+    """Ray Data's options for the run's datasets: Train's defaults (the driver's DataContext
+    options) without ``exclude_resources``, which Train's defaults pass on and Ray Data 2.60
+    answers with a deprecation warning. The run never excludes resources (Train v2 reserves
+    the workers' own), so nothing is lost."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
     )
 
 

@@ -19,7 +19,9 @@ def asha_state_file(cfg: TrainConfig, opts: SweepOptions) -> Path:
 
 
 def make_scheduler(opts: SweepOptions, max_t: int, state_file: Path) -> Any:
-    """ASHA on the reported epoch (val PSNR, max), or None for ``--scheduler none``.
+    """ASHA on the reported epoch, or None for ``--scheduler none``. Its metric and mode are
+    the Tuner's (:func:`controlnet_ray.tune.search_space.sweep_metric`); its grace period is
+    :meth:`SweepOptions.grace_epochs` of ``max_t`` (``--epochs``).
 
     Tune 2.60 saves the searcher's state with the experiment but not the scheduler's, so a
     plain ASHA restored by ``Tuner.restore`` starts with empty rungs and lets every later
@@ -54,7 +56,7 @@ def make_scheduler(opts: SweepOptions, max_t: int, state_file: Path) -> Any:
         str(state_file),
         time_attr=TIME_ATTR,
         max_t=max_t,
-        grace_period=opts.grace_period,
+        grace_period=opts.grace_epochs(max_t),
         reduction_factor=opts.reduction_factor,
     )
     if rung_lists(getattr(scheduler, "_brackets", None)) is None:

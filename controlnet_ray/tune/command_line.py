@@ -16,7 +16,12 @@ from controlnet_ray import capacity
 from controlnet_ray.cli import build_parser, namespace_to_config, normalize_argv
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
 from controlnet_ray.tune.resources import start_ray, sweep_need
-from controlnet_ray.tune.search_space import SCHEDULERS, SweepOptions, validate_sweep
+from controlnet_ray.tune.search_space import (
+    SCHEDULERS,
+    SweepOptions,
+    sweep_metric,
+    validate_sweep,
+)
 from controlnet_ray.tune.summary import (
     TrialSummary,
     format_table,
@@ -36,7 +41,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     """The training parser plus a "sweep" group, so every training flag works unchanged."""
     p = build_parser(prog="python -m controlnet_ray.tune")
     p.description = (
-        "Ray Tune sweep of ImageControlNet training runs (ASHA on val PSNR by default). "
+        "Ray Tune sweep of ImageControlNet training runs, ranked (and cut short by ASHA) by "
+        "--best_metric, face PSNR by default. "
         "Takes every training flag of python -m controlnet_ray.train; --epochs is the "
         "longest a trial may run. Re-running the same command resumes the sweep; with other "
         "settings under the same --sweep_name it is a new sweep (the old one moved aside)."
@@ -67,7 +73,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=d.scheduler, help=f"one of {{{','.join(SCHEDULERS)}}}")
     g.add_argument(
         "--grace_period", type=int, default=d.grace_period,
-        help="ASHA: epochs every trial runs before it may be stopped",
+        help="ASHA: epochs every trial runs before it may be stopped (default: a quarter of "
+        "--epochs, at least 1)",
     )  # fmt: skip
     g.add_argument(
         "--reduction_factor", type=float, default=d.reduction_factor,
@@ -109,6 +116,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
         check_cluster_paths,
         check_data,
         check_outputs,
+        check_train_v2,
         joins_cluster,
         prepare_data,
     )
@@ -117,6 +125,7 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
     given_storage_path = cfg.ray.storage_path
     cfg = absolute_paths(cfg)
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, run_name=None))
+    check_train_v2()
     check_outputs(cfg)
     data = check_data(cfg, defer_preparation=joins_cluster(cfg))
     if cfg.ray.fresh:
@@ -131,11 +140,12 @@ def run_sweep(cfg: TrainConfig, opts: SweepOptions) -> list[TrialSummary]:
         shards = data.shards or prepare_data(cfg, data.source)  # deferred on a cluster
         pairs = build_pairs(cfg, shards)
         grid = make_tuner(cfg, opts, plan, pairs).fit()
-    rows = rank(summaries_from_grid(grid, cfg, opts))
+    metric, mode = sweep_metric(cfg)
+    rows = rank(summaries_from_grid(grid, cfg, opts), mode)
     out_dir = Path(cfg.output.save_dir) / opts.sweep_name
     json_path, csv_path = write_results(rows, cfg, opts, out_dir)
-    print(f"\nsweep {opts.sweep_name} ranked by best val PSNR ({time.time() - t0:.0f}s):")
-    print(format_table(rows), end="")
+    print(f"\nsweep {opts.sweep_name} ranked by best {metric} ({time.time() - t0:.0f}s):")
+    print(format_table(rows, metric), end="")
     print(f"results: {json_path}\n         {csv_path}")
     print(f"Tune experiment: {sweep_dir(cfg.storage_path(), opts.sweep_name)}", flush=True)
     return rows

@@ -1,5 +1,5 @@
 """What a sweep tries and optimises: the grid of loss type x pose-loss weight (x lr) x repeats,
-the scheduler options, and the metric (val PSNR, max) trials are ranked by."""
+the scheduler options, and the metric trials are ranked by (``--best_metric``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlnet_ray.config import LOSS_TYPES, ConfigError, TrainConfig
-from controlnet_ray.run_files import score_order
+from controlnet_ray.run_files import ScoreOrder, score_order
 
-# Trials are ranked by PSNR whatever their --best_metric: val_loss is not comparable across
-# loss types, which a sweep varies. Its direction is the best-model policy's (run_files).
-METRIC, TIME_ATTR = "val_psnr", "epoch"
-MODE = score_order(METRIC)
+TIME_ATTR = "epoch"
 SCHEDULERS = ("asha", "none")
+GRACE_FRACTION = 4  # ASHA's default grace period: a quarter of --epochs (at least 1)
+
+
+def sweep_metric(cfg: TrainConfig) -> tuple[str, ScoreOrder]:
+    """The metric (and its direction) ASHA and the final table rank trials by: ``--best_metric``,
+    the one Train keeps checkpoints and ``best_model.pth`` by, so a trial's best epoch is one
+    whose checkpoint Train kept."""
+    return cfg.output.best_metric, score_order(cfg.output.best_metric)
 
 
 @dataclass
@@ -28,12 +33,20 @@ class SweepOptions:
     num_samples: int = 1  # repeats of every grid point, seeds --seed + 0..num_samples-1
     max_concurrent_trials: int | None = None  # None: as many as the CPUs/GPUs allow
     scheduler: str = "asha"
-    grace_period: int = 1
+    grace_period: int | None = None  # None: a quarter of --epochs (grace_epochs)
     reduction_factor: float = 2.0
 
     def grid_size(self) -> int:
         lrs = len(self.lrs) if self.lrs else 1
         return len(self.loss_types) * len(self.pose_loss_weights) * lrs * self.num_samples
+
+    def grace_epochs(self, epochs: int) -> int:
+        """Epochs every trial runs before ASHA may stop it: ``--grace_period``, else a quarter
+        of ``--epochs`` (at least 1). Loss types and weights learn at different speeds, so a
+        cut after the first epoch would rank how fast a trial starts, not where it goes."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return max(1, epochs // GRACE_FRACTION)
 
 
 def validate_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
@@ -60,12 +73,25 @@ def validate_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
         raise ConfigError(f"--max_concurrent_trials must be >= 1, got {opts.max_concurrent_trials}")
     if opts.scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {{asha,none}}, got {opts.scheduler!r}")
-    if not 1 <= opts.grace_period <= cfg.optim.epochs:
+    _check_metric(cfg, opts)
+    if opts.grace_period is not None and not 1 <= opts.grace_period <= cfg.optim.epochs:
         raise ConfigError(
             f"--grace_period must be in 1..--epochs ({cfg.optim.epochs}), got {opts.grace_period}"
         )
     if not opts.reduction_factor > 1:
         raise ConfigError(f"--reduction_factor must be > 1, got {opts.reduction_factor}")
+
+
+def _check_metric(cfg: TrainConfig, opts: SweepOptions) -> None:
+    """val_loss ranks only trials of one loss: its scale changes with --loss_type and with the
+    pose-loss weight."""
+    if cfg.output.best_metric == "val_loss" and (
+        len(opts.loss_types) > 1 or len(opts.pose_loss_weights) > 1
+    ):
+        raise ConfigError(
+            "--best_metric val_loss cannot rank trials of several --loss_types or "
+            "--pose_loss_weights (their losses have other scales); use val_psnr_face or val_psnr"
+        )
 
 
 def param_space(opts: SweepOptions) -> dict[str, Any]:

@@ -4,7 +4,11 @@ Why not only ``ResultGrid.get_dataframe()``: a trial resumed by ``Tuner.restore`
 Tune's result files, so Tune (and its dataframe) holds only the epochs run after the resume.
 Each trial's history is therefore Tune's rows (a pandas frame, ``Result.metrics_dataframe``)
 merged with its Ray Train run's kept checkpoints and its ``training_history.json``
-(:func:`merge_history`); the best epoch by val PSNR is picked from that merged history."""
+(:func:`merge_history`); the best epoch by ``--best_metric`` is picked from that merged history.
+
+A trial's checkpoint is taken from its Ray Train run alone (``Result.from_path``), and only while
+the folder exists: Tune's rows name a checkpoint for every epoch, including those Train has
+since deleted (it keeps ``--num_to_keep``, ranked by the same ``--best_metric``)."""
 
 from __future__ import annotations
 
@@ -13,15 +17,16 @@ import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from controlnet_ray.config import TrainConfig
 from controlnet_ray.files import is_finite
+from controlnet_ray.run_files import ScoreOrder
 from controlnet_ray.storage import join_uri
-from controlnet_ray.tune.search_space import METRIC, MODE, TIME_ATTR, SweepOptions
+from controlnet_ray.tune.search_space import TIME_ATTR, SweepOptions, sweep_metric
 from controlnet_ray.tune.trials import trial_config
 
 RESULTS_STEM = "sweep_results"
@@ -36,12 +41,12 @@ class TrialSummary:
     pose_loss_weight: float
     lr: float
     seed: int
-    best_val_psnr: float | None
+    best_score: float | None  # the best --best_metric value (sweep_results.json's "metric")
     best_epoch: int | None
     epochs_run: int
     stopped_early: bool
     status: str  # "finished", "stopped early", "error", "not run"
-    checkpoint: str | None  # Ray Train checkpoint dir of the best epoch (state.pth inside)
+    checkpoint: str | None  # Train's kept checkpoint of the best epoch (state.pth inside)
     save_dir: str
     error: str | None = None
 
@@ -53,11 +58,18 @@ def summarize_trial(
     params: dict[str, Any],
     history: Iterable[dict[str, Any]],
     error: str | None,
+    checkpoints: Mapping[int, str] | None = None,
 ) -> TrialSummary:
-    """Best epoch by val PSNR and whether the scheduler cut the trial short."""
+    """Best epoch by ``--best_metric`` and whether the scheduler cut the trial short.
+
+    ``checkpoints``: epoch -> folder of the checkpoints the trial's Train run still keeps
+    (:func:`kept_checkpoints`); the best epoch's is the row's, none when Train no longer keeps
+    it. Paths in ``history`` are not used."""
     cfg = trial_config(base, params, sweep_name, trial_id)
-    rows = [r for r in history if is_finite(r.get(METRIC))]
-    best = max(rows, key=lambda r: float(r[METRIC]), default=None)
+    metric, mode = sweep_metric(cfg)
+    rows = [r for r in history if is_finite(r.get(metric))]
+    sign = 1.0 if mode == "max" else -1.0
+    best = max(rows, key=lambda r: sign * float(r[metric]), default=None)  # first of ties
     epochs_run = max((int(r[TIME_ATTR]) for r in rows if is_finite(r.get(TIME_ATTR))), default=0)
     stopped = error is None and 0 < epochs_run < cfg.optim.epochs
     status = _status(error, bool(rows), stopped)
@@ -67,12 +79,12 @@ def summarize_trial(
         pose_loss_weight=cfg.optim.pose_loss_weight,
         lr=cfg.optim.lr,
         seed=cfg.ray.seed,
-        best_val_psnr=float(best[METRIC]) if best else None,
+        best_score=float(best[metric]) if best else None,
         best_epoch=int(best[TIME_ATTR]) if best else None,
         epochs_run=epochs_run,
         stopped_early=stopped,
         status=status,
-        checkpoint=(best.get("checkpoint_path") or None) if best else None,
+        checkpoint=(checkpoints or {}).get(int(best[TIME_ATTR])) if best else None,
         save_dir=cfg.output.save_dir,
         error=error,
     )
@@ -90,17 +102,19 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def rank(rows: Iterable[TrialSummary]) -> list[TrialSummary]:
-    """Best val PSNR first; trials without a result last."""
-    return sorted(rows, key=lambda r: (r.best_val_psnr is None, -(r.best_val_psnr or 0.0)))
+def rank(rows: Iterable[TrialSummary], mode: ScoreOrder) -> list[TrialSummary]:
+    """Best score first (``mode``: the metric's direction); trials without a result last."""
+    sign = -1.0 if mode == "max" else 1.0
+    return sorted(rows, key=lambda r: (r.best_score is None, sign * (r.best_score or 0.0)))
 
 
-def format_table(rows: Sequence[TrialSummary]) -> str:
-    """The ranked table printed at the end of the sweep."""
-    head = ["#", "trial", "loss_type", "pose_w", "lr", "best PSNR", "epochs", "stopped early?"]
+def format_table(rows: Sequence[TrialSummary], metric: str) -> str:
+    """The ranked table printed at the end of the sweep (``metric``: the one it is ranked by)."""
+    head = ["#", "trial", "loss_type", "pose_w", "lr", f"best {metric}", "epochs"]
+    head.append("stopped early?")
     lines = [[*head, "checkpoint"]]
     for i, r in enumerate(rows, 1):
-        psnr = f"{r.best_val_psnr:.2f}" if r.best_val_psnr is not None else "-"
+        psnr = f"{r.best_score:.4g}" if r.best_score is not None else "-"
         early = "yes" if r.stopped_early else ("error" if r.error else "no")
         ckpt = r.checkpoint or "-"
         lines.append(
@@ -121,11 +135,12 @@ def write_results(
     """``sweep_results.json`` (table + best config) and ``sweep_results.csv`` (table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [dataclasses.asdict(r) for r in rows]
-    best = next((r for r in rows if r.best_val_psnr is not None), None)
+    best = next((r for r in rows if r.best_score is not None), None)
+    metric, mode = sweep_metric(base)
     payload = {
         "sweep_name": opts.sweep_name,
-        "metric": METRIC,
-        "mode": MODE,
+        "metric": metric,
+        "mode": mode,
         "scheduler": opts.scheduler,
         "max_epochs": base.optim.epochs,
         "trials": records,
@@ -178,9 +193,13 @@ def summaries_from_grid(grid: Any, base: TrainConfig, opts: SweepOptions) -> lis
             print(f"trial {trial_id}: outputs not copied down ({exc})", flush=True)
         df = result.metrics_dataframe
         tune_rows = df.to_dict("records") if df is not None else []
-        history = merge_history(tune_rows, train_run_rows(cfg), history_file_rows(cfg))
+        train_rows = train_run_rows(cfg)
+        history = merge_history(tune_rows, train_rows, history_file_rows(cfg))
         error = f"{type(result.error).__name__}: {result.error}" if result.error else None
-        rows.append(summarize_trial(base, opts.sweep_name, trial_id, result.config, history, error))
+        kept = kept_checkpoints(train_rows)
+        rows.append(
+            summarize_trial(base, opts.sweep_name, trial_id, result.config, history, error, kept)
+        )
     return rows
 
 
@@ -204,7 +223,8 @@ def merge_history(*sources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The kept checkpoints of the trial's Ray Train run, with their metrics and paths."""
+    """The kept checkpoints of the trial's Ray Train run, with their metrics, and their paths
+    (``checkpoint_path``) where the folder still exists."""
     import logging
 
     from ray.train import Result
@@ -219,7 +239,30 @@ def train_run_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
         return []
     finally:
         logger.setLevel(level)
-    return [{**m, "checkpoint_path": c.path} for c, m in result.best_checkpoints or []]
+    return [
+        {**m, **({"checkpoint_path": c.path} if checkpoint_exists(c) else {})}
+        for c, m in result.best_checkpoints or []
+    ]
+
+
+def checkpoint_exists(checkpoint: Any) -> bool:
+    """Whether a ``ray.train.Checkpoint``'s folder exists on its own filesystem (False when
+    the storage cannot be reached)."""
+    from pyarrow.fs import FileType
+
+    try:
+        return checkpoint.filesystem.get_file_info(checkpoint.path).type == FileType.Directory
+    except OSError:
+        return False
+
+
+def kept_checkpoints(train_rows: Iterable[dict[str, Any]]) -> dict[int, str]:
+    """Epoch -> checkpoint folder, from :func:`train_run_rows` (Train's own record only)."""
+    return {
+        int(r[TIME_ATTR]): str(r["checkpoint_path"])
+        for r in train_rows
+        if r.get("checkpoint_path") and is_finite(r.get(TIME_ATTR))
+    }
 
 
 def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -231,6 +274,10 @@ def history_file_rows(cfg: TrainConfig) -> list[dict[str, Any]]:
         val = json.loads(path.read_text()).get("val", [])
     except (OSError, ValueError):
         return []
+    # Each entry is ``{"epoch": N, "loss": ..., "psnr": ..., "psnr_face": ...}``: the reported
+    # metrics without their ``val_`` prefix (run_files.improves reads them the same way).
     return [
-        {TIME_ATTR: v.get("epoch"), METRIC: v.get("psnr"), "val_loss": v.get("loss")} for v in val
+        {TIME_ATTR: v.get("epoch"), **{f"val_{k}": x for k, x in v.items() if k != "epoch"}}
+        for v in val
+        if isinstance(v, dict)
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from controlnet_ray.files import dumps_strict, unused_path
 from controlnet_ray.storage import RunStorage, join_uri
 from controlnet_ray.tune.asha import asha_state_file, make_scheduler
 from controlnet_ray.tune.resources import SweepPlan
-from controlnet_ray.tune.search_space import METRIC, MODE, SweepOptions, param_space
+from controlnet_ray.tune.search_space import SweepOptions, param_space, sweep_metric
 
 TRAIN_RUNS_DIR = "train_runs"  # Ray Train runs of the trials, under <storage>/<sweep>/
 
@@ -55,6 +56,14 @@ def trial_config(
     return dataclasses.replace(base, optim=optim, output=output, ray=ray_opts)
 
 
+def trial_data_seed(cfg: TrainConfig, params: dict[str, Any]) -> int:
+    """The seed of a trial's data order: from its seed (``--seed`` + repeat) and its swept
+    values, so no two trials of a sweep see the same order of pairs (the datasets are built
+    once, on the driver) and a restored trial draws its orders from the same seed."""
+    text = json.dumps({"seed": cfg.ray.seed, **params}, sort_keys=True, default=str)
+    return zlib.crc32(text.encode("utf-8")) & 0x7FFFFFFF
+
+
 def run_trial(
     params: dict[str, Any], *, base: dict, pairs: Any, plan: dict, sweep_name: str
 ) -> None:
@@ -66,10 +75,11 @@ def run_trial(
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig.from_dict(base), params, sweep_name, trial_id)
+    data_seed = trial_data_seed(cfg, params)
     print(
         f"trial {trial_id}: loss_type={cfg.optim.loss_type} pose_loss_weight="
-        f"{cfg.optim.pose_loss_weight:g} lr={cfg.optim.lr:g} seed={cfg.ray.seed} -> "
-        f"{cfg.output.save_dir}",
+        f"{cfg.optim.pose_loss_weight:g} lr={cfg.optim.lr:g} seed={cfg.ray.seed} "
+        f"data order seed={data_seed} -> {cfg.output.save_dir}",
         flush=True,
     )
     resources = ResourcePlan(
@@ -77,7 +87,10 @@ def run_trial(
         cpus_per_worker=plan["cpus_per_worker"],
         torch_threads=plan["torch_threads"],
     )
-    fit_with_outputs(cfg, build_trainer(cfg, resources, pairs, callbacks=[TuneReportCallback()]))
+    trainer = build_trainer(
+        cfg, resources, pairs.reseeded(data_seed), callbacks=[TuneReportCallback()]
+    )
+    fit_with_outputs(cfg, trainer)
 
 
 def _trial_id(trial: Any) -> str:
@@ -110,12 +123,13 @@ def make_tuner(cfg: TrainConfig, opts: SweepOptions, plan: SweepPlan, pairs: Any
     state_file = asha_state_file(cfg, opts)
     state_file.unlink(missing_ok=True)  # a new sweep starts with empty rungs
     scheduler = make_scheduler(opts, cfg.optim.epochs, state_file)
+    metric, mode = sweep_metric(cfg)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(opts),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
+            metric=metric,
+            mode=mode,
             scheduler=scheduler,
             max_concurrent_trials=plan.concurrency,
             trial_name_creator=_trial_id,
