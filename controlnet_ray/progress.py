@@ -64,7 +64,7 @@ def format_judged(m: dict[str, Any]) -> str:
     source = m.get("id_top1_source")
     beside = f"copying the source {source:.0%}, " if source is not None else ""
     counted = (
-        f"; on {m['judged_persons']:.0f} persons, {m['judged_pairs']:.0f} pairs"
+        f"; on {_count(m['judged_persons'], 'person')}, {_count(m['judged_pairs'], 'pair')}"
         if "judged_persons" in m and "judged_pairs" in m
         else ""
     )
@@ -75,6 +75,11 @@ def format_judged(m: dict[str, Any]) -> str:
         f"identity top-1 {m['id_top1']:.0%} ({beside}chance {m['id_chance']:.0%}); "
         f"sharpness {m['sharpness']:.2f}{counted}"
     )
+
+
+def _count(n: float, noun: str) -> str:
+    """``1 person``, ``3 persons``."""
+    return f"{n:.0f} {noun}{'' if round(n) == 1 else 's'}"
 
 
 def format_bar(state: dict[str, Any], width: int = 100) -> str:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from controlnet_ray import run_files
 from controlnet_ray.cli import parse_train_args
@@ -141,9 +142,9 @@ def test_full_configuration_command_trains_from_an_original_repo(tmp_path: Path)
 # --------------------------------------------------------------------------- in the guide's order
 
 BASE = Path("train_transformer3D/controlnetlike")
-# Each command's run is shortened (one epoch, two after a --resume, 64 px crops); nothing else
+# Each command's run is shortened (one epoch, two after a --resume, 32 px crops); nothing else
 # of the command changes.
-SHORTEN = ["--image_size", "64", "--progress", "lines"]
+SHORTEN = ["--image_size", "32", "--progress", "lines"]
 # Scenario 6 resumes from the epoch-50 checkpoint of a 100-epoch full-configuration run; the
 # shortened run leaves its final epoch there instead (copied under the name the guide uses).
 EPOCH_50 = BASE / "checkpoints_image/checkpoint_epoch_50.pth"
@@ -156,7 +157,8 @@ def shortened(argv: list[str]) -> list[str]:
 
 def run_guide_in_order(root: Path, extra_runs: list[list[str]]) -> None:
     """Run every guide command, then ``extra_runs``, in order from ``root`` in this process,
-    against one local Ray (one cluster for the whole sequence); print each command's rc."""
+    against one local Ray (one cluster for the whole sequence); print each command's rc.
+    Each command's ``main`` is the one ``python -m controlnet_ray.train`` runs."""
     import ray
 
     from controlnet_ray.train import main
@@ -170,9 +172,13 @@ def run_guide_in_order(root: Path, extra_runs: list[list[str]]) -> None:
 
 
 def _config(path: Path) -> dict:
-    import torch
-
     return torch.load(path, map_location="cpu", weights_only=False)["config"]
+
+
+def _stage2(*extra: str) -> list[str]:
+    """Scenario 1's second stage, shortened as the sequence runs it, with ``extra`` flags."""
+    stage2 = next(c for c in guide_commands() if "5e-5" in c)
+    return [*shortened(stage2), *extra]
 
 
 @pytest.mark.slow
@@ -180,11 +186,19 @@ def test_the_guide_runs_in_order_from_one_folder(tmp_path: Path):
     """The guide's 15 training commands, one after another from one folder as its readers run
     them: every one exits 0. Scenario 4 and 5 reuse the default --save_dir with a new
     --loss_type / --pose_loss_weight each: each is a new run, and every earlier run's files are
-    kept beside the folder, named; a re-run with a changed --lr trains with it likewise."""
+    kept beside the folder, named; a re-run with a changed --lr trains with it likewise. The
+    two-stage recipe (scenario 1): stage 2 starts from stage 1's best weights with a fresh
+    optimizer and trains the generator stage 1 kept frozen; a --resume that does not fit the
+    model, and stage 2's command with fewer epochs than it trained, are refused before Ray,
+    touching nothing written."""
     render_dataset(tmp_path, SyntheticSpec(num_identities=8, frames_per_identity=8, seed=3))
     # Then the guide's last scenario-5 command again with another --lr, in the same folder.
     last = next(c for c in reversed(guide_commands()) if "0.01" in c)
-    lr_run = [*shortened(last), "--lr", "5e-3"]
+    extra = [
+        [*shortened(last), "--lr", "5e-3"],
+        _stage2("--num_control_layers", "2"),
+        _stage2("--epochs", "1"),
+    ]
     code = (
         "import sys, json; from pathlib import Path; "
         "from tests.test_original_guide import run_guide_in_order; "
@@ -192,13 +206,14 @@ def test_the_guide_runs_in_order_from_one_folder(tmp_path: Path):
     )
     env = dict(train_env(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path), json.dumps([lr_run])],
+        [sys.executable, "-c", code, str(tmp_path), json.dumps(extra)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     rcs = re.findall(r"^GUIDE_RC (\d+) (.*)$", proc.stdout, flags=re.M)
-    assert proc.returncode == 0 and len(rcs) == len(guide_commands()) + 1, out[-6000:]
-    assert [rc for rc, _ in rcs] == ["0"] * len(rcs), "\n".join(f"{rc} {a}" for rc, a in rcs)
+    assert proc.returncode == 0 and len(rcs) == len(guide_commands()) + len(extra), out[-6000:]
+    expected = ["0"] * (len(guide_commands()) + 1) + ["2", "2"]
+    assert [rc for rc, _ in rcs] == expected, "\n".join(f"{rc} {a}" for rc, a in rcs)
 
     # Every scenario's own folder holds the original's files.
     folders = ["checkpoints_image", *(str(BASE / f"checkpoints_image{s}") for s in (
@@ -225,3 +240,19 @@ def test_the_guide_runs_in_order_from_one_folder(tmp_path: Path):
     assert _config(kept[-1] / run_files.FINAL_MODEL)["optim"]["lr"] == 1e-4
     assert _config(kept[-1] / run_files.FINAL_MODEL)["optim"]["pose_loss_weight"] == 0.01
     assert _config(tmp_path / "checkpoints_image" / run_files.FINAL_MODEL)["optim"]["lr"] == 5e-3
+
+    # The two-stage recipe.
+    stage1 = _state(BASE / "checkpoints_image_stage1" / run_files.BEST_MODEL, tmp_path)
+    stage2 = _state(BASE / "checkpoints_image_stage2" / run_files.FINAL_MODEL, tmp_path)
+    generator = [k for k in stage1 if k.startswith("generator.")]
+    assert generator and any(not torch.equal(stage1[k], stage2[k]) for k in generator)
+    assert "fresh optimizer" in out and "trainable set changed" in out
+    assert "num_control_layers" in out and "--epochs 2 -> 1" in out  # the two refusals
+    history = json.loads(
+        (tmp_path / BASE / "checkpoints_image_stage2" / run_files.HISTORY).read_text()
+    )
+    assert [h["epoch"] for h in history["val"]] == [1, 2]
+
+
+def _state(rel: Path, root: Path) -> dict:
+    return torch.load(root / rel, map_location="cpu", weights_only=False)["model_state_dict"]

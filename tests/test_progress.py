@@ -238,3 +238,5 @@ def test_judged_figures_read_identity_beside_copying_the_source_and_name_their_c
                                    "judged_pairs": 48.0})  # fmt: skip
     assert "identity top-1 81% (copying the source 76%, chance 17%)" in line
     assert line.endswith("; on 3 persons, 48 pairs")
+    one = progress.format_judged({**m, "judged_persons": 1.0, "judged_pairs": 8.0})
+    assert one.endswith("; on 1 person, 8 pairs")
