@@ -38,7 +38,7 @@ from controlnet_ray.checkpoint.format import (
     CheckpointError,
 )
 from controlnet_ray.checkpoint.loading import load_checkpoint
-from controlnet_ray.checkpoint.rerun import plan_rerun
+from controlnet_ray.checkpoint.rerun import format_setting, plan_rerun, setting_changes
 from controlnet_ray.checkpoint.resume import (
     ResumePlan,
     RunState,
@@ -73,7 +73,9 @@ __all__ = [
     "check_model_compat",
     "legacy_args",
     "load_checkpoint",
+    "format_setting",
     "plan_rerun",
+    "setting_changes",
     "plan_resume",
     "restore_discriminator",
     "restore_rng_state",

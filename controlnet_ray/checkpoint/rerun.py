@@ -41,7 +41,7 @@ def plan_rerun(state: Mapping[str, Any], cfg: TrainConfig) -> RerunPlan:
             old = saved[section][name]
             if _same_setting(old, new) or (section, name) in RERUN_FREE_FIELDS:
                 continue
-            change = f"--{name} {_setting(old)} -> {_setting(new)}"
+            change = f"--{name} {format_setting(old)} -> {format_setting(new)}"
             if (section, name) != ("optim", "epochs"):
                 conflicts.append(change)
             elif new < epoch:
@@ -59,7 +59,24 @@ def _same_setting(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _setting(value: Any) -> str:
+def setting_changes(config: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """``--flag old -> new`` for each setting that defines a training
+    (:meth:`TrainConfig.defining_settings`) and differs between a stored config and ``cfg``:
+    why a run with ``cfg`` is another run than the one that stored ``config``."""
+    try:
+        old = TrainConfig.from_dict(dict(config)).defining_settings()
+    except (TypeError, ValueError) as exc:
+        return [f"its stored config is not readable here ({exc})"]
+    return [
+        f"--{name} {format_setting(old[section][name])} -> {format_setting(new)}"
+        for section, fields in cfg.defining_settings().items()
+        for name, new in fields.items()
+        if not _same_setting(old[section][name], new)
+    ]
+
+
+def format_setting(value: Any) -> str:
+    """A setting as a flag's value is typed: floats short (``0.0001``), lists space-separated."""
     if isinstance(value, (list, tuple)):
-        return " ".join(_setting(v) for v in value)
+        return " ".join(format_setting(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -194,7 +194,5 @@ def _why_other(record: dict, cfg: TrainConfig) -> str:
 
     if not record.get("config"):
         return "the files there carry no record of the settings that wrote them"
-    derived = ("--run_name ", "--storage_path ")  # follow from the settings and the folder
-    plan = ckpt.plan_rerun({"config": record["config"]}, cfg)
-    differ = [c for c in plan.conflicts if not c.startswith(derived)]
+    differ = ckpt.setting_changes(record["config"], cfg)
     return ", ".join(differ) or f"Ray run {record.get('run_name')}"

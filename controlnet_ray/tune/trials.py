@@ -170,13 +170,13 @@ def discard_previous_sweep(cfg: TrainConfig, opts: SweepOptions) -> None:
 SWEEP_RECORD = ".controlnet_sweep.json"  # in the Tune experiment folder: what the sweep is
 
 
-def sweep_settings(cfg: TrainConfig, opts: SweepOptions) -> dict[str, Any]:
-    """What makes a sweep what it is: its trials' defining settings and its search space (not
-    its name, nor how many trials run at once)."""
+def sweep_space(opts: SweepOptions) -> dict[str, Any]:
+    """The search space as the sweep record keeps it (JSON values): everything of ``opts`` but
+    the sweep's name and how many trials run at once."""
     space = dataclasses.asdict(opts)
     for placement in ("sweep_name", "max_concurrent_trials"):
         space.pop(placement)
-    return json.loads(dumps_strict({"settings": cfg.defining_settings(), "space": space}))
+    return json.loads(dumps_strict(space))
 
 
 def set_aside_other_sweep(cfg: TrainConfig, opts: SweepOptions) -> Path | None:
@@ -187,12 +187,13 @@ def set_aside_other_sweep(cfg: TrainConfig, opts: SweepOptions) -> Path | None:
     a new ``--sweep_name`` is asked for. Returns where the experiment moved (None: nothing)."""
     storage = RunStorage.open(cfg.storage_path(), opts.sweep_name)
     record_path = storage.path(SWEEP_RECORD)
-    mine = sweep_settings(cfg, opts)
+    mine = {"config": cfg.to_dict(), "space": sweep_space(opts)}
     old = _read_record(storage, record_path)
-    if old == mine or not storage.exists(storage.root):
+    changes = _sweep_changes(old, mine["space"], cfg)
+    if not changes or not storage.exists(storage.root):
         storage.put_bytes(dumps_strict(mine).encode(), record_path)
         return None
-    differ = _differences(old, mine)
+    differ = ", ".join(changes)
     if not storage.is_local:
         raise ConfigError(
             f"--sweep_name {opts.sweep_name} on {cfg.storage_path()} holds a sweep with other "
@@ -222,22 +223,17 @@ def _read_record(storage: RunStorage, path: str) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    if not old:
-        return "no record of the settings it ran with"
-    changed = []
-    for part in ("settings", "space"):
-        a, b = old.get(part) or {}, new[part]
-        flat_a, flat_b = _flat(a), _flat(b)
-        for key in sorted(set(flat_a) | set(flat_b)):
-            if flat_a.get(key) != flat_b.get(key):
-                changed.append(f"--{key} {flat_a.get(key)} -> {flat_b.get(key)}")
-    return ", ".join(changed) or "other settings"
+def _sweep_changes(old: dict[str, Any], space: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Why the recorded sweep ``old`` is another sweep: its trials' defining settings
+    (:func:`~controlnet_ray.checkpoint.setting_changes`) and its search space ([] when the same
+    sweep)."""
+    from controlnet_ray.checkpoint import format_setting, setting_changes
 
-
-def _flat(tree: dict[str, Any]) -> dict[str, Any]:
-    """{section: {name: v}} -> {name: v}; a flat dict stays as it is."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(value if isinstance(value, dict) else {key: value})
-    return out
+    if not old.get("config"):
+        return ["no record of the settings it ran with"]
+    old_space = old.get("space") or {}
+    return setting_changes(old["config"], cfg) + [
+        f"--{key} {format_setting(old_space.get(key))} -> {format_setting(value)}"
+        for key, value in space.items()
+        if old_space.get(key) != value
+    ]
